@@ -1,0 +1,19 @@
+"""Every tunable of fastadapt in one place.
+
+Values were measured on the project's 2-core machines (see README, "Performance");
+change them here, never in the kernels.
+"""
+
+#: Below this many elements a dense CPU step runs the serial loop: a parallel launch
+#: costs a few microseconds more than a serial call, which only pays off above it.
+PARALLEL_THRESHOLD = 32_768
+
+#: Options every numba CPU kernel is compiled with.  ``error_model="numpy"`` lets
+#: divisions vectorise; ``fastmath`` stays off (SPEC.md Part A.2: no reassociation).
+NJIT_OPTIONS = dict(cache=True, error_model="numpy", nogil=True)
+
+#: Threads per block of the CUDA kernels (grid-stride loops).
+CUDA_THREADS_PER_BLOCK = 256
+
+#: Upper bound on the number of CUDA blocks launched by a grid-stride loop.
+CUDA_MAX_BLOCKS = 4096

@@ -1,0 +1,99 @@
+"""Gradient formats: what :meth:`Optimizer.step` accepts, checked before anything is written.
+
+:func:`prepare_grad` turns one user gradient into a prepared object with two methods,
+``all_finite()`` and ``apply(optimizer, group, param, state)``.  Dense arrays are
+handled here; sparse formats (scipy CSR, :class:`fastadapt.RowGrad`) by
+:mod:`fastadapt.sparse`.  Preparing never writes to a parameter or to state.
+"""
+
+import numpy as np
+
+__all__ = ["prepare_grad", "DenseGrad"]
+
+
+class DenseGrad:
+    """A dense gradient: the parameter's shape and dtype, C-contiguous, viewed flat."""
+
+    __slots__ = ("g", "backend")
+
+    def __init__(self, g, backend):
+        self.g = backend.flat(g)
+        self.backend = backend
+
+    def all_finite(self):
+        return self.backend.all_finite(self.g)
+
+    def apply(self, opt, group, p, state):
+        backend = self.backend
+        s1, s2, s3 = opt._slot_arrays(group, p, state, backend.flat)
+        k = opt._scalars(group, state["step"], p.dtype)
+        backend.dense_step(opt.rule, backend.flat(p), self.g, s1, s2, s3, k)
+
+
+def _is_sparse(g):
+    if type(g).__name__ == "RowGrad":
+        return True
+    module = type(g).__module__ or ""
+    return module.startswith(("scipy.sparse", "cupyx.scipy.sparse"))
+
+
+def prepare_grad(g, p, backend, where, *, accepts_dense=True, optimizer=None):
+    """Check gradient ``g`` of parameter ``p`` and wrap it for the step.
+
+    Parameters
+    ----------
+    g : array, scipy sparse matrix or RowGrad
+    p : array
+        The parameter.
+    backend : backend object
+        ``p``'s backend (:mod:`fastadapt.cpu` or :mod:`fastadapt.cuda`).
+    where : str
+        How to name the gradient in error messages ("gradient 3").
+    accepts_dense : bool
+        False for SparseAdam, which refuses dense gradients as torch does.
+    optimizer : Optimizer, optional
+        The optimizer (sparse formats read its sparse mode and rule).
+
+    Returns
+    -------
+    object with ``all_finite()`` and ``apply(optimizer, group, p, state)``.
+    """
+    if _is_sparse(g):
+        from .sparse import prepare_sparse_grad
+        return prepare_sparse_grad(g, p, backend, where, optimizer=optimizer)
+    if backend.owns(g):
+        if not accepts_dense:
+            raise TypeError(f"{where} is dense; {type(optimizer).__name__} takes sparse gradients only "
+                            "(scipy CSR or fastadapt.RowGrad): use Adam for dense gradients")
+        if tuple(g.shape) != tuple(p.shape):
+            raise ValueError(f"{where} has shape {tuple(g.shape)}, its parameter has shape {tuple(p.shape)}")
+        if g.dtype != p.dtype:
+            raise TypeError(f"{where} has dtype {g.dtype}, its parameter has dtype {p.dtype}; "
+                            f"convert it first (g.astype(np.{p.dtype})): fastadapt never copies "
+                            "a gradient silently")
+        if not _c_contiguous(g):
+            raise ValueError(f"{where} is not C-contiguous; pass np.ascontiguousarray(g)")
+        a0, a1 = backend.memory_span(g)
+        b0, b1 = backend.memory_span(p)
+        if a0 < b1 and b0 < a1:
+            raise ValueError(f"{where} shares memory with its parameter (the parameter passed as its "
+                             "own gradient?); pass a separate gradient array")
+        return DenseGrad(g, backend)
+    if isinstance(g, np.ndarray) or hasattr(g, "__cuda_array_interface__"):
+        raise TypeError(f"{where} is a {'host' if isinstance(g, np.ndarray) else 'device'} array "
+                        f"but its parameter lives on the {backend.name} backend; keep parameters "
+                        "and gradients on the same device")
+    raise TypeError(f"{where} has unsupported type {type(g).__name__}; pass an array of the parameter's "
+                    "shape and dtype, a scipy CSR matrix, a fastadapt.RowGrad, or None")
+
+
+def _c_contiguous(a):
+    flags = getattr(a, "flags", None)
+    if flags is not None:
+        try:
+            return bool(flags["C_CONTIGUOUS"])
+        except (KeyError, TypeError):
+            return bool(getattr(flags, "c_contiguous", True))
+    if hasattr(a, "is_contiguous"):
+        return bool(a.is_contiguous())
+    return True

@@ -1,0 +1,452 @@
+"""Plain numpy reference implementations of the fastadapt update rules.
+
+Written straight from /work/shared/SPEC.md (Part B = torch.optim 2.13 semantics, Part A = fastadapt's
+decisions). These are the oracles the test suite compares fastadapt against; they are deliberately
+simple, elementwise and slow.
+
+Conventions
+-----------
+* Every rule works **in place** on ``p`` and on the arrays of ``state``; ``state["step"]`` is a Python
+  int that the rule increments (before the math, as torch does).
+* Every scalar marked [py] in the SPEC is computed in Python float64 exactly as written there and then
+  cast to the parameter dtype (``dt = p.dtype.type; dt(scalar)``) before it meets an array, so float32
+  arrays are never promoted to float64.  The operation order of SPEC Part B is kept literally.
+* numpy does not contract ``x*y+z`` into an FMA and its sqrt is correctly rounded, so against torch these
+  rules agree to plain-IEEE accuracy (SPEC §9: ~1e-15 relative in float64, <1e-6 in float32), not bit-for-bit.
+* Sparse gradients are given as COO triples ``(rows, cols, vals)`` for the parameter's 2-D shape
+  (``(1, n)`` for a 1-D parameter, rows all 0); see :func:`coalesce`, :func:`lazy_step`,
+  :func:`exact_step`.
+
+``torch_run`` (at the end) runs the real torch.optim for comparison; torch is imported lazily there only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = [
+    "lerp",
+    "adagrad",
+    "rmsprop",
+    "adam",
+    "adamw",
+    "sparse_adam_rule",
+    "sparse_adam",
+    "sparse_adagrad_rule",
+    "sparse_adagrad",
+    "DENSE_RULES",
+    "init_state",
+    "shape2d_of",
+    "coalesce",
+    "row_grad_to_coo",
+    "lazy_step",
+    "exact_step",
+    "torch_run",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _check(p, g):
+    if not isinstance(p, np.ndarray) or p.dtype not in (np.float32, np.float64):
+        raise TypeError(f"p must be a float32/float64 ndarray, got {type(p).__name__} {getattr(p, 'dtype', '')}")
+    if g.shape != p.shape or g.dtype != p.dtype:
+        raise ValueError(f"gradient {g.dtype}{g.shape} does not match parameter {p.dtype}{p.shape}")
+    return p.dtype.type
+
+
+def lerp(a, b, w):
+    """ATen's lerp (SPEC §0): ``a + w*(b-a)`` if ``|w| < 0.5`` else ``b - (b-a)*(1-w)``.
+
+    ``w`` must already be a scalar of the arrays' dtype; ``1 - w`` is then computed in that dtype, as the
+    kernel does (opmath_t of float is float).
+    """
+    dt = type(w)
+    if abs(w) < dt(0.5):
+        return a + w * (b - a)
+    return b - (b - a) * (dt(1) - w)
+
+
+def _buf(state, key, p, fill=0.0):
+    """Return state[key], creating it lazily (zeros / fill, shape and dtype of p) like torch does."""
+    if key not in state:
+        state[key] = np.full_like(p, fill)
+    return state[key]
+
+
+# --------------------------------------------------------------------------------------------------
+# dense rules (SPEC §1-§4)
+# --------------------------------------------------------------------------------------------------
+
+
+def adagrad(p, g, state, *, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False,
+            initial_accumulator_value=0.0):
+    """SPEC §1, dense Adagrad. ``initial_accumulator_value`` only matters to :func:`init_state`
+    (it is accepted here so that one hyper-parameter dict can serve both)."""
+    dt = _check(p, g)
+    s = _buf(state, "sum", p, initial_accumulator_value)
+    state["step"] = int(state.get("step", 0)) + 1                       # 1
+    t = float(state["step"])
+    if maximize:
+        g = -g                                                         # 2
+    if weight_decay != 0:
+        g = g + dt(weight_decay) * p                                   # 3
+    clr = lr / (1 + (t - 1) * lr_decay)                                # 4 [py]
+    s[...] = s + g * g                                                 # 5  addcmul value=1
+    std = np.sqrt(s) + dt(eps)                                         # 6
+    p[...] = p + (dt(-clr) * g) / std                                  # 7  addcdiv value=-clr
+
+
+def rmsprop(p, g, state, *, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False,
+            maximize=False, clamp=True):
+    """SPEC §2, RMSprop. ``clamp=True`` is fastadapt's Part A.4 (``max(v - gavg**2, 0)`` before the sqrt;
+    NaN still propagates); ``clamp=False`` is torch's behaviour."""
+    dt = _check(p, g)
+    v = _buf(state, "square_avg", p)
+    if maximize:
+        g = -g                                                         # 1
+    state["step"] = int(state.get("step", 0)) + 1                       # 2
+    if weight_decay != 0:
+        g = g + dt(weight_decay) * p                                   # 3
+    v[...] = v * dt(alpha) + (dt(1 - alpha) * g) * g                   # 4  (1-alpha) [py]
+    if centered:
+        ga = _buf(state, "grad_avg", p)
+        ga[...] = lerp(ga, g, dt(1 - alpha))                           # 5
+        diff = v + (dt(-1) * ga) * ga                                  #    addcmul value=-1
+        if clamp:
+            diff = np.maximum(diff, dt(0))                             #    Part A.4 (propagates NaN)
+        d = np.sqrt(diff)
+    else:
+        d = np.sqrt(v)
+    d = d + dt(eps)                                                    # 6
+    if momentum > 0:
+        b = _buf(state, "momentum_buffer", p)
+        b[...] = b * dt(momentum) + g / d                              # 7  addcdiv value=1
+        p[...] = p + dt(-lr) * b                                       #    add alpha=-lr
+    else:
+        p[...] = p + (dt(-lr) * g) / d                                 #    addcdiv value=-lr
+
+
+def adam(p, g, state, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+         decoupled_weight_decay=False):
+    """SPEC §3 (and §4 with ``decoupled_weight_decay=True``), Adam, Kingma & Ba Algorithm 1."""
+    dt = _check(p, g)
+    beta1, beta2 = betas
+    m = _buf(state, "exp_avg", p)
+    v = _buf(state, "exp_avg_sq", p)
+    if maximize:
+        g = -g                                                         # 1
+    state["step"] = int(state.get("step", 0)) + 1                       # 2
+    t = float(state["step"])
+    if weight_decay != 0:                                              # 3
+        if decoupled_weight_decay:
+            p[...] = p * dt(1 - lr * weight_decay)                     #    [py]
+        else:
+            g = g + dt(weight_decay) * p
+    m[...] = lerp(m, g, dt(1 - beta1))                                 # 4
+    v[...] = v * dt(beta2) + (dt(1 - beta2) * g) * g                   # 5
+    bc1 = 1 - beta1 ** t                                               # 6 [py]
+    bc2 = 1 - beta2 ** t
+    step_size = lr / bc1                                               # 7 [py]
+    bc2_sqrt = bc2 ** 0.5
+    if amsgrad:                                                        # 8
+        vmax = _buf(state, "max_exp_avg_sq", p)
+        vmax[...] = np.maximum(vmax, v)                                #    raw v, NaN propagates
+        denom = np.sqrt(vmax) / dt(bc2_sqrt) + dt(eps)
+    else:
+        denom = np.sqrt(v) / dt(bc2_sqrt) + dt(eps)
+    p[...] = p + (dt(-step_size) * m) / denom                          # 9  addcdiv value=-step_size
+
+
+def adamw(p, g, state, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
+          maximize=False):
+    """SPEC §4: Adam with decoupled weight decay, weight_decay default 1e-2."""
+    adam(p, g, state, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+         maximize=maximize, decoupled_weight_decay=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# sparse rules (SPEC §5, §6); the *_rule functions are the per-touched-element math, written as dense
+# elementwise rules so that lazy_step can apply them to the gathered touched elements.
+# --------------------------------------------------------------------------------------------------
+
+
+def sparse_adam_rule(p, g, state, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False):
+    """SPEC §5 steps 1 and 4-8 applied to every element of ``p`` (epsilon-hat form).
+
+    Meant for the gathered touched elements (see :func:`sparse_adam`); applied densely it is NOT a valid
+    SparseAdam step (untouched entries must not change)."""
+    dt = _check(p, g)
+    beta1, beta2 = betas
+    m = _buf(state, "exp_avg", p)
+    v = _buf(state, "exp_avg_sq", p)
+    state["step"] = int(state.get("step", 0)) + 1        # done in step() before the functional call
+    t = state["step"]
+    if maximize:
+        g = -g                                                         # 1
+    m_old = m.copy()
+    v_old = v.copy()
+    u1 = (g - m_old) * dt(1 - beta1)                                   # 4
+    m[...] = m_old + u1
+    u2 = (g * g - v_old) * dt(1 - beta2)                               # 5
+    v[...] = v_old + u2
+    numer = u1 + m_old                                                 # 6
+    denom = np.sqrt(u2 + v_old) + dt(eps)
+    bc1 = 1 - beta1 ** t                                               # 7 [py]
+    bc2 = 1 - beta2 ** t
+    step_size = (lr * math.sqrt(bc2)) / bc1
+    p[...] = p + dt(-step_size) * (numer / denom)                      # 8
+
+
+def sparse_adagrad_rule(p, g, state, *, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False,
+                        initial_accumulator_value=0.0):
+    """SPEC §6 (torch's sparse Adagrad path) per touched element. Same result as :func:`adagrad` up to the
+    rounding of ``(-clr)*(g/std)`` vs ``((-clr)*g)/std``."""
+    dt = _check(p, g)
+    if weight_decay != 0:
+        raise RuntimeError("weight_decay option is not compatible with sparse gradients")
+    s = _buf(state, "sum", p, initial_accumulator_value)
+    state["step"] = int(state.get("step", 0)) + 1                       # 1
+    t = float(state["step"])
+    if maximize:
+        g = -g
+    clr = lr / (1 + (t - 1) * lr_decay)                                #   [py]
+    s[...] = s + g * g                                                 # 3
+    std = np.sqrt(s) + dt(eps)                                         # 4
+    p[...] = p + dt(-clr) * (g / std)                                  # 5
+
+
+def sparse_adam(p, rows, cols, vals, state, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False):
+    """torch.optim.SparseAdam (SPEC §5) for a COO gradient of p's 2-D shape ((1, n) for a 1-D p):
+    duplicates summed, explicit zeros touched, lazy, the step advances even when nnz == 0."""
+    lazy_step(sparse_adam_rule, p, None, rows, cols, vals, state, lr=lr, betas=betas, eps=eps, maximize=maximize)
+
+
+def sparse_adagrad(p, rows, cols, vals, state, *, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10,
+                   maximize=False, initial_accumulator_value=0.0):
+    """torch.optim.Adagrad with a sparse COO gradient (SPEC §6)."""
+    lazy_step(sparse_adagrad_rule, p, None, rows, cols, vals, state, lr=lr, lr_decay=lr_decay,
+              weight_decay=weight_decay, eps=eps, maximize=maximize,
+              initial_accumulator_value=initial_accumulator_value)
+
+
+DENSE_RULES = {"adagrad": adagrad, "rmsprop": rmsprop, "adam": adam, "adamw": adamw}
+
+
+# --------------------------------------------------------------------------------------------------
+# state
+# --------------------------------------------------------------------------------------------------
+
+
+def init_state(name, p, **hyper):
+    """Initial state dict for optimizer ``name`` ("adagrad", "rmsprop", "adam", "adamw", "sparse_adam",
+    "sparse_adagrad") and parameter ``p``. Unrelated hyper-parameters are ignored, so the same dict
+    of hyper-parameters can be passed here and to the rule.
+
+    Adagrad's ``sum`` is filled with ``initial_accumulator_value`` (fastadapt honours it per group,
+    Part A.5); everything else starts at zero; ``step`` starts at 0."""
+    z = lambda: np.zeros_like(p)  # noqa: E731
+    if name in ("adagrad", "sparse_adagrad"):
+        return {"step": 0, "sum": np.full_like(p, hyper.get("initial_accumulator_value", 0.0))}
+    if name == "rmsprop":
+        st = {"step": 0, "square_avg": z()}
+        if hyper.get("momentum", 0.0) > 0:
+            st["momentum_buffer"] = z()
+        if hyper.get("centered", False):
+            st["grad_avg"] = z()
+        return st
+    if name in ("adam", "adamw"):
+        st = {"step": 0, "exp_avg": z(), "exp_avg_sq": z()}
+        if hyper.get("amsgrad", False):
+            st["max_exp_avg_sq"] = z()
+        return st
+    if name == "sparse_adam":
+        return {"step": 0, "exp_avg": z(), "exp_avg_sq": z()}
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# sparse helpers (SPEC Part A.7)
+# --------------------------------------------------------------------------------------------------
+
+
+def shape2d_of(p):
+    """The 2-D shape a sparse gradient of ``p`` has: p.shape for 2-D p, (1, n) for 1-D p."""
+    if p.ndim == 2:
+        return tuple(p.shape)
+    if p.ndim == 1:
+        return (1, p.shape[0])
+    raise ValueError(f"sparse gradients need a 1-D or 2-D parameter, got shape {p.shape}")
+
+
+def _view2d(a, shape2d):
+    v = a.view()
+    v.shape = shape2d  # raises instead of silently copying
+    return v
+
+
+def coalesce(shape, rows, cols, vals, dtype=None):
+    """COO -> (touched, dense).
+
+    ``touched``: bool array of ``shape`` (2-D), True at every stored coordinate, explicit zeros included.
+    ``dense``: the gradient with duplicates summed, in ``dtype`` (default: vals' dtype). ``vals`` is cast
+    to ``dtype`` first (Part A.7: O(nnz) cast), then duplicates are summed in their order of appearance
+    ``((v1 + v2) + v3)`` (the first occurrence is stored, not added to 0, so -0.0 survives).
+    Indices are bounds-checked (IndexError) before anything is built.
+    """
+    nr, nc = shape
+    rows = np.asarray(rows, dtype=np.int64).ravel()
+    cols = np.asarray(cols, dtype=np.int64).ravel()
+    vals = np.asarray(vals)
+    if dtype is not None:
+        vals = vals.astype(dtype, copy=False)
+    vals = vals.ravel()
+    if not (rows.shape == cols.shape == vals.shape):
+        raise ValueError("rows, cols and vals must have the same length")
+    if rows.size and (rows.min() < 0 or rows.max() >= nr or cols.min() < 0 or cols.max() >= nc):
+        raise IndexError(f"sparse index out of bounds for shape {shape}")
+    lin = rows * nc + cols
+    touched = np.zeros(nr * nc, dtype=bool)
+    touched[lin] = True
+    dense = np.zeros(nr * nc, dtype=vals.dtype)
+    order = np.argsort(lin, kind="stable")
+    lin_s, vals_s = lin[order], vals[order]
+    first = np.ones(lin_s.shape, dtype=bool)
+    first[1:] = lin_s[1:] != lin_s[:-1]
+    dense[lin_s[first]] = vals_s[first]
+    np.add.at(dense, lin_s[~first], vals_s[~first])  # unbuffered, sequential in this order
+    return touched.reshape(shape), dense.reshape(shape)
+
+
+def row_grad_to_coo(row_indices, values):
+    """Row-indexed gradient ``(row_indices[k], values[k, dim])`` (embedding tables) -> COO triple."""
+    row_indices = np.asarray(row_indices, dtype=np.int64).ravel()
+    values = np.asarray(values)
+    k, dim = values.shape
+    if row_indices.shape != (k,):
+        raise ValueError("row_indices must have one entry per row of values")
+    rows = np.repeat(row_indices, dim)
+    cols = np.tile(np.arange(dim, dtype=np.int64), k)
+    return rows, cols, values.ravel()
+
+
+def lazy_step(fn, p, shape2d, rows, cols, vals, state, **hyper):
+    """Apply the dense rule ``fn`` only at the touched entries of the COO gradient (``sparse_mode="lazy"``).
+
+    The touched elements of p, of the coalesced gradient and of every state array are gathered into 1-D
+    copies, ``fn`` runs on those, and the results are scattered back. Untouched entries of p and of the
+    state are therefore bit-for-bit unchanged; ``state["step"]`` advances exactly as ``fn`` advances it
+    (also when nothing is touched). State arrays that ``fn`` creates lazily are created full-size with
+    zeros. ``shape2d=None`` means :func:`shape2d_of` (p).
+    """
+    if shape2d is None:
+        shape2d = shape2d_of(p)
+    shape2d = tuple(shape2d)
+    touched, G = coalesce(shape2d, rows, cols, vals, dtype=p.dtype)
+    p2 = _view2d(p, shape2d)
+    arrays = {k: _view2d(a, shape2d) for k, a in state.items() if isinstance(a, np.ndarray)}
+    sub = {k: v for k, v in state.items() if not isinstance(v, np.ndarray)}
+    sub.update({k: a[touched] for k, a in arrays.items()})
+    p_t = p2[touched]
+    fn(p_t, G[touched], sub, **hyper)
+    p2[touched] = p_t
+    for k, v in sub.items():
+        if isinstance(v, np.ndarray):
+            if k not in arrays:
+                state[k] = np.zeros_like(p)
+                arrays[k] = _view2d(state[k], shape2d)
+            arrays[k][touched] = v
+        else:
+            state[k] = v
+
+
+def exact_step(fn, p, rows, cols, vals, state, **hyper):
+    """``sparse_mode="exact"``: the dense rule ``fn`` on the densified gradient (duplicates summed)."""
+    _, G = coalesce(shape2d_of(p), rows, cols, vals, dtype=p.dtype)
+    fn(p, G.reshape(p.shape), state, **hyper)
+
+
+# --------------------------------------------------------------------------------------------------
+# torch
+# --------------------------------------------------------------------------------------------------
+
+
+def torch_run(name, p0, grads, steps=None, *, updates=None, **hyper):
+    """Run the real torch.optim on a copy of ``p0`` and return ``(p, state)`` as numpy.
+
+    name: "adagrad", "rmsprop", "adam", "adamw", "sparse_adam", or "sparse_adagrad" (= Adagrad; any
+    gradient given as a tuple is sent as a sparse COO gradient to Adagrad as well).
+    grads: list of gradients, each a dense ndarray of p0's shape and dtype, a COO triple
+    ``(rows, cols, vals)`` for p0's 2-D shape (``(1, n)`` for a 1-D p0; rows ignored then), or None
+    (``.grad = None``: torch skips the parameter, no step counted).
+    steps: number of ``step()`` calls; default ``len(grads)``; the gradients are cycled if it is larger.
+    updates: optional list (one entry per step, or None) of dicts applied to ``param_groups[0]`` before
+    that step (e.g. lr changes).
+    hyper: fastadapt/reference hyper-parameter names; ``decoupled_weight_decay`` is passed to torch Adam
+    as is; ``clamp`` (fastadapt-only) is dropped; ``initial_accumulator_value`` goes to Adagrad's
+    constructor.
+
+    Returns the final parameter (numpy, dtype of p0) and the state dict with numpy arrays and
+    ``step`` as a Python int.
+    """
+    import torch
+
+    hyper = dict(hyper)
+    hyper.pop("clamp", None)
+    p0 = np.asarray(p0)
+    if steps is None:
+        steps = len(grads)
+    param = torch.nn.Parameter(torch.from_numpy(np.array(p0, copy=True)))
+    dtype = param.dtype
+
+    if name == "adagrad" or name == "sparse_adagrad":
+        opt = torch.optim.Adagrad([param], **hyper)
+    elif name == "rmsprop":
+        opt = torch.optim.RMSprop([param], **hyper)
+    elif name == "adam":
+        opt = torch.optim.Adam([param], **hyper)
+    elif name == "adamw":
+        opt = torch.optim.AdamW([param], **hyper)
+    elif name == "sparse_adam":
+        opt = torch.optim.SparseAdam([param], **hyper)
+    else:
+        raise ValueError(f"unknown optimizer {name!r}")
+
+    def to_grad(gr):
+        if gr is None:
+            return None
+        if isinstance(gr, tuple):
+            r, c, v = gr
+            c = torch.as_tensor(np.asarray(c, dtype=np.int64).ravel())
+            v = torch.as_tensor(np.asarray(v).ravel()).to(dtype)
+            if p0.ndim == 1:
+                idx = c.reshape(1, -1)
+            else:
+                idx = torch.stack([torch.as_tensor(np.asarray(r, dtype=np.int64).ravel()), c])
+            # not coalesced (torch's optimizers coalesce themselves)
+            return torch.sparse_coo_tensor(idx, v, tuple(p0.shape), check_invariants=True)
+        return torch.from_numpy(np.array(gr, copy=True))
+
+    for i in range(steps):
+        if updates is not None and i < len(updates) and updates[i]:
+            opt.param_groups[0].update(updates[i])
+        param.grad = to_grad(grads[i % len(grads)])
+        opt.step()
+
+    st = opt.state[param]
+    out = {}
+    for k, v in st.items():
+        if k == "step":
+            out[k] = int(v.item()) if torch.is_tensor(v) else int(v)
+        elif torch.is_tensor(v):
+            out[k] = v.detach().numpy().copy()
+        else:
+            out[k] = v
+    if "step" not in out:
+        out["step"] = 0
+    return param.detach().numpy().copy(), out
