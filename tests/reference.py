@@ -23,6 +23,7 @@ Conventions
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
@@ -436,7 +437,9 @@ def torch_run(name, p0, grads, steps=None, *, updates=None, **hyper):
         if updates is not None and i < len(updates) and updates[i]:
             opt.param_groups[0].update(updates[i])
         param.grad = to_grad(grads[i % len(grads)])
-        opt.step()
+        with warnings.catch_warnings():  # torch's own _make_sparse warns about invariant checks
+            warnings.filterwarnings("ignore", message="Sparse invariant checks", category=UserWarning)
+            opt.step()
 
     st = opt.state[param]
     out = {}
