@@ -449,6 +449,9 @@ class _F32Only(np.ndarray):
         ("rmsprop", dict(weight_decay=0.1, momentum=0.9, centered=True, maximize=True)),
         ("rmsprop", dict(alpha=0.3, centered=True, clamp=False)),
         ("adam", dict(weight_decay=0.1, amsgrad=True, maximize=True, betas=(0.3, 0.9))),
+        ("adam", dict(weight_decay=0.1, decoupled_weight_decay=True)),
+        ("adagrad", dict(initial_accumulator_value=0.1)),
+        ("rmsprop", dict(momentum=0.5)),
         ("adamw", dict(amsgrad=True)),
     ],
 )
@@ -483,3 +486,19 @@ def test_init_state_keys():
     assert set(ref.init_state("sparse_adam", p)) == {"step", "exp_avg", "exp_avg_sq"}
     with pytest.raises(ValueError):
         ref.init_state("sgd", p)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_lerp_branches(dtype):
+    """ATen's two lerp formulas (SPEC §0); they round differently, so the branch is pinned here."""
+    rng = np.random.default_rng(15)
+    a = rng.standard_normal(1000).astype(dtype)
+    b = rng.standard_normal(1000).astype(dtype)
+    dt = np.dtype(dtype).type
+    for w in (dt(0.1), dt(0.49), dt(-0.3)):
+        assert np.array_equal(ref.lerp(a, b, w), a + w * (b - a))
+    for w in (dt(0.5), dt(0.7), dt(1 - 0.3)):
+        assert np.array_equal(ref.lerp(a, b, w), b - (b - a) * (dt(1) - w))
+    w = dt(0.7)
+    assert not np.array_equal(a + w * (b - a), b - (b - a) * (dt(1) - w))
+    assert ref.lerp(a, b, w).dtype == dtype
