@@ -26,7 +26,7 @@ class DenseGrad:
     def apply(self, opt, group, p, state):
         backend = self.backend
         s1, s2, s3 = opt._slot_arrays(group, p, state, backend.flat)
-        k = opt._scalars(group, state["step"], p.dtype)
+        k = opt._scalars(group, state["step"], self.g.dtype)   # == p's dtype, as a numpy dtype
         backend.dense_step(opt.rule, backend.flat(p), self.g, s1, s2, s3, k)
 
 
@@ -67,9 +67,11 @@ def prepare_grad(g, p, backend, where, *, accepts_dense=True, optimizer=None):
                             "(scipy CSR or fastadapt.RowGrad): use Adam for dense gradients")
         if tuple(g.shape) != tuple(p.shape):
             raise ValueError(f"{where} has shape {tuple(g.shape)}, its parameter has shape {tuple(p.shape)}")
-        if g.dtype != p.dtype:
-            raise TypeError(f"{where} has dtype {g.dtype}, its parameter has dtype {p.dtype}; "
-                            f"convert it first (g.astype(np.{p.dtype})): fastadapt never copies "
+        dtype_of = getattr(backend, "dtype_of", None)        # CUDA: torch/CuPy/numba dtypes as numpy's
+        g_dtype, p_dtype = (g.dtype, p.dtype) if dtype_of is None else (dtype_of(g), dtype_of(p))
+        if g_dtype != p_dtype:
+            raise TypeError(f"{where} has dtype {g_dtype}, its parameter has dtype {p_dtype}; "
+                            f"convert it first (g.astype(np.{p_dtype})): fastadapt never copies "
                             "a gradient silently")
         if not _c_contiguous(g):
             raise ValueError(f"{where} is not C-contiguous; pass np.ascontiguousarray(g)")
@@ -78,8 +80,11 @@ def prepare_grad(g, p, backend, where, *, accepts_dense=True, optimizer=None):
         if a0 < b1 and b0 < a1:
             raise ValueError(f"{where} shares memory with its parameter (the parameter passed as its "
                              "own gradient?); pass a separate gradient array")
+        check_same_device = getattr(backend, "check_same_device", None)
+        if check_same_device is not None:
+            check_same_device(g, p, where)
         return DenseGrad(g, backend)
-    if isinstance(g, np.ndarray) or hasattr(g, "__cuda_array_interface__"):
+    if isinstance(g, np.ndarray) or hasattr(g, "__cuda_array_interface__") or getattr(g, "__cuda_ndarray__", False):
         raise TypeError(f"{where} is a {'host' if isinstance(g, np.ndarray) else 'device'} array "
                         f"but its parameter lives on the {backend.name} backend; keep parameters "
                         "and gradients on the same device")

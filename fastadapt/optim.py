@@ -24,12 +24,23 @@ _NONFINITE = ("propagate", "skip", "raise")
 _SPARSE_MODES = ("lazy", "exact")
 
 
+def _is_device_array(a):
+    """True for CUDA arrays: ``__cuda_array_interface__``, or numba's (simulated) device arrays."""
+    return hasattr(a, "__cuda_array_interface__") or bool(getattr(a, "__cuda_ndarray__", False))
+
+
+def _device_key(backend, p):
+    """Where ``p`` lives, for the one-device check: "cpu", or "cuda:N"."""
+    device_of = getattr(backend, "device_of", None)
+    return backend.name if device_of is None else f"{backend.name}:{device_of(p)}"
+
+
 def backend_for(p):
     """The backend that owns array ``p``: :mod:`fastadapt.cpu` or :mod:`fastadapt.cuda`."""
     if isinstance(p, np.ndarray):
         from .cpu import BACKEND
         return BACKEND
-    if hasattr(p, "__cuda_array_interface__"):
+    if _is_device_array(p):
         from .cuda import backend      # imported only when a CUDA array is seen
         return backend()
     raise TypeError(f"parameters must be numpy arrays or CUDA arrays (CuPy, torch CUDA tensors, "
@@ -103,7 +114,7 @@ class Optimizer:
         self.state = []
         self._params = []          # flat list of parameters, in group order
         self._spans = []           # their memory spans, for overlap checks
-        if isinstance(params, np.ndarray) or hasattr(params, "__cuda_array_interface__"):
+        if isinstance(params, np.ndarray) or _is_device_array(params):
             raise TypeError("params must be a list of arrays or of param-group dicts, not an array "
                             f"itself: write {type(self).__name__}([w]) rather than "
                             f"{type(self).__name__}(w)")
@@ -138,7 +149,7 @@ class Optimizer:
         params = group.get("params")
         if params is None:
             raise ValueError("a param group needs a 'params' entry")
-        if isinstance(params, np.ndarray) or hasattr(params, "__cuda_array_interface__"):
+        if isinstance(params, np.ndarray) or _is_device_array(params):
             params = [params]
         params = list(params)
         unknown = set(group) - set(self.defaults) - {"params"}
@@ -148,13 +159,13 @@ class Optimizer:
         for key, value in self.defaults.items():
             group.setdefault(key, value)
         self._validate_group(group)
-        backends = {backend_for(q).name for q in self._params}
+        backends = {_device_key(backend_for(q), q) for q in self._params}
         new_spans = []
         for j, p in enumerate(params):
             where = f"parameter {len(self._params) + j}"
             backend = backend_for(p)
             backend.check_param(p, where)
-            backends.add(backend.name)
+            backends.add(_device_key(backend, p))
             new_spans.append(backend.memory_span(p) + (backend.name, len(self._params) + j))
         if len(backends) > 1:
             raise ValueError("all parameters of one optimizer must live on the same device "
@@ -242,7 +253,7 @@ class Optimizer:
         return True
 
     def _prepare(self, grads):
-        if isinstance(grads, np.ndarray) or hasattr(grads, "__cuda_array_interface__"):
+        if isinstance(grads, np.ndarray) or _is_device_array(grads):
             raise TypeError("step() takes a sequence of gradients, one per parameter: "
                             "write opt.step([g]) rather than opt.step(g)")
         grads = list(grads)
@@ -361,9 +372,10 @@ class Optimizer:
                 if name == "step":
                     continue
                 arr = np.asarray(arr)
-                if arr.shape != tuple(p.shape) or arr.dtype != p.dtype:
+                p_dtype = getattr(backend_for(p), "dtype_of", lambda a: a.dtype)(p)
+                if arr.shape != tuple(p.shape) or arr.dtype != p_dtype:
                     raise ValueError(f"state of parameter {idx}: {name!r} has shape {arr.shape} and dtype "
-                                     f"{arr.dtype}, the parameter has {tuple(p.shape)} and {p.dtype}")
+                                     f"{arr.dtype}, the parameter has {tuple(p.shape)} and {p_dtype}")
         # everything checked: now write
         for j in range(len(self._params)):
             self._read_state(j)        # settle anything pending before it is replaced

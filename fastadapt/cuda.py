@@ -1,0 +1,417 @@
+"""CUDA backend: numba.cuda grid-stride kernels over the rules of :mod:`fastadapt.rules`.
+
+Imported only when an optimizer sees a CUDA array (``import fastadapt`` never needs a
+GPU).  Every rule is compiled with ``numba.cuda.jit(device=True)`` from the same Python
+function the CPU loops inline; the kernels here only walk memory: a grid-stride loop
+over a flat array, over the rows of a CSR gradient, over indexed rows.  Launch sizes
+come from :mod:`fastadapt.config` (``CUDA_THREADS_PER_BLOCK``, ``CUDA_MAX_BLOCKS``),
+read at every launch.
+
+Arrays
+    Anything with ``__cuda_array_interface__`` (CuPy, torch CUDA tensors, numba device
+    arrays) is used zero-copy and updated in place.  Views are made with ``sync=False``:
+    no host synchronisation happens inside ``step()`` except in the non-finite check
+    (``nonfinite="skip"`` or ``"raise"``), which must read a flag back to the host.
+Streams
+    Kernels run on the stream the parameter's interface names (CuPy: its current
+    stream); arrays without one (torch exports none) use the legacy default stream.
+    torch users working on a non-default stream should synchronise it before
+    ``step()``.
+Devices
+    All parameters of an optimizer, their gradients and state live on one device;
+    kernels are launched in that device's context, whatever device is current.
+State
+    Buffers are numba device arrays of the parameter's shape, allocated once when the
+    state is created (never per step); ``state_dict()`` copies them to numpy.
+
+Under ``NUMBA_ENABLE_CUDASIM=1`` numba's simulator runs the same kernels on the CPU
+(device arrays made with ``numba.cuda.to_device``); objects exposing
+``__cuda_array_interface__`` over host memory are accepted there too, so the
+interface-handling code is tested without a GPU.
+"""
+
+import contextlib
+
+import numpy as np
+
+from . import config, rules
+
+INSTALL_HINT = ("fastadapt's GPU path needs numba's CUDA target and an NVIDIA driver: "
+                "pip install 'fastadapt[cuda]' (numba-cuda with the CUDA 12 toolkit wheels), "
+                "on a machine where nvidia-smi works")
+
+try:
+    from numba import cuda
+    from numba.core import config as _numba_config
+except Exception as exc:                         # pragma: no cover - depends on the install
+    raise ImportError(f"a CUDA array was passed but numba.cuda cannot be imported ({exc}); "
+                      f"{INSTALL_HINT}") from exc
+
+#: True under NUMBA_ENABLE_CUDASIM=1 (numba's CUDA simulator: one fake device, host memory)
+SIMULATOR = bool(_numba_config.ENABLE_CUDASIM)
+
+__all__ = ["backend", "CUDABackend", "INSTALL_HINT", "SIMULATOR"]
+
+
+# --------------------------------------------------------------------------- launch geometry
+
+def launch_dims(n):
+    """(blocks, threads per block) of a grid-stride loop over ``n`` items.
+
+    Read from :mod:`fastadapt.config` at every launch, so tests can patch them small.
+    """
+    tpb = int(config.CUDA_THREADS_PER_BLOCK)
+    blocks = max(1, min(-(-int(n) // tpb), int(config.CUDA_MAX_BLOCKS)))
+    return blocks, tpb
+
+
+# --------------------------------------------------------------------------- kernels
+
+class _RuleKernels:
+    """The grid-stride kernels of one rule, compiled lazily (numba compiles per signature).
+
+    numba.cuda kernels cannot take a device function as an argument, so each rule gets
+    its own kernels, made here from the one rule function; they differ only in how
+    they walk memory.
+    """
+
+    def __init__(self, rule):
+        dev = cuda.jit(device=True)(rule)
+        self.rule = dev
+
+        @cuda.jit
+        def dense(p, g, s1, s2, s3, k):
+            i = cuda.grid(1)
+            stride = cuda.gridsize(1)
+            n = p.size
+            while i < n:
+                dev(p, s1, s2, s3, i, g[i], k)
+                i += stride
+
+        self.dense = dense
+
+
+_KERNELS = {}
+
+
+def kernels(rule):
+    """The :class:`_RuleKernels` of a rule function of :mod:`fastadapt.rules`."""
+    ks = _KERNELS.get(rule)
+    if ks is None:
+        if rule not in _KNOWN_RULES:
+            raise ValueError(f"{getattr(rule, '__name__', rule)!r} is not a rule of fastadapt.rules")
+        ks = _KERNELS[rule] = _RuleKernels(rule)
+    return ks
+
+
+_KNOWN_RULES = (rules.adagrad_rule, rules.rmsprop_rule, rules.adam_rule, rules.sparse_adam_rule)
+
+
+@cuda.jit
+def _fill(a, value):
+    i = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    while i < a.size:
+        a[i] = value
+        i += stride
+
+
+@cuda.jit
+def _flag_nonfinite(a, flag):
+    i = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    while i < a.size:
+        x = a[i]
+        if not (x - x == 0):        # NaN or +-Inf; every writer writes the same 1
+            flag[0] = 1
+        i += stride
+
+
+@cuda.jit
+def _clear_flag(flag):
+    if cuda.grid(1) == 0:
+        flag[0] = 0
+
+
+# --------------------------------------------------------------------------- array helpers
+
+def _is_numba_array(a):
+    return bool(getattr(a, "__cuda_ndarray__", False))
+
+
+def _interface(a):
+    """``a.__cuda_array_interface__``, or None (numba's simulated arrays have none)."""
+    try:
+        return a.__cuda_array_interface__
+    except AttributeError:
+        return None
+
+
+def _dtype(a):
+    if _is_numba_array(a):
+        return np.dtype(a.dtype)
+    return np.dtype(_interface(a)["typestr"])
+
+
+def _shape(a):
+    return tuple(int(n) for n in a.shape)
+
+
+def _c_contiguous(a):
+    if _is_numba_array(a):
+        return bool(a.is_c_contiguous())
+    cai = _interface(a)
+    strides = cai.get("strides")
+    if strides is None:
+        return True
+    itemsize = np.dtype(cai["typestr"]).itemsize
+    expected = itemsize
+    for n, s in zip(reversed(cai["shape"]), reversed(strides)):
+        if n != 1 and s != expected:
+            return False
+        expected *= n
+    return True
+
+
+def _from_host_pointer(cai, owner):
+    """Simulator only: wrap an interface over host memory as a simulated device array."""
+    import ctypes
+    dtype = np.dtype(cai["typestr"])
+    shape = tuple(cai["shape"])
+    count = int(np.prod(shape, dtype=np.int64))
+    buf = (ctypes.c_char * (count * dtype.itemsize)).from_address(cai["data"][0]) if count else b""
+    host = np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray   # to_device would copy
+    arr = FakeCUDAArray(host)
+    arr._fastadapt_owner = owner            # keeps the exporting object alive
+    return arr
+
+
+def as_device_array(a):
+    """A numba device array viewing ``a`` (zero-copy, no stream synchronisation)."""
+    if _is_numba_array(a):
+        return a
+    cai = _interface(a)
+    if cai is None:
+        raise TypeError(f"{type(a).__name__} is not a CUDA array (no __cuda_array_interface__)")
+    if SIMULATOR:
+        return _from_host_pointer(cai, a)
+    return cuda.from_cuda_array_interface(cai, owner=a, sync=False)
+
+
+# --------------------------------------------------------------------------- devices
+
+def device_of(a):
+    """Ordinal of the GPU holding array ``a`` (0 under the simulator)."""
+    if SIMULATOR:
+        dev = getattr(a, "device", None)     # test doubles may name a device
+        return int(getattr(dev, "index", getattr(dev, "id", 0)) or 0) if dev is not None and \
+            not isinstance(dev, (str, int)) else 0
+    dev = getattr(a, "device", None)
+    if dev is not None:
+        if getattr(dev, "type", None) == "cuda" and getattr(dev, "index", None) is not None:
+            return int(dev.index)                                  # torch
+        if isinstance(getattr(dev, "id", None), int):
+            return int(dev.id)                                     # CuPy
+    if _is_numba_array(a):
+        gpu_data = getattr(a, "gpu_data", None)
+        ctx = getattr(gpu_data, "context", None)
+        if ctx is not None:
+            return int(ctx.device.id)
+    return _pointer_device(_interface(a)["data"][0])
+
+
+def _pointer_device(ptr):
+    """Ask the driver which device a pointer belongs to; the current device if it cannot."""
+    if ptr:
+        try:
+            from cuda.bindings import driver as drv
+            err, ordinal = drv.cuPointerGetAttribute(
+                drv.CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, ptr)
+            if int(err) == 0:
+                return int(ordinal)
+        except Exception:                   # pragma: no cover - depends on the install
+            pass
+    return _current_device()
+
+
+def _current_device():
+    if SIMULATOR:
+        return 0
+    return int(cuda.current_context().device.id)
+
+
+def _context_of(devary):
+    """A context manager making ``devary``'s device current (a no-op when it already is)."""
+    if SIMULATOR:
+        return contextlib.nullcontext()
+    ctx = devary.gpu_data.context
+    if ctx is cuda.current_context():
+        return contextlib.nullcontext()
+    return cuda.gpus[ctx.device.id]
+
+
+def _stream_of(devary):
+    return getattr(devary, "stream", 0) or 0
+
+
+# --------------------------------------------------------------------------- backend
+
+class CUDABackend:
+    """CUDA arrays: the interface of :class:`fastadapt.cpu.CPUBackend`, on the GPU."""
+
+    name = "cuda"
+
+    def __init__(self):
+        self._flags = {}            # device ordinal -> (device flag, host flag), for all_finite
+
+    # -- arrays ---------------------------------------------------------------
+
+    @staticmethod
+    def owns(a):
+        return _is_numba_array(a) or _interface(a) is not None
+
+    @staticmethod
+    def check_param(p, where):
+        if not CUDABackend.owns(p):
+            raise TypeError(f"{where} must be a CUDA array, got {type(p).__name__}")
+        dtype = _dtype(p)
+        if dtype not in (np.float32, np.float64):
+            raise TypeError(f"{where} has dtype {dtype}; fastadapt updates float32 or float64 "
+                            "arrays in place (convert it, e.g. p.astype(cupy.float32))")
+        if not _c_contiguous(p):
+            raise ValueError(f"{where} is not C-contiguous; pass a contiguous copy "
+                             "(cupy.ascontiguousarray(p), t.contiguous()) and keep it as the parameter")
+        cai = None if _is_numba_array(p) else _interface(p)
+        if cai is not None and cai["data"][1]:
+            raise ValueError(f"{where} is read-only; fastadapt updates parameters in place")
+
+    @staticmethod
+    def dtype_of(a):
+        """The numpy dtype of CUDA array ``a`` (torch tensors have their own dtype type)."""
+        return _dtype(a)
+
+    @staticmethod
+    def device_of(a):
+        """The ordinal of the GPU holding ``a``."""
+        return device_of(a)
+
+    @staticmethod
+    def check_same_device(g, p, where):
+        """Raise unless gradient ``g`` lives on parameter ``p``'s GPU."""
+        dg, dp = device_of(g), device_of(p)
+        if dg != dp:
+            raise ValueError(f"{where} is on GPU {dg} but its parameter is on GPU {dp}; "
+                             "move it to the parameter's device first")
+
+    @staticmethod
+    def full_like(p, value):
+        """A new device array of ``p``'s shape and dtype on ``p``'s device, filled with ``value``."""
+        dtype = _dtype(p)
+        shape = _shape(p)
+        view = as_device_array(p)
+        with _context_of(view):
+            out = cuda.device_array(shape, dtype=dtype)
+            flat = out.reshape(out.size) if out.size else out
+            if out.size:
+                blocks, tpb = launch_dims(out.size)
+                _fill[blocks, tpb, _stream_of(view)](flat, dtype.type(value))
+        return out
+
+    @staticmethod
+    def flat(a):
+        """A 1-D numba device array viewing ``a`` (zero-copy)."""
+        view = as_device_array(a)
+        n = int(np.prod(_shape(view), dtype=np.int64))
+        if len(view.shape) == 1:
+            return view
+        return view.reshape(n)
+
+    @staticmethod
+    def to_numpy(a):
+        """A host copy of device array ``a`` (waits for the work queued on its device)."""
+        view = as_device_array(a)
+        with _context_of(view):
+            if not SIMULATOR:
+                cuda.synchronize()
+            return np.array(view.copy_to_host(), copy=True).reshape(_shape(view))
+
+    @staticmethod
+    def copy_into(dst, src):
+        """Copy host array ``src`` into device array ``dst`` (same shape and dtype)."""
+        view = as_device_array(dst)
+        src = np.ascontiguousarray(src)
+        if src.dtype != _dtype(view) or src.shape != _shape(view):
+            raise ValueError(f"cannot copy a {src.dtype} {src.shape} array into a {_dtype(view)} "
+                             f"{_shape(view)} device array")
+        with _context_of(view):
+            view.copy_to_device(src)
+
+    @staticmethod
+    def memory_span(a):
+        """(start, end) device addresses of ``a``'s buffer, for overlap checks."""
+        cai = _interface(a)
+        if cai is not None:
+            start = int(cai["data"][0] or 0)
+            n = int(np.prod(tuple(cai["shape"]), dtype=np.int64))
+            return start, start + n * np.dtype(cai["typestr"]).itemsize
+        start = int(a.__array_interface__["data"][0])   # simulated array: host memory
+        return start, start + int(a.nbytes)
+
+    # -- kernels --------------------------------------------------------------
+
+    @staticmethod
+    def dense_step(rule, p, g, s1, s2, s3, k):
+        """Apply ``rule`` to every element of the flat device arrays ``p`` and ``g``."""
+        n = p.size
+        if n == 0:
+            return
+        blocks, tpb = launch_dims(n)
+        with _context_of(p):
+            kernels(rule).dense[blocks, tpb, _stream_of(p)](p, g, s1, s2, s3, k)
+
+    def all_finite(self, a):
+        """True when the device array ``a`` holds no NaN or infinity.
+
+        The one host synchronisation of a step: it runs only for ``nonfinite="skip"`` or
+        ``"raise"``, and reads back a one-word flag that lives on the device for good.
+        """
+        view = as_device_array(a)
+        n = int(np.prod(_shape(view), dtype=np.int64))
+        if n == 0:
+            return True
+        flat = view.reshape(n) if len(view.shape) != 1 else view
+        dev = device_of(view)
+        stream = _stream_of(view)
+        with _context_of(view):
+            bufs = self._flags.get(dev)
+            if bufs is None:
+                bufs = self._flags[dev] = (cuda.device_array(1, dtype=np.int32), np.zeros(1, np.int32))
+            flag, host = bufs
+            _clear_flag[1, 1, stream](flag)
+            blocks, tpb = launch_dims(n)
+            _flag_nonfinite[blocks, tpb, stream](flat, flag)
+            flag.copy_to_host(host, stream=stream)
+            if stream:
+                stream.synchronize()
+        return host[0] == 0
+
+
+_BACKEND = None
+
+
+def backend():
+    """The CUDA backend, created on first use; raises with install advice when CUDA is unusable."""
+    global _BACKEND
+    if _BACKEND is None:
+        try:
+            available = cuda.is_available()
+        except Exception as exc:                 # pragma: no cover - depends on the machine
+            raise RuntimeError(f"a CUDA array was passed but CUDA cannot be initialised ({exc}); "
+                               f"{INSTALL_HINT}") from exc
+        if not available:
+            raise RuntimeError("a CUDA array was passed but numba finds no usable CUDA GPU "
+                               f"(numba.cuda.is_available() is False; numba.cuda.detect() says why); "
+                               f"{INSTALL_HINT}")
+        _BACKEND = CUDABackend()
+    return _BACKEND

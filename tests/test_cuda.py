@@ -1,0 +1,433 @@
+"""The CUDA backend (fastadapt/cuda.py) against the CPU kernels.
+
+Three ways this file runs:
+
+* on a machine with a working CUDA GPU: every test runs on the GPU;
+* under ``NUMBA_ENABLE_CUDASIM=1`` (numba's CUDA simulator): every test runs on the
+  simulator;
+* otherwise (CI, no GPU): numba's choice between the real target and the simulator is
+  made once per process, when numba is imported, and the other test files import it
+  without the simulator; so here only the no-GPU behaviour is tested in-process and
+  ``test_cuda_suite_under_simulator`` runs this same file in a subprocess with
+  ``NUMBA_ENABLE_CUDASIM=1``.
+
+Threads per block and the block cap are patched small, so the tiny inputs span
+several blocks and every grid-stride loop wraps around.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastadapt as fa
+from fastadapt import config, rules
+
+
+def _mode():
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return "simulator"
+    try:
+        from numba import cuda
+        if cuda.is_available():
+            return "gpu"
+    except Exception:
+        pass
+    return "no-gpu"
+
+
+MODE = _mode()
+ON_DEVICE = MODE in ("simulator", "gpu")
+RTOL = {np.float64: 1e-12, np.float32: 1e-5}
+DTYPES = [np.float64, np.float32]
+SHAPE = (9, 7)          # 63 elements: 8 threads x 4 blocks = 32 per pass, so the loops wrap
+N_STEPS = 8
+
+
+
+def on_device(test):
+    """Collect ``test`` only with a GPU or the simulator (else the simulator subprocess runs it)."""
+    test.__test__ = ON_DEVICE
+    return test
+
+
+def off_device(test):
+    """Collect ``test`` only in a process without a GPU and without the simulator."""
+    test.__test__ = not ON_DEVICE
+    return test
+
+
+# --------------------------------------------------------------------------------------------------
+# no GPU (the parent process of the simulator run)
+# --------------------------------------------------------------------------------------------------
+
+@off_device
+def test_cuda_suite_under_simulator():
+    """Runs this file under numba's CUDA simulator in a fresh process (see the module docstring)."""
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           os.path.abspath(__file__)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout, proc.stdout[-3000:]
+
+
+def test_import_fastadapt_needs_no_gpu():
+    code = "import sys, fastadapt; assert 'numba.cuda' not in sys.modules, 'numba.cuda imported'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+class _ForeignCudaArray:
+    """An object that only exposes ``__cuda_array_interface__`` (like CuPy or a torch CUDA tensor).
+
+    ``backing`` holds the memory: a numba device array on a GPU, a host array under the
+    simulator (where device memory is host memory).  ``dtype`` is deliberately not a
+    numpy dtype, as with torch; ``device`` may name another GPU.
+    """
+
+    def __init__(self, backing, device=0, readonly=False):
+        self.backing = backing
+        self.shape = tuple(backing.shape)
+        self.dtype = f"fake.{np.dtype(backing.dtype).name}"
+        self.device = type("Device", (), {"type": "cuda", "index": device})()
+        if isinstance(backing, np.ndarray):
+            ptr = backing.__array_interface__["data"][0]
+            strides = None if backing.flags.c_contiguous else backing.strides
+        else:
+            cai = backing.__cuda_array_interface__
+            ptr, strides = cai["data"][0], cai.get("strides")
+        self._cai = {"shape": self.shape, "typestr": np.dtype(backing.dtype).str,
+                     "data": (ptr, readonly), "strides": strides, "version": 2}
+
+    @property
+    def __cuda_array_interface__(self):
+        return self._cai
+
+    def is_contiguous(self):
+        return self._cai["strides"] is None
+
+    def reshape(self, *shape):
+        return _ForeignCudaArray(self.backing.reshape(*shape), self.device.index)
+
+    def __getitem__(self, idx):
+        return _ForeignCudaArray(self.backing[idx], self.device.index)
+
+
+@off_device
+def test_cuda_array_without_gpu_says_what_to_install():
+    w = _ForeignCudaArray(np.zeros(4, np.float32))
+    with pytest.raises((RuntimeError, ImportError), match=r"pip install 'fastadapt\[cuda\]'"):
+        fa.Adam([w])
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers (GPU or simulator)
+# --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def _small_grid(monkeypatch):
+    monkeypatch.setattr(config, "CUDA_THREADS_PER_BLOCK", 8)
+    monkeypatch.setattr(config, "CUDA_MAX_BLOCKS", 4)
+
+
+def _cuda():
+    from numba import cuda
+    return cuda
+
+
+def to_device(a):
+    return _cuda().to_device(np.ascontiguousarray(a))
+
+
+def host(a):
+    if isinstance(a, _ForeignCudaArray):
+        a = a.backing
+    if isinstance(a, np.ndarray):
+        return a.copy()
+    return a.copy_to_host()
+
+
+def backing(a):
+    """Memory for a foreign CUDA array: device memory, or host memory under the simulator."""
+    return np.array(a, copy=True) if MODE == "simulator" else to_device(a)
+
+
+def foreign(a, **kw):
+    """A foreign CUDA array holding a copy of host array ``a``."""
+    return _ForeignCudaArray(backing(a), **kw)
+
+
+def problem(dtype, seed, shape=SHAPE, n=N_STEPS):
+    rng = np.random.default_rng(seed)
+    p0 = rng.standard_normal(shape).astype(dtype)
+    bias = rng.standard_normal(shape)
+    grads = [(bias + rng.standard_normal(shape) * 10.0 ** rng.uniform(-2, 1)).astype(dtype) for _ in range(n)]
+    return p0, grads
+
+
+def assert_close(actual, expected, dtype, what=""):
+    np.testing.assert_allclose(actual, expected, rtol=RTOL[dtype], atol=RTOL[dtype] * 1e-3, err_msg=what)
+
+
+def run_pair(cls, kw, dtype, seed=0, to_dev=to_device, n=N_STEPS):
+    """The same steps on the CPU and on the device; returns both optimizers and parameters."""
+    p0, grads = problem(dtype, seed, n=n)
+    ph = p0.copy()
+    pd = to_dev(p0)
+    oh, od = cls([ph], **kw), cls([pd], **kw)
+    for g in grads:
+        oh.step([g])
+        od.step([to_dev(g)])
+    return oh, od, ph, pd
+
+
+DENSE_CASES = [
+    (fa.Adagrad, {}),
+    (fa.Adagrad, dict(lr=0.05, lr_decay=0.1, weight_decay=0.01, initial_accumulator_value=0.3, eps=1e-6,
+                      maximize=True)),
+    (fa.RMSprop, {}),
+    (fa.RMSprop, dict(centered=True)),
+    (fa.RMSprop, dict(momentum=0.9, weight_decay=0.01, alpha=0.9)),
+    (fa.RMSprop, dict(momentum=0.5, centered=True, weight_decay=0.02, maximize=True, alpha=0.3)),
+    (fa.Adam, {}),
+    (fa.Adam, dict(lr=0.01, betas=(0.3, 0.9), weight_decay=0.05, amsgrad=True, maximize=True)),
+    (fa.Adam, dict(weight_decay=0.1, decoupled_weight_decay=True, eps=0.0)),
+    (fa.AdamW, {}),
+    (fa.AdamW, dict(lr=0.02, weight_decay=0.3, amsgrad=True, maximize=True)),
+]
+
+
+def _case_id(case):
+    cls, kw = case
+    return cls.__name__ + ("-" + "-".join(sorted(kw)) if kw else "")
+
+
+# --------------------------------------------------------------------------------------------------
+# dense parity with the CPU kernels
+# --------------------------------------------------------------------------------------------------
+
+@on_device
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("case", DENSE_CASES, ids=[_case_id(c) for c in DENSE_CASES])
+def test_dense_matches_cpu(case, dtype):
+    cls, kw = case
+    oh, od, ph, pd = run_pair(cls, kw, dtype)
+    assert_close(host(pd), ph, dtype, "parameter")
+    sh, sd = oh.state_dict(), od.state_dict()
+    assert sh["state"][0].keys() == sd["state"][0].keys()
+    for name, value in sh["state"][0].items():
+        if name == "step":
+            assert sd["state"][0]["step"] == value == N_STEPS
+        else:
+            assert isinstance(sd["state"][0][name], np.ndarray)
+            assert sd["state"][0][name].dtype == dtype
+            assert_close(sd["state"][0][name], value, dtype, name)
+
+
+@on_device
+def test_foreign_cuda_array_is_updated_in_place_zero_copy():
+    """Objects exposing only __cuda_array_interface__ (CuPy, torch) with a non-numpy dtype attribute."""
+    dtype = np.float32
+    oh, od, ph, pd = run_pair(fa.Adam, dict(amsgrad=True, weight_decay=0.1), dtype, to_dev=foreign)
+    assert_close(host(pd), ph, dtype)
+    state = od.state_dict()
+    assert state["state"][0]["exp_avg"].dtype == dtype
+    # load_state_dict compares the saved dtype with the parameter's (a non-numpy dtype here)
+    od2 = fa.Adam([foreign(np.zeros(SHAPE, dtype))], amsgrad=True, weight_decay=0.1)
+    od2.load_state_dict(state)
+    assert_close(od2.state_dict()["state"][0]["max_exp_avg_sq"], state["state"][0]["max_exp_avg_sq"], dtype)
+
+
+@on_device
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+def test_state_dict_round_trip_on_device(dtype):
+    """state_dict is numpy; loading it back to the device continues exactly as if uninterrupted."""
+    p0, grads = problem(dtype, 3)
+    kw = dict(momentum=0.9, centered=True)
+    ref = to_device(p0)
+    opt = fa.RMSprop([ref], **kw)
+    for g in grads:
+        opt.step([to_device(g)])
+    half = to_device(p0)
+    first = fa.RMSprop([half], **kw)
+    for g in grads[:4]:
+        first.step([to_device(g)])
+    saved = first.state_dict()
+    assert all(isinstance(v, np.ndarray) for k, v in saved["state"][0].items() if k != "step")
+    second = fa.RMSprop([half], **kw)
+    second.load_state_dict(saved)
+    for g in grads[4:]:
+        second.step([to_device(g)])
+    np.testing.assert_array_equal(host(half), host(ref))
+    with pytest.raises(ValueError, match="dtype"):
+        other = np.float32 if dtype == np.float64 else np.float64
+        fa.RMSprop([to_device(p0.astype(other))], **kw).load_state_dict(saved)
+
+
+@on_device
+def test_param_groups_and_none_gradients():
+    p0, grads = problem(np.float64, 5)
+    a_h, b_h = p0.copy(), p0[:3].copy()
+    a_d, b_d = to_device(p0), to_device(p0[:3])
+    groups = lambda a, b: [{"params": [a]}, {"params": [b], "lr": 0.1, "amsgrad": True}]  # noqa: E731
+    oh, od = fa.Adam(groups(a_h, b_h)), fa.Adam(groups(a_d, b_d))
+    for t, g in enumerate(grads):
+        gb = None if t % 3 == 1 else g[:3]
+        oh.step([g, gb])
+        od.step([to_device(g), None if gb is None else to_device(gb)])
+    assert_close(host(a_d), a_h, np.float64)
+    assert_close(host(b_d), b_h, np.float64)
+    assert od.state_dict()["state"][1]["step"] == oh.state_dict()["state"][1]["step"] == 5
+
+
+@on_device
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nonfinite_skip_and_raise(bad):
+    p0, grads = problem(np.float32, 7, n=3)
+    g_bad = grads[1].copy()
+    g_bad[4, 5] = bad                      # an element the second pass of the grid-stride loop reads
+    pd = to_device(p0)
+    opt = fa.Adam([pd], nonfinite="skip")
+    assert opt.step([to_device(grads[0])]) is True
+    before = host(pd)
+    assert opt.step([to_device(g_bad)]) is False
+    np.testing.assert_array_equal(host(pd), before)
+    assert opt.skipped_steps == 1 and opt.state_dict()["state"][0]["step"] == 1
+    assert opt.step([to_device(grads[2])]) is True
+    opt = fa.Adagrad([to_device(p0)], nonfinite="raise")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        opt.step([to_device(g_bad)])
+    assert opt.state_dict()["state"][0]["step"] == 0
+    np.testing.assert_array_equal(opt.state_dict()["state"][0]["sum"], np.zeros_like(p0))
+
+
+@on_device
+def test_propagate_matches_cpu_with_nonfinite():
+    p0, grads = problem(np.float64, 8, n=2)
+    grads[0][0, 0] = np.nan
+    grads[1][1, 1] = np.inf
+    ph, pd = p0.copy(), to_device(p0)
+    oh, od = fa.Adam([ph], amsgrad=True), fa.Adam([pd], amsgrad=True)
+    with np.errstate(invalid="ignore"):
+        for g in grads:
+            oh.step([g])
+            od.step([to_device(g)])
+    np.testing.assert_array_equal(np.isnan(host(pd)), np.isnan(ph))
+    finite = np.isfinite(ph)
+    assert_close(host(pd)[finite], ph[finite], np.float64)
+
+
+@on_device
+def test_functional_layer_on_device():
+    from fastadapt import functional as F
+    p0, grads = problem(np.float64, 9, n=2)
+    ph, mh, vh = p0.copy(), np.zeros_like(p0), np.zeros_like(p0)
+    pd, md, vd = to_device(p0), to_device(mh), to_device(vh)
+    for t, g in enumerate(grads, 1):
+        F.adam(ph, g, mh, vh, step=t, lr=0.1)
+        F.adam(pd, to_device(g), md, vd, step=t, lr=0.1)
+    assert_close(host(pd), ph, np.float64)
+    assert_close(host(vd), vh, np.float64)
+
+
+@on_device
+def test_kernels_are_shared_and_rules_single_sourced():
+    from fastadapt import cuda as fcuda
+    oh, od, ph, pd = run_pair(fa.Adagrad, {}, np.float64, n=2)
+    ks = fcuda.kernels(rules.adagrad_rule)
+    assert fcuda.kernels(rules.adagrad_rule) is ks
+    od.step([to_device(np.ones(SHAPE))])
+    assert fcuda.kernels(rules.adagrad_rule) is ks
+    if MODE == "gpu":                        # a second step compiles nothing new
+        n = len(ks.dense.overloads)
+        od.step([to_device(np.ones(SHAPE))])
+        assert len(ks.dense.overloads) == n == 1
+    with pytest.raises(ValueError, match="not a rule"):
+        fcuda.kernels(len)
+
+
+@on_device
+def test_launch_geometry_follows_config():
+    from fastadapt import cuda as fcuda
+    assert fcuda.launch_dims(63) == (4, 8)       # capped: the loop strides over 32 threads
+    assert fcuda.launch_dims(9) == (2, 8)
+    assert fcuda.launch_dims(0) == (1, 8)
+
+
+# --------------------------------------------------------------------------------------------------
+# errors: raised before anything is written
+# --------------------------------------------------------------------------------------------------
+
+@on_device
+def test_mixing_host_and_device_parameters_is_refused():
+    with pytest.raises(ValueError, match=r"same device.*\['cpu', 'cuda:0'\]"):
+        fa.Adam([np.zeros(3), to_device(np.zeros(3))])
+    opt = fa.Adam([to_device(np.zeros(3))])
+    with pytest.raises(ValueError, match="same device"):
+        opt.add_param_group({"params": [np.zeros(3)]})
+
+
+@on_device
+def test_parameters_on_two_devices_are_refused():
+    a = foreign(np.zeros(3), device=0)
+    b = foreign(np.zeros(3), device=1)      # on a GPU the object's device attribute is believed
+    with pytest.raises(ValueError, match=r"same device.*cuda:0.*cuda:1"):
+        fa.Adam([a, b])
+
+
+@on_device
+def test_gradient_on_the_wrong_side_or_device():
+    p0 = np.zeros(SHAPE)
+    pd = to_device(p0)
+    opt = fa.Adam([pd])
+    with pytest.raises(TypeError, match="host array but its parameter lives on the cuda backend"):
+        opt.step([np.ones(SHAPE)])
+    with pytest.raises(TypeError, match="device array but its parameter lives on the cpu backend"):
+        fa.Adam([p0.copy()]).step([to_device(np.ones(SHAPE))])
+    if MODE == "simulator":                  # a gradient naming another GPU (only a test double can)
+        with pytest.raises(ValueError, match="gradient 0 is on GPU 1 but its parameter is on GPU 0"):
+            opt.step([_ForeignCudaArray(np.ones(SHAPE), device=1)])
+    np.testing.assert_array_equal(host(pd), p0)
+    assert opt.state_dict()["state"] == {}
+
+
+@on_device
+def test_bad_device_parameters_and_gradients():
+    with pytest.raises(TypeError, match="float32 or float64"):
+        fa.Adam([to_device(np.zeros(4, np.float16))])
+    with pytest.raises(TypeError, match="float32 or float64"):
+        fa.Adam([to_device(np.zeros(4, np.int64))])
+    with pytest.raises(ValueError, match="C-contiguous"):
+        fa.Adam([_ForeignCudaArray(backing(np.zeros((4, 4)))[:, ::2])])
+    with pytest.raises(ValueError, match="read-only"):
+        fa.Adam([foreign(np.zeros(4), readonly=True)])
+    pd = to_device(np.zeros(SHAPE))
+    opt = fa.Adam([pd])
+    with pytest.raises(ValueError, match="shape"):
+        opt.step([to_device(np.zeros((7, 9)))])
+    with pytest.raises(TypeError, match="dtype"):
+        opt.step([to_device(np.zeros(SHAPE, np.float32))])
+    with pytest.raises(ValueError, match="shares memory"):
+        opt.step([pd])
+    with pytest.raises(ValueError, match="share memory"):
+        fa.Adam([pd, pd])
+    with pytest.raises(TypeError, match=r"Adam\(\[w\]\)"):
+        fa.Adam(pd)
+    with pytest.raises(TypeError, match=r"opt.step\(\[g\]\)"):
+        opt.step(to_device(np.zeros(SHAPE)))
+    with pytest.raises(TypeError, match="dense"):
+        fa.SparseAdam([pd]).step([to_device(np.zeros(SHAPE))])
+    assert opt.state_dict()["state"] == {}
+
+
+@on_device
+def test_unusable_cuda_stack_is_reported(monkeypatch):
+    from fastadapt import cuda as fcuda
+    monkeypatch.setattr(fcuda, "_BACKEND", None)
+    monkeypatch.setattr(fcuda.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"no usable CUDA GPU.*pip install 'fastadapt\[cuda\]'"):
+        fa.Adam([to_device(np.zeros(3))])
