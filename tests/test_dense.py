@@ -1,0 +1,349 @@
+"""Dense steps of the optimizer classes against the numpy references of tests/reference.py.
+
+Covers every option combination that changes the math (float32 and float64, 1 and many steps),
+0-d / 1-d / n-d parameters and sizes that are not a multiple of the vector width, both CPU loops
+(serial, and the parallel one by lowering ``config.PARALLEL_THRESHOLD``), dtype preservation, "a
+second step compiles nothing new", and property-based tests over shapes and hyper-parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import fastadapt as fa
+from fastadapt import config, cpu
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import reference as ref  # noqa: E402
+
+CLASSES = {"adagrad": fa.Adagrad, "rmsprop": fa.RMSprop, "adam": fa.Adam, "adamw": fa.AdamW}
+DTYPES = [np.float64, np.float32]
+DTYPE_IDS = ["f64", "f32"]
+#: SPEC Part A.2 acceptance tolerances
+RTOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5}
+#: a small threshold so that the parallel loop runs on the small arrays of these tests
+SMALL_THRESHOLD = 16
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def problem(shape, dtype, steps, seed=0):
+    """A parameter and ``steps`` gradients of varying magnitude with a persistent per-element bias."""
+    rng = np.random.default_rng(seed)
+    p0 = np.array(rng.standard_normal(shape), dtype=dtype)     # np.array: 0-d stays an array
+    bias = rng.standard_normal(shape)
+    grads = [np.array(bias + rng.standard_normal(shape) * 10.0 ** rng.uniform(-2, 1), dtype=dtype)
+             for _ in range(steps)]
+    return p0, grads
+
+
+def assert_close(actual, desired, rtol, what=""):
+    """Elementwise relative error <= rtol, with the array's scale as absolute floor (see test_reference)."""
+    assert actual.dtype == desired.dtype, what
+    assert actual.shape == desired.shape, what
+    scale = float(np.max(np.abs(desired))) if desired.size else 0.0
+    np.testing.assert_allclose(actual, desired, rtol=rtol, atol=rtol * scale, err_msg=what)
+
+
+def assert_matches(opt, j, p, q, st_ref, dtype, what=""):
+    """fastadapt parameter ``p`` (position j of ``opt``) and its state against the reference ``q``, ``st_ref``."""
+    assert_close(p, q, RTOL[np.dtype(dtype)], f"{what} param")
+    state = opt.state[j]
+    assert state["step"] == st_ref["step"], what
+    buffers = {k for k, v in st_ref.items() if isinstance(v, np.ndarray)}
+    assert buffers <= set(state), (what, sorted(state))
+    for k in buffers:
+        assert state[k].dtype == dtype and state[k].shape == p.shape, (what, k)
+        assert_close(state[k], st_ref[k], RTOL[np.dtype(dtype)], f"{what} {k}")
+
+
+@contextlib.contextmanager
+def parallel_threshold(value):
+    """Set ``config.PARALLEL_THRESHOLD`` (usable inside hypothesis tests, unlike monkeypatch)."""
+    old = config.PARALLEL_THRESHOLD
+    config.PARALLEL_THRESHOLD = value
+    try:
+        yield
+    finally:
+        config.PARALLEL_THRESHOLD = old
+
+
+def run_pair(name, p0, grads, hyper, check_every_step=False):
+    """Run fastadapt and the reference side by side; return (p, opt, q, ref_state)."""
+    p = p0.copy()
+    opt = CLASSES[name]([p], **hyper)
+    q = p0.copy()
+    st_ref = ref.init_state(name, q, **hyper)
+    for i, g in enumerate(grads):
+        assert opt.step([g]) is True
+        ref.DENSE_RULES[name](q, g, st_ref, **hyper)
+        if check_every_step or i == 0:
+            assert_matches(opt, 0, p, q, st_ref, p0.dtype, f"step {i + 1}")
+    return p, opt, q, st_ref
+
+
+# --------------------------------------------------------------------------------------------------
+# every option combination
+# --------------------------------------------------------------------------------------------------
+
+OPTION_GRID = (
+    [("adagrad", dict(lr=0.05, lr_decay=ld, weight_decay=wd, initial_accumulator_value=iav, maximize=mx))
+     for ld, wd, iav, mx in itertools.product([0.0, 0.1], [0.0, 0.1], [0.0, 0.5], [False, True])]
+    + [("rmsprop", dict(lr=1e-2, alpha=a, weight_decay=wd, momentum=mo, centered=c, maximize=mx))
+       for a, wd, mo, c, mx in itertools.product([0.99, 0.3], [0.0, 0.1], [0.0, 0.9], [False, True], [False, True])]
+    + [("adam", dict(lr=1e-2, betas=b, weight_decay=wd, decoupled_weight_decay=dec, amsgrad=ams, maximize=mx))
+       for b, wd, dec, ams, mx in itertools.product([(0.9, 0.999), (0.3, 0.9)], [0.0, 0.1], [False, True],
+                                                     [False, True], [False, True])]
+    + [("adamw", dict(lr=1e-2, amsgrad=ams, maximize=mx, **({} if wd is None else {"weight_decay": wd})))
+       for wd, ams, mx in itertools.product([None, 0.0, 0.1], [False, True], [False, True])]
+)
+
+
+def _grid_id(case):
+    name, hyper = case
+    return name + "-" + "-".join(f"{k}={v}" for k, v in hyper.items() if k != "lr")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", OPTION_GRID, ids=[_grid_id(c) for c in OPTION_GRID])
+def test_every_option_matches_reference(case, dtype):
+    """After 1 step and after 25 steps, parameter and every state buffer match the reference."""
+    name, hyper = case
+    p0, grads = problem((33,), dtype, 25, seed=len(_grid_id(case)))
+    p, opt, q, st_ref = run_pair(name, p0, grads, hyper)
+    assert_matches(opt, 0, p, q, st_ref, dtype, "final")
+    assert opt.state[0]["step"] == 25
+    assert not np.array_equal(p, p0)
+
+
+# --------------------------------------------------------------------------------------------------
+# shapes, sizes and both loops
+# --------------------------------------------------------------------------------------------------
+
+RICH = {
+    "adagrad": dict(lr=0.05, lr_decay=0.1, weight_decay=0.1, initial_accumulator_value=0.5, maximize=True),
+    "rmsprop": dict(lr=1e-2, alpha=0.9, weight_decay=0.1, momentum=0.9, centered=True),
+    "adam": dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, amsgrad=True),
+    "adamw": dict(lr=1e-2, weight_decay=0.1, amsgrad=True, maximize=True),
+}
+SHAPES = [(0,), (1,), (7,), (33,), (1000,), (1003,), (), (3, 5), (2, 3, 4), (4, 0, 3)]
+
+
+@pytest.mark.parametrize("loop", ["serial", "parallel"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)) or "0d")
+@pytest.mark.parametrize("name", sorted(RICH))
+def test_shapes_and_loops(name, shape, dtype, loop, monkeypatch):
+    if loop == "parallel":
+        monkeypatch.setattr(config, "PARALLEL_THRESHOLD", SMALL_THRESHOLD)
+    p0, grads = problem(shape, dtype, 6, seed=7)
+    p, opt, q, st_ref = run_pair(name, p0, grads, RICH[name], check_every_step=True)
+    assert p.shape == shape and p.dtype == dtype
+    for k, v in opt.state[0].items():
+        if k != "step":
+            assert v.shape == shape and v.dtype == dtype, k
+
+
+@pytest.mark.parametrize("size,expected", [(7, "serial"), (15, "serial"), (16, "parallel"), (33, "parallel")])
+def test_threshold_picks_the_loop(size, expected, monkeypatch):
+    """The loop choice follows config.PARALLEL_THRESHOLD, read at every step."""
+    monkeypatch.setattr(config, "PARALLEL_THRESHOLD", SMALL_THRESHOLD)
+    calls = []
+    for loop in ("serial", "parallel"):
+        real = getattr(cpu, f"_dense_{loop}")
+
+        def spy(*args, _real=real, _loop=loop):
+            calls.append(_loop)
+            return _real(*args)
+
+        monkeypatch.setattr(cpu, f"_dense_{loop}", spy)
+    p0, grads = problem((size,), np.float64, 2)
+    run_pair("adam", p0, grads, {})
+    assert calls == [expected, expected]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_serial_and_parallel_loops_agree_bitwise(dtype, monkeypatch):
+    """Elementwise updates: the prange loop must give exactly the serial loop's numbers."""
+    results = []
+    for threshold in (10**9, SMALL_THRESHOLD):
+        monkeypatch.setattr(config, "PARALLEL_THRESHOLD", threshold)
+        for name in sorted(RICH):
+            p0, grads = problem((1003,), dtype, 5, seed=3)
+            p = p0.copy()
+            opt = CLASSES[name]([p], **RICH[name])
+            for g in grads:
+                opt.step([g])
+            results.append((p, opt.state_dict()["state"][0]))
+    half = len(results) // 2
+    for (pa, sa), (pb, sb) in zip(results[:half], results[half:]):
+        assert np.array_equal(pa, pb)
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert np.array_equal(sa[k], sb[k])
+
+
+# --------------------------------------------------------------------------------------------------
+# dtype, in-place, inputs untouched
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", sorted(RICH))
+def test_in_place_dtype_preserved_gradient_untouched(name, dtype):
+    p0, grads = problem((4, 5), dtype, 3)
+    p = p0.copy()
+    address = p.__array_interface__["data"][0]
+    opt = CLASSES[name]([p], **RICH[name])
+    copies = [g.copy() for g in grads]
+    for g in grads:
+        opt.step([g])
+    assert opt.param_groups[0]["params"][0] is p
+    assert p.__array_interface__["data"][0] == address and p.dtype == dtype and p.shape == (4, 5)
+    assert not np.array_equal(p, p0)
+    for g, c in zip(grads, copies):
+        assert np.array_equal(g, c)                       # gradients are read, never written
+    sd = opt.state_dict()
+    for k, v in sd["state"][0].items():
+        if k == "step":
+            assert type(v) is int and v == 3
+        else:
+            assert isinstance(v, np.ndarray) and v.dtype == dtype and v.shape == (4, 5)
+
+
+def test_float32_math_stays_float32():
+    """A float32 parameter updated by float32 math differs from the same update done in float64
+    and rounded (that would be a silent promotion), while matching the float32 reference."""
+    p0, grads = problem((257,), np.float32, 10, seed=11)
+    p, opt, q, st_ref = run_pair("adam", p0, grads, dict(lr=1e-2, amsgrad=True))
+    p64 = p0.astype(np.float64)
+    opt64 = fa.Adam([p64], lr=1e-2, amsgrad=True)
+    for g in grads:
+        opt64.step([g.astype(np.float64)])
+    assert_close(p, q, RTOL[np.dtype(np.float32)])
+    assert not np.array_equal(p, p64.astype(np.float32))
+
+
+# --------------------------------------------------------------------------------------------------
+# compilation: one specialisation per (rule, dtype, loop), whatever the options
+# --------------------------------------------------------------------------------------------------
+
+KERNELS = ["_dense_serial", "_dense_parallel", "_count_nonfinite_serial", "_count_nonfinite_parallel"]
+
+
+def _signature_counts():
+    return {k: len(getattr(cpu, k).signatures) for k in KERNELS}
+
+
+def _all_option_runs(dtype):
+    for name, hyper in OPTION_GRID:
+        for shape in [(), (5,), (2, 20)]:
+            p0, grads = problem(shape, dtype, 2)
+            yield name, hyper, p0, grads
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_second_step_compiles_nothing_new(dtype, monkeypatch):
+    monkeypatch.setattr(config, "PARALLEL_THRESHOLD", SMALL_THRESHOLD)
+    # first steps: whatever needs compiling (or loading from the cache) happens here
+    for name in sorted(CLASSES):
+        for size in (3, 40):
+            p0, grads = problem((size,), dtype, 1)
+            CLASSES[name]([p0.copy()], nonfinite="skip").step(grads)
+            fa.functional.adam(p0.copy(), grads[0], np.zeros_like(p0), np.zeros_like(p0), step=1)
+    before = _signature_counts()
+    # every option combination, every shape, both loops, the non-finite scan and the functional layer
+    for name, hyper, p0, grads in _all_option_runs(dtype):
+        opt = CLASSES[name]([p0.copy()], nonfinite="skip", **hyper)
+        for g in grads:
+            opt.step([g])
+        opt.step([np.full_like(p0, np.nan)])
+    m = np.zeros(40, dtype)
+    fa.functional.adam(np.ones(40, dtype), np.ones(40, dtype), m.copy(), m.copy(), m.copy(), step=3, amsgrad=True)
+    fa.functional.rmsprop(np.ones(40, dtype), np.ones(40, dtype), m.copy(), m.copy(), m.copy(), step=1,
+                          momentum=0.5, centered=True)
+    fa.functional.adagrad(np.ones(40, dtype), np.ones(40, dtype), m.copy(), step=2, lr_decay=0.1)
+    assert _signature_counts() == before
+
+
+def test_one_specialisation_per_rule_and_dtype():
+    """No loop was ever specialised twice for the same rule and dtype (flags are runtime values)."""
+    for kernel in ("_dense_serial", "_dense_parallel"):
+        keys = [(sig[0], sig[1].dtype) for sig in getattr(cpu, kernel).signatures]
+        assert len(keys) == len(set(keys)), kernel
+        for sig in getattr(cpu, kernel).signatures:
+            # contiguous 1-D arrays, scalars in the array dtype
+            assert all(a.ndim == 1 and a.layout == "C" for a in sig[1:6]), sig
+            assert {t for t in sig[6].types if str(t) != "bool"} <= {sig[1].dtype}, sig
+
+
+# --------------------------------------------------------------------------------------------------
+# property-based: shapes and hyper-parameters
+# --------------------------------------------------------------------------------------------------
+
+_unit = st.floats(0.0, 0.999, allow_nan=False)
+_small = st.sampled_from([0.0, 1e-3, 0.1, 0.5])
+_eps = st.sampled_from([0.0, 1e-10, 1e-8, 1e-3])
+_lr = st.floats(0.0, 0.5, allow_nan=False)
+
+HYPER = {
+    "adagrad": st.fixed_dictionaries(dict(lr=_lr, lr_decay=_small, weight_decay=_small, eps=_eps,
+                                          initial_accumulator_value=_small, maximize=st.booleans())),
+    "rmsprop": st.fixed_dictionaries(dict(lr=_lr, alpha=_unit, eps=_eps, weight_decay=_small,
+                                          momentum=st.sampled_from([0.0, 0.5, 0.9]), centered=st.booleans(),
+                                          maximize=st.booleans())),
+    "adam": st.fixed_dictionaries(dict(lr=_lr, betas=st.tuples(_unit, _unit), eps=_eps, weight_decay=_small,
+                                       amsgrad=st.booleans(), maximize=st.booleans(),
+                                       decoupled_weight_decay=st.booleans())),
+    "adamw": st.fixed_dictionaries(dict(lr=_lr, betas=st.tuples(_unit, _unit), eps=_eps, weight_decay=_small,
+                                        amsgrad=st.booleans(), maximize=st.booleans())),
+}
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_property_matches_reference(data):
+    name = data.draw(st.sampled_from(sorted(CLASSES)), label="optimizer")
+    hyper = data.draw(HYPER[name], label="hyper")
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    shape = data.draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=7), label="shape")
+    steps = data.draw(st.integers(1, 5), label="steps")
+    threshold = data.draw(st.sampled_from([config.PARALLEL_THRESHOLD, SMALL_THRESHOLD]), label="threshold")
+    seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
+    p0, grads = problem(shape, dtype, steps, seed)
+    with parallel_threshold(threshold), np.errstate(all="ignore"):
+        p, opt, q, st_ref = run_pair(name, p0, grads, hyper, check_every_step=True)
+    assert p.dtype == dtype and p.shape == shape
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_property_hyper_parameter_changes_between_steps(data):
+    """Any sequence of per-step hyper-parameter values (a schedule) matches the reference with them."""
+    name = data.draw(st.sampled_from(sorted(CLASSES)), label="optimizer")
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    steps = data.draw(st.integers(2, 5), label="steps")
+    schedule = [data.draw(HYPER[name], label=f"hyper at step {i}") for i in range(steps)]
+    p0, grads = problem((9,), dtype, steps, data.draw(st.integers(0, 2**31 - 1), label="seed"))
+    p = p0.copy()
+    opt = CLASSES[name]([p], **schedule[0])
+    q = p0.copy()
+    st_ref = ref.init_state(name, q, **schedule[0])
+    with np.errstate(all="ignore"):
+        for hyper, g in zip(schedule, grads):
+            opt.param_groups[0].update(hyper)
+            opt.step([g])
+            ref.DENSE_RULES[name](q, g, st_ref, **hyper)
+            assert_close(p, q, RTOL[np.dtype(dtype)])
