@@ -11,8 +11,9 @@ See the README for the options, the sparse-gradient semantics and the figures.
 """
 
 from .optim import Adagrad, Adam, AdamW, Optimizer, RMSprop, SparseAdam
+from .sparse import RowGrad
 from . import functional
 
 __version__ = "0.1.0"
 
-__all__ = ["Adagrad", "RMSprop", "Adam", "AdamW", "SparseAdam", "Optimizer", "functional", "__version__"]
+__all__ = ["Adagrad", "RMSprop", "Adam", "AdamW", "SparseAdam", "Optimizer", "RowGrad", "functional", "__version__"]

@@ -212,6 +212,15 @@ class Optimizer:
         """The rule's per-step scalars (a tuple, numbers in ``dtype``)."""
         raise NotImplementedError
 
+    def _exact_strategy(self, group):
+        """How ``sparse_mode="exact"`` runs a sparse step for this group (see fastadapt.sparse).
+
+        ``"lazy"``: a zero gradient changes nothing, so the lazy loop is exact (O(nnz));
+        ``"decay"``: a zero gradient only decays the state geometrically (RMSprop's closed-form
+        catch-up with per-row stamps); ``"fused"`` (default): one pass over the whole parameter.
+        """
+        return "fused"
+
     def step(self, grads):
         """Apply one optimisation step.
 
@@ -274,6 +283,9 @@ class Optimizer:
         return work
 
     def _apply(self, group, p, state, g):
+        if "_decay" in state:          # pending exact-mode decay (fastadapt.sparse): settle unless continued
+            from .sparse import settle_unless_continued
+            settle_unless_continued(self, group, p, state, g)
         self._ensure_state(group, p, state)
         state["step"] += 1
         g.apply(self, group, p, state)
@@ -294,6 +306,9 @@ class Optimizer:
 
     def _read_state(self, j):
         """Hook: bring parameter ``j``'s state up to date before it is read."""
+        if "_decay" in self.state[j]:  # exact-mode decay still pending on untouched rows
+            from .sparse import settle
+            settle(self._params[j], self.state[j])
 
     def state_dict(self):
         """The optimizer's state as plain numpy arrays and Python scalars.
@@ -488,6 +503,12 @@ class Adagrad(Optimizer):
         return rules.adagrad_scalars(dtype, step, group["lr"], group["lr_decay"], group["weight_decay"],
                                      group["eps"], group["maximize"])
 
+    def _exact_strategy(self, group):
+        # without weight decay a zero gradient leaves sum and p unchanged (eps > 0 keeps 0/0 out)
+        if group["weight_decay"] == 0 and group["eps"] > 0 and math.isfinite(group["lr"]):
+            return "lazy"
+        return "fused"
+
 
 class RMSprop(Optimizer):
     """RMSprop (Hinton), with torch.optim.RMSprop's arguments and defaults.
@@ -542,6 +563,14 @@ class RMSprop(Optimizer):
         return rules.rmsprop_scalars(dtype, step, group["lr"], group["alpha"], group["eps"],
                                      group["weight_decay"], group["momentum"], group["centered"],
                                      group["maximize"])
+
+    def _exact_strategy(self, group):
+        # without momentum or weight decay a zero gradient leaves p alone and multiplies the
+        # averages by alpha (rules.rmsprop_decay): caught up per row in closed form
+        if (group["momentum"] == 0 and group["weight_decay"] == 0 and group["eps"] > 0
+                and group["alpha"] <= 1 and math.isfinite(group["lr"])):
+            return "decay"
+        return "fused"
 
 
 class Adam(Optimizer):

@@ -1,0 +1,448 @@
+"""CPU loops for sparse gradients: they walk touched rows and call the rules of :mod:`fastadapt.rules`.
+
+Like :func:`fastadapt.cpu._dense_parallel`, every update loop takes the compiled rule
+(``cpu.adam``, ``cpu.rmsprop``, ...) as its first argument, so each loop is specialised
+once per rule and dtype, the rule is inlined, and the result is cached on disk.  The
+loops know nothing about any optimizer; the math stays in the rules.
+
+A parameter is seen as a table ``(nrows, ncols)`` in C order (element ``(r, c)`` is
+flat index ``r * ncols + c``; see :func:`fastadapt.sparse.row_view`), and gradients
+arrive in the canonical forms of :mod:`fastadapt.sparse`, which validated them: the
+loops trust their input and check nothing.  Because the touched rows are unique, the
+rows a ``prange`` hands to different threads never overlap, so there are no races.
+
+Nothing here allocates memory proportional to the parameter: the lazy loops touch the
+given rows only, the exact loops walk the parameter once, and the canonicalisation
+helpers allocate in proportion to the gradient.
+
+:data:`KERNELS` (a :class:`CPUSparseKernels`) is the interface :mod:`fastadapt.sparse`
+calls; a device backend provides an object with the same methods.
+"""
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from . import config
+from .cpu import COMPILED
+
+__all__ = ["CPUSparseKernels", "KERNELS"]
+
+_OPTS = config.NJIT_OPTIONS
+
+
+def _nchunks(nrows):
+    """Row chunks for the loops that walk the whole table: a few per thread (load balance)."""
+    return max(1, min(nrows, 4 * numba.get_num_threads()))
+
+
+# =========================================================================== lazy loops
+# Only the stored entries change: the rule runs once per (row, col) of the gradient.
+
+@njit(**_OPTS)
+def _csr_lazy_serial(rule, p, s1, s2, s3, rows, indptr, cols, vals, ncols, k):
+    for t in range(rows.size):
+        base = rows[t] * ncols
+        for j in range(indptr[t], indptr[t + 1]):
+            rule(p, s1, s2, s3, base + cols[j], vals[j], k)
+
+
+@njit(parallel=True, **_OPTS)
+def _csr_lazy_parallel(rule, p, s1, s2, s3, rows, indptr, cols, vals, ncols, k):
+    for t in prange(rows.size):
+        base = rows[t] * ncols
+        for j in range(indptr[t], indptr[t + 1]):
+            rule(p, s1, s2, s3, base + cols[j], vals[j], k)
+
+
+@njit(**_OPTS)
+def _rows_lazy_serial(rule, p, s1, s2, s3, rows, vals, ncols, k):
+    for t in range(rows.size):
+        base = rows[t] * ncols
+        off = t * ncols
+        for c in range(ncols):
+            rule(p, s1, s2, s3, base + c, vals[off + c], k)
+
+
+@njit(parallel=True, **_OPTS)
+def _rows_lazy_parallel(rule, p, s1, s2, s3, rows, vals, ncols, k):
+    for t in prange(rows.size):
+        base = rows[t] * ncols
+        off = t * ncols
+        for c in range(ncols):
+            rule(p, s1, s2, s3, base + c, vals[off + c], k)
+
+
+# =========================================================================== exact: one fused pass
+# Every element runs the rule once: with its gradient where stored, with g = 0
+# elsewhere (which is the dense step on the densified gradient, without building it).
+# Runs of untouched rows are one contiguous flat range, a loop that vectorises.
+
+@njit(inline="always", **_OPTS)
+def _csr_exact_range(rule, p, s1, s2, s3, r0, r1, ncols, rows, indptr, cols, vals, zero, k):
+    t = np.searchsorted(rows, r0)
+    r = r0
+    while r < r1:
+        nxt = r1
+        if t < rows.size and rows[t] < r1:
+            nxt = rows[t]
+        for i in range(r * ncols, nxt * ncols):          # untouched rows r .. nxt-1
+            rule(p, s1, s2, s3, i, zero, k)
+        if nxt < r1:                                      # touched row nxt: merge its entries
+            base = nxt * ncols
+            j = indptr[t]
+            end = indptr[t + 1]
+            for c in range(ncols):
+                g = zero
+                if j < end and cols[j] == c:
+                    g = vals[j]
+                    j += 1
+                rule(p, s1, s2, s3, base + c, g, k)
+            t += 1
+        r = nxt + 1
+
+
+@njit(parallel=True, **_OPTS)
+def _csr_exact(rule, p, s1, s2, s3, nrows, ncols, rows, indptr, cols, vals, zero, k, nchunks):
+    chunk = (nrows + nchunks - 1) // nchunks
+    for c in prange(nchunks):
+        r0 = c * chunk
+        _csr_exact_range(rule, p, s1, s2, s3, r0, min(nrows, r0 + chunk), ncols,
+                         rows, indptr, cols, vals, zero, k)
+
+
+@njit(inline="always", **_OPTS)
+def _rows_exact_range(rule, p, s1, s2, s3, r0, r1, ncols, rows, vals, zero, k):
+    t = np.searchsorted(rows, r0)
+    r = r0
+    while r < r1:
+        nxt = r1
+        if t < rows.size and rows[t] < r1:
+            nxt = rows[t]
+        for i in range(r * ncols, nxt * ncols):
+            rule(p, s1, s2, s3, i, zero, k)
+        if nxt < r1:
+            base = nxt * ncols
+            off = t * ncols
+            for c in range(ncols):
+                rule(p, s1, s2, s3, base + c, vals[off + c], k)
+            t += 1
+        r = nxt + 1
+
+
+@njit(parallel=True, **_OPTS)
+def _rows_exact(rule, p, s1, s2, s3, nrows, ncols, rows, vals, zero, k, nchunks):
+    chunk = (nrows + nchunks - 1) // nchunks
+    for c in prange(nchunks):
+        r0 = c * chunk
+        _rows_exact_range(rule, p, s1, s2, s3, r0, min(nrows, r0 + chunk), ncols, rows, vals, zero, k)
+
+
+# =========================================================================== exact: decay catch-up
+# For rules whose zero-gradient step only decays state geometrically (RMSprop without
+# momentum or weight decay: the parameter does not move, square_avg and grad_avg are
+# multiplied by alpha), each row keeps the step up to which it is current (`stamp`);
+# a touched row is first caught up in closed form (`decay` = rules.rmsprop_decay with
+# the factor alpha**gap), then updated by the rule.  Untouched rows cost nothing.
+
+@njit(inline="always", **_OPTS)
+def _catch_up(decay, s1, s3, base, ncols, gap, alpha, centered):
+    if gap > 0:
+        # rules.rmsprop_decay_scalars: the factor computed in float64, then rounded to the dtype
+        kd = (centered, s1.dtype.type(alpha ** float(gap)))
+        for c in range(ncols):
+            decay(s1, s3, base + c, kd)
+
+
+@njit(parallel=True, **_OPTS)
+def _csr_decay(rule, decay, p, s1, s2, s3, rows, indptr, cols, vals, ncols, zero, k,
+               stamp, step, alpha, centered):
+    for t in prange(rows.size):
+        row = rows[t]
+        base = row * ncols
+        _catch_up(decay, s1, s3, base, ncols, step - 1 - stamp[row], alpha, centered)
+        j = indptr[t]
+        end = indptr[t + 1]
+        for c in range(ncols):
+            g = zero
+            if j < end and cols[j] == c:
+                g = vals[j]
+                j += 1
+            rule(p, s1, s2, s3, base + c, g, k)
+        stamp[row] = step
+
+
+@njit(parallel=True, **_OPTS)
+def _rows_decay(rule, decay, p, s1, s2, s3, rows, vals, ncols, k, stamp, step, alpha, centered):
+    for t in prange(rows.size):
+        row = rows[t]
+        base = row * ncols
+        _catch_up(decay, s1, s3, base, ncols, step - 1 - stamp[row], alpha, centered)
+        off = t * ncols
+        for c in range(ncols):
+            rule(p, s1, s2, s3, base + c, vals[off + c], k)
+        stamp[row] = step
+
+
+@njit(parallel=True, **_OPTS)
+def _settle(decay, s1, s3, stamp, step, ncols, alpha, centered):
+    for row in prange(stamp.size):
+        gap = step - stamp[row]
+        if gap > 0:
+            _catch_up(decay, s1, s3, row * ncols, ncols, gap, alpha, centered)
+            stamp[row] = step
+
+
+# =========================================================================== canonicalisation helpers
+
+@njit(parallel=True, **_OPTS)
+def _csr_scan(indptr, indices, ncols, nchunks):
+    """Per row chunk: [touched rows, bad indptr pairs, column indices out of range,
+    rows whose columns are not strictly ascending].  Reads nothing outside the arrays."""
+    nrows = indptr.size - 1
+    cap = indices.size
+    chunk = (nrows + nchunks - 1) // nchunks
+    stats = np.zeros((nchunks, 4), np.int64)
+    for c in prange(nchunks):
+        r0 = c * chunk
+        r1 = min(nrows, r0 + chunk)
+        touched = 0
+        bad_ptr = 0
+        bad_col = 0
+        unsorted = 0
+        for r in range(r0, r1):
+            a = indptr[r]
+            b = indptr[r + 1]
+            if a < 0 or b < a or b > cap:
+                bad_ptr += 1
+            elif b > a:
+                touched += 1
+                prev = -1
+                ascending = True
+                for j in range(a, b):
+                    col = indices[j]
+                    if col < 0 or col >= ncols:
+                        bad_col += 1
+                    if col <= prev:
+                        ascending = False
+                    prev = col
+                if not ascending:
+                    unsorted += 1
+        stats[c, 0] = touched
+        stats[c, 1] = bad_ptr
+        stats[c, 2] = bad_col
+        stats[c, 3] = unsorted
+    return stats
+
+
+@njit(parallel=True, **_OPTS)
+def _csr_touched(indptr, offsets, nchunks, rows, cptr):
+    """Write the touched rows and their start pointers; chunk c starts at offsets[c]."""
+    nrows = indptr.size - 1
+    chunk = (nrows + nchunks - 1) // nchunks
+    for c in prange(nchunks):
+        o = offsets[c]
+        for r in range(c * chunk, min(nrows, c * chunk + chunk)):
+            if indptr[r + 1] > indptr[r]:
+                rows[o] = r
+                cptr[o] = indptr[r]
+                o += 1
+    cptr[rows.size] = indptr[nrows]
+
+
+@njit(parallel=True, **_OPTS)
+def _csr_sort_rows(cptr, cols, vals, cols_out, vals_out, counts):
+    """Sort each row's entries by column (stably) and sum duplicates in their order of
+    appearance; row t's unique entries go to [cptr[t], cptr[t] + counts[t])."""
+    for t in prange(counts.size):
+        a = cptr[t]
+        order = np.argsort(cols[a:cptr[t + 1]], kind="mergesort")
+        u = a - 1
+        prev = -1
+        for q in range(order.size):
+            j = a + order[q]
+            col = cols[j]
+            if col != prev:
+                u += 1
+                cols_out[u] = col
+                vals_out[u] = vals[j]
+                prev = col
+            else:
+                vals_out[u] = vals_out[u] + vals[j]
+        counts[t] = u + 1 - a
+
+
+@njit(parallel=True, **_OPTS)
+def _csr_compact(cptr, counts, newptr, cols, vals, cols_out, vals_out):
+    for t in prange(counts.size):
+        a = cptr[t]
+        b = newptr[t]
+        for q in range(counts[t]):
+            cols_out[b + q] = cols[a + q]
+            vals_out[b + q] = vals[a + q]
+
+
+@njit(**_OPTS)
+def _rows_scan(rows, nrows):
+    """(row ids out of range, whether the ids are strictly ascending)."""
+    bad = 0
+    ascending = True
+    prev = -1
+    for t in range(rows.size):
+        r = rows[t]
+        if r < 0 or r >= nrows:
+            bad += 1
+        if r <= prev:
+            ascending = False
+        prev = r
+    return bad, ascending
+
+
+@njit(parallel=True, **_OPTS)
+def _rows_gather_sum(order, starts, values, out):
+    """out[u] = sum of values[order[starts[u]:starts[u+1]]], added in that order."""
+    ncols = values.shape[1]
+    for u in prange(starts.size - 1):
+        a = starts[u]
+        src = order[a]
+        for c in range(ncols):
+            out[u, c] = values[src, c]
+        for q in range(a + 1, starts[u + 1]):
+            src = order[q]
+            for c in range(ncols):
+                out[u, c] = out[u, c] + values[src, c]
+
+
+def csr_scan(indptr, indices, ncols):
+    """Validate CSR structure and find its touched rows in one parallel pass.
+
+    Parameters
+    ----------
+    indptr : ndarray of int32 or int64, shape (nrows + 1,)
+    indices : ndarray, same dtype as ``indptr``
+    ncols : int
+
+    Returns
+    -------
+    stats : ndarray, shape (nchunks, 4)
+        Per row chunk: touched rows, bad ``indptr`` pairs (decreasing or outside
+        ``[0, len(indices)]``), column indices outside ``[0, ncols)``, rows whose
+        columns are not strictly ascending (unsorted or duplicated).
+    """
+    return _csr_scan(indptr, indices, ncols, _nchunks(indptr.size - 1))
+
+
+def csr_touched_rows(indptr, stats):
+    """The touched rows (int64, ascending) and their pointers (int64, k + 1) from a scan."""
+    counts = stats[:, 0]
+    offsets = np.zeros(counts.size, np.int64)
+    np.cumsum(counts[:-1], out=offsets[1:])
+    k = int(counts.sum())
+    rows = np.empty(k, np.int64)
+    cptr = np.empty(k + 1, np.int64)
+    _csr_touched(indptr, offsets, counts.size, rows, cptr)
+    return rows, cptr
+
+
+def csr_sort_rows(cptr, cols, vals):
+    """Sort each touched row by column and sum duplicates: new (cptr, cols, vals)."""
+    k = cptr.size - 1
+    cols_out = np.empty_like(cols)
+    vals_out = np.empty_like(vals)
+    counts = np.empty(k, np.int64)
+    _csr_sort_rows(cptr, cols, vals, cols_out, vals_out, counts)
+    if counts.sum() == cols.size:
+        return cptr, cols_out, vals_out
+    newptr = np.zeros(k + 1, np.int64)
+    np.cumsum(counts, out=newptr[1:])
+    cols2 = np.empty(int(newptr[-1]), cols.dtype)
+    vals2 = np.empty(int(newptr[-1]), vals.dtype)
+    _csr_compact(cptr, counts, newptr, cols_out, vals_out, cols2, vals2)
+    return newptr, cols2, vals2
+
+
+def rows_scan(rows, nrows):
+    """(number of row ids outside [0, nrows), whether ``rows`` is strictly ascending)."""
+    bad, ascending = _rows_scan(rows, nrows)
+    return int(bad), bool(ascending)
+
+
+def rows_sum_duplicates(rows, values):
+    """Sort row ids, sum the value rows of duplicates in order of appearance.
+
+    ``rows`` int64 (k,), ``values`` C-contiguous (k, ncols); returns new arrays.
+    """
+    order = np.argsort(rows, kind="stable")
+    srows = rows[order]
+    new = np.empty(srows.size, bool)
+    new[:1] = True
+    np.not_equal(srows[1:], srows[:-1], out=new[1:])
+    starts = np.flatnonzero(new)
+    urows = srows[starts]
+    starts = np.append(starts, srows.size)
+    out = np.empty((urows.size, values.shape[1]), values.dtype)
+    _rows_gather_sum(order, starts, values, out)
+    return urows, out
+
+
+# =========================================================================== interface
+
+class CPUSparseKernels:
+    """The sparse-step interface of the CPU backend (what :mod:`fastadapt.sparse` calls).
+
+    ``rule`` and ``decay`` are the Python rule functions of :mod:`fastadapt.rules`;
+    they are mapped to their compiled dispatchers here.  Arrays are the flat parameter
+    and state buffers and the canonical gradient arrays (see :mod:`fastadapt.sparse`).
+    """
+
+    name = "cpu"
+
+    @staticmethod
+    def csr_lazy(rule, p, s1, s2, s3, rows, indptr, cols, vals, ncols, k):
+        """Run ``rule`` at the stored entries of a touched-rows CSR gradient."""
+        loop = _csr_lazy_parallel if vals.size >= config.PARALLEL_THRESHOLD else _csr_lazy_serial
+        loop(COMPILED[rule], p, s1, s2, s3, rows, indptr, cols, vals, ncols, k)
+
+    @staticmethod
+    def rows_lazy(rule, p, s1, s2, s3, rows, vals, ncols, k):
+        """Run ``rule`` on every element of the given rows; ``vals`` flat (k * ncols)."""
+        loop = _rows_lazy_parallel if vals.size >= config.PARALLEL_THRESHOLD else _rows_lazy_serial
+        loop(COMPILED[rule], p, s1, s2, s3, rows, vals, ncols, k)
+
+    @staticmethod
+    def csr_exact(rule, p, s1, s2, s3, nrows, ncols, rows, indptr, cols, vals, k):
+        """Run ``rule`` on every element: stored entries with their value, others with 0."""
+        _csr_exact(COMPILED[rule], p, s1, s2, s3, nrows, ncols, rows, indptr, cols, vals,
+                   p.dtype.type(0), k, _nchunks(nrows))
+
+    @staticmethod
+    def rows_exact(rule, p, s1, s2, s3, nrows, ncols, rows, vals, k):
+        """Run ``rule`` on every element: the given rows with their values, others with 0."""
+        _rows_exact(COMPILED[rule], p, s1, s2, s3, nrows, ncols, rows, vals, p.dtype.type(0), k,
+                    _nchunks(nrows))
+
+    @staticmethod
+    def csr_decay(rule, decay, p, s1, s2, s3, rows, indptr, cols, vals, ncols, k, stamp, step, alpha,
+                  centered):
+        """Catch the touched rows up (``decay``), run ``rule`` on them whole, stamp them ``step``."""
+        _csr_decay(COMPILED[rule], COMPILED[decay], p, s1, s2, s3, rows, indptr, cols, vals, ncols,
+                   p.dtype.type(0), k, stamp, step, float(alpha), bool(centered))
+
+    @staticmethod
+    def rows_decay(rule, decay, p, s1, s2, s3, rows, vals, ncols, k, stamp, step, alpha, centered):
+        """Row-gradient twin of :meth:`csr_decay`."""
+        _rows_decay(COMPILED[rule], COMPILED[decay], p, s1, s2, s3, rows, vals, ncols, k, stamp, step,
+                    float(alpha), bool(centered))
+
+    @staticmethod
+    def settle(decay, s1, s3, stamp, step, ncols, alpha, centered):
+        """Catch every row up to ``step`` (state about to be read)."""
+        _settle(COMPILED[decay], s1, s3, stamp, step, ncols, float(alpha), bool(centered))
+
+    @staticmethod
+    def new_stamp(nrows, value):
+        """A per-row stamp array (int64) filled with ``value``."""
+        return np.full(nrows, value, dtype=np.int64)
+
+
+KERNELS = CPUSparseKernels()
