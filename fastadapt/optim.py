@@ -350,6 +350,10 @@ class Optimizer:
             groups, saved_state = state_dict["param_groups"], state_dict["state"]
         except (TypeError, KeyError):
             raise ValueError("not a fastadapt state_dict: it needs 'state' and 'param_groups'") from None
+        if (not isinstance(saved_state, dict) or not all(isinstance(st, dict) for st in saved_state.values())
+                or not isinstance(groups, (list, tuple)) or not all(isinstance(g, dict) for g in groups)):
+            raise ValueError("not a fastadapt state_dict: 'state' must map parameter indices to dicts and "
+                             "'param_groups' must be a list of dicts (as state_dict() returns)")
         if len(groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(groups)} param groups, this optimizer has "
                              f"{len(self.param_groups)}")
