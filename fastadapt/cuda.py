@@ -358,6 +358,19 @@ class CUDABackend:
         start = int(a.__array_interface__["data"][0])   # simulated array: host memory
         return start, start + int(a.nbytes)
 
+    # -- sparse ---------------------------------------------------------------
+
+    @property
+    def sparse_kernels(self):
+        """The sparse loops (:class:`fastadapt.cuda_sparse.CUDASparseKernels`)."""
+        from .cuda_sparse import KERNELS
+        return KERNELS
+
+    def prepare_sparse_grad(self, g, p, where, optimizer=None):
+        """Validate a device sparse gradient (see :mod:`fastadapt.cuda_sparse`); writes nothing."""
+        from .cuda_sparse import prepare_sparse_grad
+        return prepare_sparse_grad(self, g, p, where, optimizer)
+
     # -- kernels --------------------------------------------------------------
 
     @staticmethod

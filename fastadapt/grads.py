@@ -31,7 +31,7 @@ class DenseGrad:
 
 
 def _is_sparse(g):
-    if type(g).__name__ == "RowGrad":
+    if type(g).__name__ in ("RowGrad", "DeviceCSR"):      # DeviceCSR: fastadapt.cuda_sparse
         return True
     module = type(g).__module__ or ""
     return module.startswith(("scipy.sparse", "cupyx.scipy.sparse"))

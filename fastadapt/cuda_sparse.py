@@ -1,0 +1,631 @@
+"""Sparse gradients on the GPU: device-side validation and the grid-stride sparse loops.
+
+The twin of :mod:`fastadapt.cpu_sparse` for :mod:`fastadapt.cuda`: :class:`CUDASparseKernels`
+has the same methods as :class:`fastadapt.cpu_sparse.CPUSparseKernels`, and its kernels call
+the same rules of :mod:`fastadapt.rules` (compiled with ``numba.cuda.jit(device=True)``).
+
+Gradients on the device
+-----------------------
+* :class:`fastadapt.RowGrad` whose ``rows`` and ``values`` are device arrays;
+* a device CSR: ``cupyx.scipy.sparse.csr_matrix``, or :class:`DeviceCSR` wrapping device
+  ``(data, indices, indptr)`` arrays.
+
+A host (scipy / numpy) sparse gradient for a device parameter is refused: keep parameter and
+gradient on one device.
+
+Validation and canonical forms
+------------------------------
+Indices are checked on the device by one small reduction kernel (bounds, ``indptr`` shape,
+whether columns / row ids are strictly ascending); its eight counters are read back to the
+host, **one host synchronisation per sparse gradient** -- the price of raising before anything
+is written (numba does not bounds-check, and a wrong index on a GPU corrupts memory silently).
+
+* Canonical input (a CSR with strictly ascending columns in every row -- cupyx's
+  ``has_canonical_format`` -- or strictly ascending unique row ids, in the parameter's dtype)
+  is used **zero-copy**: a CSR is walked through its full ``indptr`` (each stored entry finds
+  its row by binary search), so no touched-rows array is built and nothing is allocated.
+* Anything else (duplicates or unsorted indices to sort and sum, values of another dtype,
+  non-contiguous arrays, and every error message) goes through the CPU canonicaliser of
+  :mod:`fastadapt.sparse`: the gradient is copied to the host, canonicalised, and the
+  canonical arrays (O(nnz)) are copied back.  numba.cuda has no device sort; sort and sum
+  duplicates on the device first (``g.sum_duplicates()`` in CuPy) to stay on the fast path.
+
+The loops
+---------
+Every loop is a grid-stride loop over one flat range: stored entries (lazy CSR), elements of
+touched rows (lazy rows, exact-decay), or every element of the parameter (exact fused: the
+rule runs with ``g = 0`` where nothing is stored, finding a stored value by binary search in
+its row).  Exact-decay stamps are written by a second kernel, after every thread has read
+them.
+"""
+
+import numpy as np
+
+from . import config, rules
+from . import sparse as _sparse
+from .cuda import (SIMULATOR, _context_of, _dtype, _interface, _is_numba_array, _shape,
+                   _stream_of, as_device_array, cuda, device_of, launch_dims)
+
+__all__ = ["DeviceCSR", "CUDASparseKernels", "KERNELS", "prepare_sparse_grad"]
+
+
+class DeviceCSR:
+    """A CSR gradient held in device arrays (CuPy, torch CUDA, numba): ``(data, indices, indptr)``.
+
+    Parameters
+    ----------
+    arg : tuple
+        ``(data, indices, indptr)``, device arrays in scipy's layout (row ``r`` holds
+        ``indices[indptr[r]:indptr[r + 1]]``); nothing is copied.
+    shape : (int, int)
+        The parameter's shape (``(1, n)`` for a 1-D parameter of ``n`` elements).
+
+    Examples
+    --------
+    >>> opt.step([fastadapt.cuda_sparse.DeviceCSR((data, indices, indptr), shape=E.shape)])  # doctest: +SKIP
+    """
+
+    format = "csr"
+
+    def __init__(self, arg, shape):
+        self.data, self.indices, self.indptr = arg
+        self.shape = tuple(int(s) for s in shape)
+
+    def __repr__(self):
+        return f"DeviceCSR(shape={self.shape}, {_shape(self.data)[0]} stored entries)"
+
+
+# =========================================================================== device helpers
+
+@cuda.jit(device=True)
+def _upper_bound(a, lo, hi, x):
+    """First position in [lo, hi) with a[pos] > x (a ascending)."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if a[mid] <= x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@cuda.jit(device=True)
+def _lower_bound(a, lo, hi, x):
+    """First position in [lo, hi) with a[pos] >= x (a ascending)."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if a[mid] < x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+# =========================================================================== validation kernels
+# stats: [touched rows, bad indptr pairs, column ids out of range, rows not strictly ascending,
+#         indptr[0], indptr[nrows], -, -]  (rows form: [ids out of range, not ascending, ...])
+
+@cuda.jit
+def _csr_scan(indptr, indices, ncols, stats):
+    nrows = indptr.size - 1
+    cap = indices.size
+    r = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    if r == 0:
+        stats[4] = indptr[0]
+        stats[5] = indptr[nrows]
+    while r < nrows:
+        a = indptr[r]
+        b = indptr[r + 1]
+        if a < 0 or b < a or b > cap:
+            cuda.atomic.add(stats, 1, 1)
+        elif b > a:
+            cuda.atomic.add(stats, 0, 1)
+            bad = 0
+            ascending = True
+            prev = -1
+            for j in range(a, b):
+                col = indices[j]
+                if col < 0 or col >= ncols:
+                    bad += 1
+                if col <= prev:
+                    ascending = False
+                prev = col
+            if bad:
+                cuda.atomic.add(stats, 2, bad)
+            if not ascending:
+                cuda.atomic.add(stats, 3, 1)
+        r += stride
+
+
+@cuda.jit
+def _rows_scan(rows, nrows, stats):
+    t = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    while t < rows.size:
+        r = rows[t]
+        if r < 0 or r >= nrows:
+            cuda.atomic.add(stats, 0, 1)
+        if t > 0 and rows[t - 1] >= r:
+            cuda.atomic.add(stats, 1, 1)
+        t += stride
+
+
+@cuda.jit
+def _clear(a):
+    i = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    while i < a.size:
+        a[i] = 0
+        i += stride
+
+
+@cuda.jit
+def _fill_int(a, value):
+    i = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    while i < a.size:
+        a[i] = value
+        i += stride
+
+
+@cuda.jit
+def _stamp_rows(rows, identity, indptr, nwalk, stamp, step):
+    """stamp[row] = step for every touched row (after the decay kernel read the stamps)."""
+    t = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    while t < nwalk:
+        if identity:
+            if indptr[t + 1] > indptr[t]:
+                stamp[t] = step
+        else:
+            stamp[rows[t]] = step
+        t += stride
+
+
+@cuda.jit
+def _stamp_all(stamp, step):
+    r = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    while r < stamp.size:
+        if stamp[r] < step:
+            stamp[r] = step
+        r += stride
+
+
+# =========================================================================== rule kernels
+
+class _SparseRuleKernels:
+    """The sparse grid-stride kernels of one rule and dtype.
+
+    ``cast`` (``np.float32`` / ``np.float64``) rounds the float64 decay factor to the
+    parameter dtype inside the kernel, as :func:`fastadapt.rules.rmsprop_decay_scalars` does
+    on the host.
+    """
+
+    def __init__(self, rule, dtype):
+        dev = cuda.jit(device=True)(rule)
+        decay = cuda.jit(device=True)(rules.rmsprop_decay)
+        cast = np.dtype(dtype).type
+
+        @cuda.jit
+        def csr_lazy(p, s1, s2, s3, rows, identity, indptr, cols, vals, nnz, ncols, k):
+            j = cuda.grid(1)
+            stride = cuda.gridsize(1)
+            nptr = indptr.size
+            while j < nnz:
+                t = _upper_bound(indptr, 0, nptr, j) - 1       # the row holding entry j
+                r = t
+                if not identity:
+                    r = rows[t]
+                dev(p, s1, s2, s3, r * ncols + cols[j], vals[j], k)
+                j += stride
+
+        @cuda.jit
+        def rows_lazy(p, s1, s2, s3, rows, vals, n, ncols, k):
+            e = cuda.grid(1)
+            stride = cuda.gridsize(1)
+            while e < n:
+                t = e // ncols
+                dev(p, s1, s2, s3, rows[t] * ncols + (e - t * ncols), vals[e], k)
+                e += stride
+
+        @cuda.jit
+        def csr_exact(p, s1, s2, s3, rows, identity, indptr, cols, vals, zero, ncols, k):
+            i = cuda.grid(1)
+            stride = cuda.gridsize(1)
+            n = p.size
+            nk = rows.size
+            while i < n:
+                r = i // ncols
+                c = i - r * ncols
+                g = zero
+                t = r
+                found = identity
+                if not identity:
+                    t = _lower_bound(rows, 0, nk, r)
+                    found = t < nk and rows[t] == r
+                if found:
+                    a = indptr[t]
+                    b = indptr[t + 1]
+                    q = _lower_bound(cols, a, b, c)
+                    if q < b and cols[q] == c:
+                        g = vals[q]
+                dev(p, s1, s2, s3, i, g, k)
+                i += stride
+
+        @cuda.jit
+        def rows_exact(p, s1, s2, s3, rows, vals, zero, ncols, k):
+            i = cuda.grid(1)
+            stride = cuda.gridsize(1)
+            n = p.size
+            nk = rows.size
+            while i < n:
+                r = i // ncols
+                t = _lower_bound(rows, 0, nk, r)
+                g = zero
+                if t < nk and rows[t] == r:
+                    g = vals[t * ncols + (i - r * ncols)]
+                dev(p, s1, s2, s3, i, g, k)
+                i += stride
+
+        @cuda.jit
+        def csr_decay(p, s1, s2, s3, rows, identity, indptr, cols, vals, nwalk, ncols, zero, k,
+                      stamp, step, alpha, centered):
+            e = cuda.grid(1)
+            stride = cuda.gridsize(1)
+            n = nwalk * ncols
+            while e < n:
+                t = e // ncols
+                c = e - t * ncols
+                a = indptr[t]
+                b = indptr[t + 1]
+                if b > a:                                       # a touched row: caught up, then updated
+                    r = t
+                    if not identity:
+                        r = rows[t]
+                    i = r * ncols + c
+                    gap = step - 1 - stamp[r]
+                    if gap > 0:
+                        decay(s1, s3, i, (centered, cast(alpha ** (gap * 1.0))))
+                    g = zero
+                    q = _lower_bound(cols, a, b, c)
+                    if q < b and cols[q] == c:
+                        g = vals[q]
+                    dev(p, s1, s2, s3, i, g, k)
+                e += stride
+
+        @cuda.jit
+        def rows_decay(p, s1, s2, s3, rows, vals, n, ncols, k, stamp, step, alpha, centered):
+            e = cuda.grid(1)
+            stride = cuda.gridsize(1)
+            while e < n:
+                t = e // ncols
+                r = rows[t]
+                i = r * ncols + (e - t * ncols)
+                gap = step - 1 - stamp[r]
+                if gap > 0:
+                    decay(s1, s3, i, (centered, cast(alpha ** (gap * 1.0))))
+                dev(p, s1, s2, s3, i, vals[e], k)
+                e += stride
+
+        @cuda.jit
+        def settle(s1, s3, stamp, step, n, ncols, alpha, centered):
+            i = cuda.grid(1)
+            stride = cuda.gridsize(1)
+            while i < n:
+                gap = step - stamp[i // ncols]
+                if gap > 0:
+                    decay(s1, s3, i, (centered, cast(alpha ** (gap * 1.0))))
+                i += stride
+
+        self.csr_lazy, self.rows_lazy = csr_lazy, rows_lazy
+        self.csr_exact, self.rows_exact = csr_exact, rows_exact
+        self.csr_decay, self.rows_decay, self.settle = csr_decay, rows_decay, settle
+
+
+_KERNELS = {}
+
+
+def _kernels(rule, dtype):
+    key = (rule, np.dtype(dtype).str)
+    ks = _KERNELS.get(key)
+    if ks is None:
+        ks = _KERNELS[key] = _SparseRuleKernels(rule, dtype)
+    return ks
+
+
+def _launch(kernel, n, like, *args):
+    if n <= 0:
+        return
+    blocks, tpb = launch_dims(n)
+    with _context_of(like):
+        kernel[blocks, tpb, _stream_of(like)](*args)
+
+
+_NO_ROWS = {}
+
+
+def _no_rows(like):
+    """A 1-element int64 device array standing for "rows = identity" (full-indptr CSR)."""
+    key = device_of(like)
+    d = _NO_ROWS.get(key)
+    if d is None:
+        with _context_of(like):
+            d = _NO_ROWS[key] = cuda.device_array(1, dtype=np.int64)
+    return d
+
+
+# =========================================================================== interface
+
+class CUDASparseKernels:
+    """The sparse-step interface of the CUDA backend (what :mod:`fastadapt.sparse` calls).
+
+    Same methods as :class:`fastadapt.cpu_sparse.CPUSparseKernels`, plus one convention:
+    ``rows=None`` with a CSR means ``indptr`` is the gradient's full ``indptr``
+    (``nrows + 1`` entries) rather than the touched rows' one.
+    """
+
+    name = "cuda"
+
+    @staticmethod
+    def csr_lazy(rule, p, s1, s2, s3, rows, indptr, cols, vals, ncols, k):
+        """Run ``rule`` at the stored entries of a CSR gradient (one thread per entry)."""
+        ks = _kernels(rule, p.dtype)
+        identity = rows is None
+        _launch(ks.csr_lazy, vals.size, p, p, s1, s2, s3, _no_rows(p) if identity else rows, identity,
+                indptr, cols, vals, vals.size, ncols, k)
+
+    @staticmethod
+    def rows_lazy(rule, p, s1, s2, s3, rows, vals, ncols, k):
+        """Run ``rule`` on every element of the given rows; ``vals`` flat (k * ncols)."""
+        ks = _kernels(rule, p.dtype)
+        _launch(ks.rows_lazy, vals.size, p, p, s1, s2, s3, rows, vals, vals.size, ncols, k)
+
+    @staticmethod
+    def csr_exact(rule, p, s1, s2, s3, nrows, ncols, rows, indptr, cols, vals, k):
+        """Run ``rule`` on every element: stored entries with their value, others with 0."""
+        ks = _kernels(rule, p.dtype)
+        identity = rows is None
+        _launch(ks.csr_exact, p.size, p, p, s1, s2, s3, _no_rows(p) if identity else rows, identity,
+                indptr, cols, vals, p.dtype.type(0), ncols, k)
+
+    @staticmethod
+    def rows_exact(rule, p, s1, s2, s3, nrows, ncols, rows, vals, k):
+        """Run ``rule`` on every element: the given rows with their values, others with 0."""
+        ks = _kernels(rule, p.dtype)
+        _launch(ks.rows_exact, p.size, p, p, s1, s2, s3, rows, vals, p.dtype.type(0), ncols, k)
+
+    @staticmethod
+    def csr_decay(rule, decay, p, s1, s2, s3, rows, indptr, cols, vals, ncols, k, stamp, step, alpha,
+                  centered):
+        """Catch the touched rows up (``decay``), run ``rule`` on them whole, stamp them ``step``.
+
+        With ``rows=None`` (full ``indptr``) the loop walks every row and skips untouched
+        ones: O(nrows * ncols) threads that mostly read two ``indptr`` entries.
+        """
+        if decay is not rules.rmsprop_decay:
+            raise ValueError("the CUDA backend knows one decay rule, rules.rmsprop_decay")
+        ks = _kernels(rule, p.dtype)
+        identity = rows is None
+        rows_ = _no_rows(p) if identity else rows
+        nwalk = indptr.size - 1
+        _launch(ks.csr_decay, nwalk * ncols, p, p, s1, s2, s3, rows_, identity, indptr, cols, vals, nwalk,
+                ncols, p.dtype.type(0), k, stamp, step, float(alpha), bool(centered))
+        _launch(_stamp_rows, nwalk, p, rows_, identity, indptr, nwalk, stamp, step)
+
+    @staticmethod
+    def rows_decay(rule, decay, p, s1, s2, s3, rows, vals, ncols, k, stamp, step, alpha, centered):
+        """Row-gradient twin of :meth:`csr_decay`."""
+        if decay is not rules.rmsprop_decay:
+            raise ValueError("the CUDA backend knows one decay rule, rules.rmsprop_decay")
+        ks = _kernels(rule, p.dtype)
+        _launch(ks.rows_decay, vals.size, p, p, s1, s2, s3, rows, vals, vals.size, ncols, k, stamp, step,
+                float(alpha), bool(centered))
+        _launch(_stamp_rows, rows.size, p, rows, False, rows, rows.size, stamp, step)
+
+    @staticmethod
+    def settle(decay, s1, s3, stamp, step, ncols, alpha, centered):
+        """Catch every row up to ``step`` (state about to be read)."""
+        ks = _kernels(rules.rmsprop_rule, s1.dtype)
+        _launch(ks.settle, s1.size, s1, s1, s3, stamp, step, s1.size, ncols, float(alpha), bool(centered))
+        _launch(_stamp_all, stamp.size, s1, stamp, step)
+
+    @staticmethod
+    def new_stamp(nrows, value):
+        """A per-row stamp array (int64, on the current device) filled with ``value``."""
+        stamp = cuda.device_array(int(nrows), dtype=np.int64)
+        if nrows:
+            blocks, tpb = launch_dims(nrows)
+            _fill_int[blocks, tpb](stamp, np.int64(value))
+        return stamp
+
+
+KERNELS = CUDASparseKernels()
+
+
+# =========================================================================== preparing a device gradient
+
+class _DeviceStep:
+    """Mixin: run :class:`fastadapt.sparse` steps with the parameter's numba view.
+
+    ``sparse._Prepared.apply`` reads ``p.dtype`` as a numpy dtype; torch tensors have
+    their own, so the flat numba view (same memory, numpy dtype) is passed instead.
+    """
+
+    __slots__ = ()
+
+    def apply(self, opt, group, p, state):
+        super().apply(opt, group, self.backend.flat(p), state)
+
+
+class DeviceCSRGrad(_DeviceStep, _sparse.CSRGrad):
+    """A validated device CSR; ``rows=None`` means the full ``indptr`` (zero-copy)."""
+
+    __slots__ = ()
+
+
+class DeviceRowsGrad(_DeviceStep, _sparse.RowsGrad):
+    """A validated device row gradient (rows form)."""
+
+    __slots__ = ()
+
+
+_STATS = {}
+
+
+def _stats_buffers(like):
+    key = device_of(like)
+    bufs = _STATS.get(key)
+    if bufs is None:
+        with _context_of(like):
+            bufs = _STATS[key] = (cuda.device_array(8, dtype=np.int64), np.zeros(8, np.int64))
+    return bufs
+
+
+def _run_scan(kernel, n, like, *args):
+    """Run a validation kernel into the device counters and read them back (one sync)."""
+    dev_stats, host_stats = _stats_buffers(like)
+    stream = _stream_of(like)
+    with _context_of(like):
+        _clear[1, 8, stream](dev_stats)
+        if n > 0:
+            blocks, tpb = launch_dims(n)
+            kernel[blocks, tpb, stream](*args, dev_stats)
+        dev_stats.copy_to_host(host_stats, stream=stream)
+        if stream:
+            stream.synchronize()
+    return host_stats.copy()
+
+
+def _to_host(a):
+    view = as_device_array(a)
+    if not SIMULATOR:
+        cuda.synchronize()
+    return np.array(view.copy_to_host(), copy=True).reshape(_shape(view))
+
+
+def _upload(a, like):
+    with _context_of(like):
+        return cuda.to_device(np.ascontiguousarray(a))
+
+
+def _require_device(arrays, p, where, backend):
+    for name, a in arrays:
+        if isinstance(a, np.ndarray) or not backend.owns(a):
+            raise TypeError(f"{where}: its {name} is a {type(a).__name__}, not a device array, but the "
+                            "parameter lives on the GPU; keep parameter and gradient on one device")
+        backend.check_same_device(a, p, f"{where} ({name})")
+
+
+def _is_int(dtype):
+    return dtype.kind in "iu" and dtype != np.bool_
+
+
+def prepare_sparse_grad(backend, g, p, where, optimizer=None):
+    """Check a device sparse gradient of device parameter ``p``; nothing is written.
+
+    Returns a :class:`DeviceCSRGrad` or :class:`DeviceRowsGrad` (see the module docstring
+    for the zero-copy fast path and the host fallback).
+    """
+    dtype = _dtype(p)
+    nrows, ncols = _sparse.row_view(_shape(p))
+    module = type(g).__module__ or ""
+    if module.startswith("scipy.sparse"):
+        raise TypeError(f"{where} is a host scipy sparse matrix but the parameter lives on the GPU; "
+                        "move it to the device (cupyx.scipy.sparse.csr_matrix(g)) or pass a "
+                        "fastadapt.RowGrad of device arrays")
+    if type(g).__name__ == "RowGrad":
+        return _prepare_rows(backend, g, p, where, dtype, nrows, ncols)
+    if getattr(g, "format", None) != "csr":
+        raise TypeError(f"{where} is a {module}.{type(g).__name__} (format {getattr(g, 'format', None)!r}); "
+                        "device sparse gradients must be CSR: convert it with g.tocsr(), or pass a "
+                        "fastadapt.RowGrad")
+    return _prepare_csr(backend, g, p, where, dtype, nrows, ncols)
+
+
+def _prepare_rows(backend, g, p, where, dtype, nrows, ncols):
+    rows, values = g.rows, g.values
+    _require_device([("rows", rows), ("values", values)], p, where, backend)
+    vshape = _shape(values)
+    pshape = _shape(p)
+    k = _shape(rows)[0]
+    if not (len(pshape) >= 2 and vshape[1:] == pshape[1:]
+            or len(pshape) == 1 and (vshape == (k,) or vshape == (k, 1))):
+        raise ValueError(f"{where}: RowGrad values have shape {vshape}; for a parameter of shape {pshape} "
+                         f"they must have shape (k,) + {pshape[1:]}")
+    rdt, vdt = _dtype(rows), _dtype(values)
+    if not _is_int(rdt):
+        raise TypeError(f"{where}: the row ids must be an integer array, got dtype {rdt}")
+    rows_d = as_device_array(rows)
+    values_d = as_device_array(values)
+    fast = (rdt == np.int64 and vdt == dtype and rows_d.is_c_contiguous()
+            and values_d.is_c_contiguous())
+    if fast:
+        stats = _run_scan(_rows_scan, k, p, rows_d, nrows)
+        fast = stats[0] == 0 and stats[1] == 0
+    if not fast:                                   # errors, sorting, summing, casting: on the host
+        rows_h, vals_h = _sparse.canonical_rows(_to_host(rows), _to_host(values).reshape(k, ncols),
+                                                nrows, ncols, dtype, where)
+        rows_d, values_d = _upload(rows_h, p), _upload(vals_h, p)
+    values_2d = values_d.reshape(rows_d.size, ncols) if rows_d.size else values_d
+    _no_overlap(backend, values_d, p, where)
+    return DeviceRowsGrad(rows_d, values_2d, nrows, ncols, backend, KERNELS)
+
+
+def _prepare_csr(backend, g, p, where, dtype, nrows, ncols):
+    pshape = _shape(p)
+    if len(pshape) > 2:
+        raise ValueError(f"{where}: a CSR gradient needs a 1-D or 2-D parameter, this one has shape "
+                         f"{pshape}; use fastadapt.RowGrad for row updates of it")
+    shape2d = (1, nrows) if len(pshape) == 1 else (nrows, ncols)
+    shape = tuple(int(s) for s in getattr(g, "shape", ()))
+    if shape != shape2d:
+        raise ValueError(f"{where} has shape {shape}; it must have shape {shape2d}"
+                         + (" (a 1-D parameter of n elements takes a (1, n) CSR)" if len(pshape) == 1 else ""))
+    indptr, indices, data = g.indptr, g.indices, g.data
+    _require_device([("indptr", indptr), ("indices", indices), ("data", data)], p, where, backend)
+    ip, ix, dv = as_device_array(indptr), as_device_array(indices), as_device_array(data)
+    for name, a in (("indptr", ip), ("indices", ix), ("data", dv)):
+        if len(a.shape) != 1:
+            raise ValueError(f"{where}: its {name} must be 1-D, got shape {_shape(a)}")
+    if not (_is_int(ip.dtype) and _is_int(ix.dtype)):
+        raise TypeError(f"{where}: indptr and indices must be integer arrays, got {ip.dtype} and {ix.dtype}")
+    fast = (ip.dtype == ix.dtype and ip.dtype in (np.int32, np.int64) and dv.dtype == dtype
+            and ip.size == shape2d[0] + 1 and ix.size == dv.size
+            and ip.is_c_contiguous() and ix.is_c_contiguous() and dv.is_c_contiguous())
+    if fast:
+        stats = _run_scan(_csr_scan, shape2d[0], p, ip, ix, shape2d[1])
+        nnz = int(stats[5])
+        fast = stats[1] == 0 and stats[2] == 0 and stats[3] == 0 and stats[4] == 0
+    if not fast:                                   # errors, sorting, summing, casting: on the host
+        host = _HostCSR(_to_host(data), _to_host(indices), _to_host(indptr), shape)
+        rows_h, cptr_h, cols_h, vals_h = _sparse.canonical_csr(host, shape2d, dtype, where)
+        _no_overlap(backend, dv, p, where)
+        if len(pshape) == 1:
+            return DeviceRowsGrad(_upload(cols_h.astype(np.int64), p), _upload(vals_h.reshape(-1, 1), p),
+                                  nrows, 1, backend, KERNELS)
+        return DeviceCSRGrad(_upload(rows_h, p), _upload(cptr_h, p), _upload(cols_h, p), _upload(vals_h, p),
+                             nrows, ncols, backend, KERNELS)
+    cols, vals = ix[:nnz], dv[:nnz]
+    _no_overlap(backend, vals, p, where)
+    if len(pshape) == 1:
+        # the elements are the rows: the row ids are the (ascending, unique) columns of row 0
+        if cols.dtype != np.int64:
+            cols = _upload(_to_host(cols).astype(np.int64), p)
+        return DeviceRowsGrad(cols, vals.reshape(nnz, 1) if nnz else vals, nrows, 1, backend, KERNELS)
+    return DeviceCSRGrad(None, ip, cols, vals, nrows, ncols, backend, KERNELS)
+
+
+class _HostCSR:
+    format = "csr"
+
+    def __init__(self, data, indices, indptr, shape):
+        self.data, self.indices, self.indptr, self.shape = data, indices, indptr, shape
+
+
+def _no_overlap(backend, values, p, where):
+    a0, a1 = backend.memory_span(values)
+    b0, b1 = backend.memory_span(p)
+    if a0 < b1 and b0 < a1:
+        raise ValueError(f"{where}: its values share memory with the parameter; pass a separate array")
