@@ -431,3 +431,202 @@ def test_unusable_cuda_stack_is_reported(monkeypatch):
     monkeypatch.setattr(fcuda.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match=r"no usable CUDA GPU.*pip install 'fastadapt\[cuda\]'"):
         fa.Adam([to_device(np.zeros(3))])
+
+
+# --------------------------------------------------------------------------------------------------
+# sparse gradients on the device
+# --------------------------------------------------------------------------------------------------
+
+TABLE = (13, 5)         # 65 elements; rows of 5 so that row loops and element loops both wrap
+
+
+def sparse_grads(seed, n=6, shape=TABLE):
+    """scipy CSR gradients with duplicates, explicit zeros, empty steps; the last 2 rows (of a
+    one-row shape: the last 2 columns) never touched."""
+    import scipy.sparse as sp
+    rng = np.random.default_rng(seed)
+    out = []
+    for t in range(n):
+        k = 0 if t == 3 else int(rng.integers(1, 25))
+        r = rng.integers(0, max(1, shape[0] - 2), k)
+        c = rng.integers(0, shape[1] - 2 if shape[0] == 1 else shape[1], k)
+        v = rng.standard_normal(k) * 10.0 ** rng.uniform(-1, 1)
+        if k > 3:
+            r[-1], c[-1] = r[0], c[0]          # a duplicate
+            v[1] = 0.0                         # an explicit zero
+        # built from raw arrays so the duplicates stay stored (not summed by the constructor)
+        order = np.lexsort((c, r))
+        indptr = np.zeros(shape[0] + 1, np.int64)
+        np.cumsum(np.bincount(r, minlength=shape[0]), out=indptr[1:])
+        out.append(sp.csr_matrix((v[order], c[order], indptr), shape=shape))
+    return out
+
+
+def device_csr(g, dtype, canonical):
+    """The device CSR of scipy CSR ``g``: canonical (sorted, summed) or as stored (duplicates)."""
+    from fastadapt.cuda_sparse import DeviceCSR
+    g = g.copy()
+    if canonical:
+        g.sum_duplicates()
+    return DeviceCSR((foreign(g.data.astype(dtype)), foreign(g.indices), foreign(g.indptr)), g.shape)
+
+
+def device_rows(g, dtype, canonical):
+    """A RowGrad of device arrays: unique sorted rows, or one row id per stored entry (unsorted)."""
+    if canonical:
+        rows = np.unique(g.nonzero()[0]) if g.nnz else np.zeros(0, np.int64)
+        rows = np.unique(np.repeat(np.arange(g.shape[0]), np.diff(g.indptr)))
+        values = g.toarray()[rows]
+    else:
+        rows = np.repeat(np.arange(g.shape[0]), np.diff(g.indptr))[::-1]
+        values = np.zeros((rows.size, g.shape[1]))
+        values[np.arange(rows.size), g.indices[::-1]] = g.data[::-1]
+    return fa.RowGrad(foreign(rows.astype(np.int64)), foreign(values.astype(dtype)))
+
+
+def host_rows(g):
+    rows = np.repeat(np.arange(g.shape[0]), np.diff(g.indptr))
+    values = np.zeros((rows.size, g.shape[1]))
+    values[np.arange(rows.size), g.indices] = g.data
+    return fa.RowGrad(rows, values)
+
+
+SPARSE_CASES = [
+    (fa.SparseAdam, {}),
+    (fa.SparseAdam, dict(maximize=True, betas=(0.5, 0.9))),
+    (fa.Adagrad, {}),                                                    # exact == lazy
+    (fa.Adagrad, dict(sparse_mode="exact", weight_decay=0.1)),           # fused pass
+    (fa.Adam, {}),                                                       # lazy
+    (fa.Adam, dict(sparse_mode="exact", amsgrad=True)),                  # fused pass
+    (fa.AdamW, dict(sparse_mode="exact")),
+    (fa.RMSprop, dict(centered=True, momentum=0.5)),                     # lazy
+    (fa.RMSprop, dict(sparse_mode="exact")),                             # decay catch-up
+    (fa.RMSprop, dict(sparse_mode="exact", centered=True, alpha=0.7)),   # decay catch-up, centered
+]
+
+
+@on_device
+@pytest.mark.parametrize("form", ["csr", "csr-dups", "rows", "rows-unsorted"])
+@pytest.mark.parametrize("case", SPARSE_CASES, ids=[_case_id(c) for c in SPARSE_CASES])
+def test_sparse_matches_cpu(case, form):
+    cls, kw = case
+    dtype = np.float64 if form in ("csr", "rows-unsorted") else np.float32
+    p0 = np.random.default_rng(1).standard_normal(TABLE).astype(dtype)
+    ph, pd = p0.copy(), to_device(p0)
+    oh, od = cls([ph], **kw), cls([pd], **kw)
+    for g in sparse_grads(2):
+        if form.startswith("csr"):
+            oh.step([g.astype(dtype)])
+            od.step([device_csr(g, dtype, canonical=form == "csr")])
+        else:
+            oh.step([host_rows(g)])
+            od.step([device_rows(g, dtype, canonical=form == "rows")])
+    sh, sd = oh.state_dict(), od.state_dict()
+    assert_close(host(pd), ph, dtype, "parameter")
+    if kw.get("sparse_mode", "lazy") == "lazy":
+        np.testing.assert_array_equal(host(pd)[-2:], p0[-2:], "untouched rows")
+    for name, value in sh["state"][0].items():
+        if name == "step":
+            assert sd["state"][0][name] == value == 6
+        else:
+            assert_close(sd["state"][0][name], value, dtype, name)
+
+
+@on_device
+def test_sparse_one_dimensional_parameter_and_mixed_steps():
+    """A (1, n) CSR of a 1-D parameter; exact-decay steps interleaved with dense steps."""
+    rng = np.random.default_rng(4)
+    p0 = rng.standard_normal(TABLE[0] * TABLE[1])
+    ph, pd = p0.copy(), to_device(p0)
+    kw = dict(sparse_mode="exact", alpha=0.8)
+    oh, od = fa.RMSprop([ph], **kw), fa.RMSprop([pd], **kw)
+    for t, g in enumerate(sparse_grads(5, shape=(1, p0.size))):
+        if t == 2:
+            d = rng.standard_normal(p0.size)
+            oh.step([d])
+            od.step([to_device(d)])
+        oh.step([g])
+        od.step([device_csr(g, np.float64, canonical=t % 2 == 0)])
+    assert_close(host(pd), ph, np.float64)
+    assert_close(od.state_dict()["state"][0]["square_avg"], oh.state_dict()["state"][0]["square_avg"],
+                 np.float64)
+
+
+@on_device
+def test_sparse_values_of_another_dtype_are_cast():
+    g = sparse_grads(6, n=1)[0]
+    p0 = np.zeros(TABLE, np.float32)
+    ph, pd = p0.copy(), to_device(p0)
+    oh, od = fa.SparseAdam([ph]), fa.SparseAdam([pd])
+    oh.step([g])                                    # float64 data, float32 parameter
+    od.step([device_csr(g, np.float64, canonical=True)])
+    assert_close(host(pd), ph, np.float32)
+
+
+@on_device
+def test_sparse_nonfinite_skip():
+    g = sparse_grads(7, n=1)[0]
+    g.data[2] = np.nan
+    pd = to_device(np.zeros(TABLE))
+    opt = fa.SparseAdam([pd], nonfinite="skip")
+    assert opt.step([device_csr(g, np.float64, canonical=True)]) is False
+    assert opt.step([device_rows(g, np.float64, canonical=True)]) is False
+    np.testing.assert_array_equal(host(pd), np.zeros(TABLE))
+    assert opt.state_dict()["state"] == {}
+
+
+@on_device
+def test_sparse_errors_before_anything_is_written():
+    import scipy.sparse as sp
+    from fastadapt.cuda_sparse import DeviceCSR
+    p0 = np.random.default_rng(0).standard_normal(TABLE)
+    pd = to_device(p0)
+    opt = fa.Adam([pd], sparse_mode="exact")
+    indptr = np.array([0, 2, 3] + [3] * (TABLE[0] - 2))
+
+    def csr(data, indices, ptr, shape=TABLE):
+        return DeviceCSR((foreign(np.asarray(data, float)), foreign(np.asarray(indices)), foreign(ptr)),
+                         shape)
+
+    with pytest.raises(IndexError, match="column index 5 .*out of range"):
+        opt.step([csr([1, 2, 3], [0, 5, 1], indptr)])
+    with pytest.raises(IndexError, match="column index -1"):
+        opt.step([csr([1, 2, 3], [0, 1, -1], indptr)])
+    bad_ptr = indptr.copy()
+    bad_ptr[1] = 4
+    with pytest.raises(ValueError, match="indptr"):
+        opt.step([csr([1, 2, 3], [0, 1, 2], bad_ptr)])
+    with pytest.raises(ValueError, match="shape"):
+        opt.step([csr([1, 2, 3], [0, 1, 2], indptr[:-1], shape=(TABLE[0] - 1, TABLE[1]))])
+    with pytest.raises(IndexError, match="row id 13"):
+        opt.step([fa.RowGrad(foreign(np.array([2, 13])), foreign(np.ones((2, TABLE[1]))))])
+    with pytest.raises(IndexError, match="row id -1"):
+        opt.step([fa.RowGrad(foreign(np.array([-1, 2])), foreign(np.ones((2, TABLE[1]))))])
+    with pytest.raises(ValueError, match="RowGrad values"):
+        opt.step([fa.RowGrad(foreign(np.array([1, 2])), foreign(np.ones((2, TABLE[1] + 1))))])
+    with pytest.raises(TypeError, match="integer"):
+        opt.step([fa.RowGrad(foreign(np.array([1.0, 2.0])), foreign(np.ones((2, TABLE[1]))))])
+    with pytest.raises(TypeError, match="host scipy sparse matrix"):
+        opt.step([sp.csr_matrix(np.eye(*TABLE))])
+    with pytest.raises(TypeError, match="not a device array"):
+        opt.step([fa.RowGrad(np.array([1, 2]), np.ones((2, TABLE[1])))])
+    with pytest.raises(TypeError, match="format 'coo'"):
+        opt.step([type("coo_matrix", (), {"format": "coo", "shape": TABLE,
+                                          "__module__": "cupyx.scipy.sparse._coo"})()])
+    np.testing.assert_array_equal(host(pd), p0)
+    assert opt.state_dict()["state"] == {}
+
+
+@on_device
+def test_sparse_fast_path_is_zero_copy():
+    """Canonical device input reaches the loops as views of the caller's arrays."""
+    from fastadapt import cuda as fcuda
+    from fastadapt.cuda_sparse import DeviceCSRGrad, DeviceRowsGrad
+    pd = to_device(np.zeros(TABLE))
+    g = sparse_grads(9, n=1)[0]
+    prepared = fcuda.backend().prepare_sparse_grad(device_csr(g, np.float64, canonical=True), pd, "g")
+    assert isinstance(prepared, DeviceCSRGrad) and prepared.rows is None    # full indptr, no copy
+    rg = device_rows(g, np.float64, canonical=True)
+    prepared = fcuda.backend().prepare_sparse_grad(rg, pd, "g")
+    assert isinstance(prepared, DeviceRowsGrad)
+    assert fcuda.backend().memory_span(prepared.vals)[0] == fcuda.backend().memory_span(rg.values)[0]
