@@ -151,7 +151,8 @@ def _int_index(a, what, where):
 def _cast(a, dtype):
     """``a`` as a C-contiguous array of ``dtype`` (no copy when it already is one)."""
     if a.dtype != dtype:
-        return a.astype(dtype, order="C")
+        with np.errstate(over="ignore"):       # a value beyond the dtype's range becomes inf:
+            return a.astype(dtype, order="C")  # the nonfinite policy sees it
     return np.ascontiguousarray(a)
 
 
