@@ -678,7 +678,7 @@ def _functional_bad_calls():
         ("same buffer twice", lambda: F.adam(p, g, z, z, step=1), ValueError, "exp_avg and exp_avg_sq share memory"),
         ("int param", lambda: F.adagrad(np.ones(4, np.int64), g, z.copy(), step=1), TypeError, "float32 or float64"),
         ("sparse grad", lambda: F.adam(p, pytest.importorskip("scipy.sparse").csr_matrix(np.ones((1, 4))),
-                                       z.copy(), z.copy(), step=1), (TypeError, ValueError), "."),
+                                       z.copy(), z.copy(), step=1), TypeError, "takes dense gradients"),
     ], p, z
 
 
