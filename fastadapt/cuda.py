@@ -245,10 +245,10 @@ def _context_of(devary):
     """A context manager making ``devary``'s device current (a no-op when it already is)."""
     if SIMULATOR:
         return contextlib.nullcontext()
-    ctx = devary.gpu_data.context
-    if ctx is cuda.current_context():
+    dev = devary.gpu_data.context.device.id
+    if dev == cuda.current_context().device.id:
         return contextlib.nullcontext()
-    return cuda.gpus[ctx.device.id]
+    return cuda.gpus[dev]
 
 
 def _stream_of(devary):
