@@ -24,7 +24,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import config
-from .cpu import COMPILED
+from .cpu import COMPILED, _borrowed
 
 __all__ = ["CPUSparseKernels", "KERNELS"]
 
@@ -36,47 +36,79 @@ def _nchunks(nrows):
     return max(1, min(nrows, 4 * numba.get_num_threads()))
 
 
+# =========================================================================== row helpers
+# Inlined into the loops below.  The `>= 0` tests are always true (the indices were
+# validated); they tell LLVM that an index is non-negative, so numba's negative-index
+# wraparound folds away and a row's loop vectorises (without them it did not).
+
+@njit(inline="always", **_OPTS)
+def _zero_run(rule, p, s1, s2, s3, start, stop, zero, k):
+    """The rule with g = 0 on the contiguous flat range start .. stop - 1."""
+    if start >= 0 and stop > start:
+        for i in range(stop - start):        # (range(start, stop) did not vectorise in a while loop)
+            rule(_borrowed(p), _borrowed(s1), _borrowed(s2), _borrowed(s3), start + i, zero, k)
+
+
+@njit(inline="always", **_OPTS)
+def _dense_row(rule, p, s1, s2, s3, base, vals, off, ncols, k):
+    """The rule on flat elements base .. base + ncols - 1 with gradients vals[off:off + ncols]."""
+    if base >= 0 and off >= 0 and ncols > 0:
+        for c in range(ncols):
+            rule(_borrowed(p), _borrowed(s1), _borrowed(s2), _borrowed(s3), base + c, vals[off + c], k)
+
+
+@njit(inline="always", **_OPTS)
+def _merged_row(rule, p, s1, s2, s3, base, ncols, cols, vals, j, end, zero, k):
+    """The rule on a whole row: entries j .. end - 1 (ascending columns) with their value, 0 elsewhere."""
+    if base >= 0:
+        for c in range(ncols):
+            g = zero
+            if j < end and cols[j] == c:
+                g = vals[j]
+                j += 1
+            rule(_borrowed(p), _borrowed(s1), _borrowed(s2), _borrowed(s3), base + c, g, k)
+
+
+@njit(inline="always", **_OPTS)
+def _stored_entries(rule, p, s1, s2, s3, base, cols, vals, j, end, k):
+    """The rule on the stored entries j .. end - 1 of a row (scattered: does not vectorise)."""
+    if base >= 0:
+        for q in range(j, end):
+            rule(_borrowed(p), _borrowed(s1), _borrowed(s2), _borrowed(s3), base + cols[q], vals[q], k)
+
+
 # =========================================================================== lazy loops
 # Only the stored entries change: the rule runs once per (row, col) of the gradient.
 
 @njit(**_OPTS)
 def _csr_lazy_serial(rule, p, s1, s2, s3, rows, indptr, cols, vals, ncols, k):
     for t in range(rows.size):
-        base = rows[t] * ncols
-        for j in range(indptr[t], indptr[t + 1]):
-            rule(p, s1, s2, s3, base + cols[j], vals[j], k)
+        _stored_entries(rule, p, s1, s2, s3, rows[t] * ncols, cols, vals, indptr[t], indptr[t + 1], k)
 
 
 @njit(parallel=True, **_OPTS)
 def _csr_lazy_parallel(rule, p, s1, s2, s3, rows, indptr, cols, vals, ncols, k):
     for t in prange(rows.size):
-        base = rows[t] * ncols
-        for j in range(indptr[t], indptr[t + 1]):
-            rule(p, s1, s2, s3, base + cols[j], vals[j], k)
+        _stored_entries(rule, p, s1, s2, s3, rows[t] * ncols, cols, vals, indptr[t], indptr[t + 1], k)
 
 
 @njit(**_OPTS)
 def _rows_lazy_serial(rule, p, s1, s2, s3, rows, vals, ncols, k):
     for t in range(rows.size):
-        base = rows[t] * ncols
-        off = t * ncols
-        for c in range(ncols):
-            rule(p, s1, s2, s3, base + c, vals[off + c], k)
+        _dense_row(rule, p, s1, s2, s3, rows[t] * ncols, vals, t * ncols, ncols, k)
 
 
 @njit(parallel=True, **_OPTS)
 def _rows_lazy_parallel(rule, p, s1, s2, s3, rows, vals, ncols, k):
     for t in prange(rows.size):
-        base = rows[t] * ncols
-        off = t * ncols
-        for c in range(ncols):
-            rule(p, s1, s2, s3, base + c, vals[off + c], k)
+        _dense_row(rule, p, s1, s2, s3, rows[t] * ncols, vals, t * ncols, ncols, k)
 
 
 # =========================================================================== exact: one fused pass
 # Every element runs the rule once: with its gradient where stored, with g = 0
 # elsewhere (which is the dense step on the densified gradient, without building it).
-# Runs of untouched rows are one contiguous flat range, a loop that vectorises.
+# Each chunk of rows walks its touched rows in order; the untouched rows between two
+# touched rows are one contiguous flat range.
 
 @njit(inline="always", **_OPTS)
 def _csr_exact_range(rule, p, s1, s2, s3, r0, r1, ncols, rows, indptr, cols, vals, zero, k):
@@ -86,18 +118,9 @@ def _csr_exact_range(rule, p, s1, s2, s3, r0, r1, ncols, rows, indptr, cols, val
         nxt = r1
         if t < rows.size and rows[t] < r1:
             nxt = rows[t]
-        for i in range(r * ncols, nxt * ncols):          # untouched rows r .. nxt-1
-            rule(p, s1, s2, s3, i, zero, k)
-        if nxt < r1:                                      # touched row nxt: merge its entries
-            base = nxt * ncols
-            j = indptr[t]
-            end = indptr[t + 1]
-            for c in range(ncols):
-                g = zero
-                if j < end and cols[j] == c:
-                    g = vals[j]
-                    j += 1
-                rule(p, s1, s2, s3, base + c, g, k)
+        _zero_run(rule, p, s1, s2, s3, r * ncols, nxt * ncols, zero, k)    # untouched rows
+        if nxt < r1:
+            _merged_row(rule, p, s1, s2, s3, nxt * ncols, ncols, cols, vals, indptr[t], indptr[t + 1], zero, k)
             t += 1
         r = nxt + 1
 
@@ -119,13 +142,9 @@ def _rows_exact_range(rule, p, s1, s2, s3, r0, r1, ncols, rows, vals, zero, k):
         nxt = r1
         if t < rows.size and rows[t] < r1:
             nxt = rows[t]
-        for i in range(r * ncols, nxt * ncols):
-            rule(p, s1, s2, s3, i, zero, k)
+        _zero_run(rule, p, s1, s2, s3, r * ncols, nxt * ncols, zero, k)
         if nxt < r1:
-            base = nxt * ncols
-            off = t * ncols
-            for c in range(ncols):
-                rule(p, s1, s2, s3, base + c, vals[off + c], k)
+            _dense_row(rule, p, s1, s2, s3, nxt * ncols, vals, t * ncols, ncols, k)
             t += 1
         r = nxt + 1
 
@@ -147,11 +166,11 @@ def _rows_exact(rule, p, s1, s2, s3, nrows, ncols, rows, vals, zero, k, nchunks)
 
 @njit(inline="always", **_OPTS)
 def _catch_up(decay, s1, s3, base, ncols, gap, alpha, centered):
-    if gap > 0:
+    if gap > 0 and base >= 0:
         # rules.rmsprop_decay_scalars: the factor computed in float64, then rounded to the dtype
         kd = (centered, s1.dtype.type(alpha ** float(gap)))
         for c in range(ncols):
-            decay(s1, s3, base + c, kd)
+            decay(_borrowed(s1), _borrowed(s3), base + c, kd)
 
 
 @njit(parallel=True, **_OPTS)
@@ -159,16 +178,8 @@ def _csr_decay(rule, decay, p, s1, s2, s3, rows, indptr, cols, vals, ncols, zero
                stamp, step, alpha, centered):
     for t in prange(rows.size):
         row = rows[t]
-        base = row * ncols
-        _catch_up(decay, s1, s3, base, ncols, step - 1 - stamp[row], alpha, centered)
-        j = indptr[t]
-        end = indptr[t + 1]
-        for c in range(ncols):
-            g = zero
-            if j < end and cols[j] == c:
-                g = vals[j]
-                j += 1
-            rule(p, s1, s2, s3, base + c, g, k)
+        _catch_up(decay, s1, s3, row * ncols, ncols, step - 1 - stamp[row], alpha, centered)
+        _merged_row(rule, p, s1, s2, s3, row * ncols, ncols, cols, vals, indptr[t], indptr[t + 1], zero, k)
         stamp[row] = step
 
 
@@ -176,11 +187,8 @@ def _csr_decay(rule, decay, p, s1, s2, s3, rows, indptr, cols, vals, ncols, zero
 def _rows_decay(rule, decay, p, s1, s2, s3, rows, vals, ncols, k, stamp, step, alpha, centered):
     for t in prange(rows.size):
         row = rows[t]
-        base = row * ncols
-        _catch_up(decay, s1, s3, base, ncols, step - 1 - stamp[row], alpha, centered)
-        off = t * ncols
-        for c in range(ncols):
-            rule(p, s1, s2, s3, base + c, vals[off + c], k)
+        _catch_up(decay, s1, s3, row * ncols, ncols, step - 1 - stamp[row], alpha, centered)
+        _dense_row(rule, p, s1, s2, s3, row * ncols, vals, t * ncols, ncols, k)
         stamp[row] = step
 
 
@@ -197,57 +205,66 @@ def _settle(decay, s1, s3, stamp, step, ncols, alpha, centered):
 
 @njit(parallel=True, **_OPTS)
 def _csr_scan(indptr, indices, ncols, nchunks):
-    """Per row chunk: [touched rows, bad indptr pairs, column indices out of range,
-    rows whose columns are not strictly ascending].  Reads nothing outside the arrays."""
+    """One pass over a CSR's structure: checks it and collects its touched rows.
+
+    Returns ``(stats, bound, rows, starts)``; ``stats[c]`` holds, for row chunk ``c``:
+    touched rows, bad ``indptr`` pairs (decreasing or outside ``[0, len(indices)]``),
+    column indices outside ``[0, ncols)``, rows whose columns are not strictly
+    ascending.  Chunk ``c``'s touched rows and their first entries are written to
+    ``rows`` / ``starts`` from ``bound[c]`` on (a chunk has at most as many touched rows
+    as rows and as stored entries, so the buffers hold ``min(nrows, nnz)`` at most).
+    Nothing outside the arrays is read or written, whatever they hold.
+    """
     nrows = indptr.size - 1
     cap = indices.size
     chunk = (nrows + nchunks - 1) // nchunks
+    bound = np.zeros(nchunks + 1, np.int64)
+    for c in range(nchunks):
+        r0 = min(nrows, c * chunk)
+        r1 = min(nrows, r0 + chunk)
+        entries = min(max(indptr[r1] - indptr[r0], 0), cap)
+        bound[c + 1] = bound[c] + min(r1 - r0, entries)
+    rows = np.empty(bound[nchunks], np.int64)
+    starts = np.empty(bound[nchunks], np.int64)
     stats = np.zeros((nchunks, 4), np.int64)
     for c in prange(nchunks):
-        r0 = c * chunk
+        r0 = min(nrows, c * chunk)
         r1 = min(nrows, r0 + chunk)
-        touched = 0
+        o = bound[c]
+        limit = bound[c + 1]
         bad_ptr = 0
         bad_col = 0
         unsorted = 0
+        a = indptr[r0]
         for r in range(r0, r1):
-            a = indptr[r]
             b = indptr[r + 1]
-            if a < 0 or b < a or b > cap:
+            if b != a:                                   # the rare case in a sparse gradient
+                if a < 0 or b < a or b > cap:
+                    bad_ptr += 1
+                else:
+                    if o < limit:
+                        rows[o] = r
+                        starts[o] = a
+                    o += 1
+                    prev = -1
+                    ascending = True
+                    for j in range(a, b):
+                        col = indices[j]
+                        if col < 0 or col >= ncols:
+                            bad_col += 1
+                        if col <= prev:
+                            ascending = False
+                        prev = col
+                    if not ascending:
+                        unsorted += 1
+            elif a < 0 or a > cap:
                 bad_ptr += 1
-            elif b > a:
-                touched += 1
-                prev = -1
-                ascending = True
-                for j in range(a, b):
-                    col = indices[j]
-                    if col < 0 or col >= ncols:
-                        bad_col += 1
-                    if col <= prev:
-                        ascending = False
-                    prev = col
-                if not ascending:
-                    unsorted += 1
-        stats[c, 0] = touched
+            a = b
+        stats[c, 0] = o - bound[c]
         stats[c, 1] = bad_ptr
         stats[c, 2] = bad_col
         stats[c, 3] = unsorted
-    return stats
-
-
-@njit(parallel=True, **_OPTS)
-def _csr_touched(indptr, offsets, nchunks, rows, cptr):
-    """Write the touched rows and their start pointers; chunk c starts at offsets[c]."""
-    nrows = indptr.size - 1
-    chunk = (nrows + nchunks - 1) // nchunks
-    for c in prange(nchunks):
-        o = offsets[c]
-        for r in range(c * chunk, min(nrows, c * chunk + chunk)):
-            if indptr[r + 1] > indptr[r]:
-                rows[o] = r
-                cptr[o] = indptr[r]
-                o += 1
-    cptr[rows.size] = indptr[nrows]
+    return stats, bound, rows, starts
 
 
 @njit(parallel=True, **_OPTS)
@@ -314,7 +331,7 @@ def _rows_gather_sum(order, starts, values, out):
 
 
 def csr_scan(indptr, indices, ncols):
-    """Validate CSR structure and find its touched rows in one parallel pass.
+    """Validate a CSR's structure and find its touched rows in one parallel pass.
 
     Parameters
     ----------
@@ -324,24 +341,36 @@ def csr_scan(indptr, indices, ncols):
 
     Returns
     -------
-    stats : ndarray, shape (nchunks, 4)
-        Per row chunk: touched rows, bad ``indptr`` pairs (decreasing or outside
-        ``[0, len(indices)]``), column indices outside ``[0, ncols)``, rows whose
-        columns are not strictly ascending (unsorted or duplicated).
+    totals : ndarray of int64, shape (4,)
+        Touched rows, bad ``indptr`` pairs (decreasing or outside ``[0, len(indices)]``),
+        column indices outside ``[0, ncols)``, rows whose columns are not strictly
+        ascending (unsorted or duplicated).
+    rows : ndarray of int64, shape (k,), or None
+        The touched rows, ascending (None when an ``indptr`` pair is bad).
+    indptr : ndarray of int64, shape (k + 1,), or None
+        Their entries' pointers: row ``rows[t]`` holds entries ``indptr[t] .. indptr[t+1]-1``.
     """
-    return _csr_scan(indptr, indices, ncols, _nchunks(indptr.size - 1))
-
-
-def csr_touched_rows(indptr, stats):
-    """The touched rows (int64, ascending) and their pointers (int64, k + 1) from a scan."""
+    stats, bound, rows_buf, starts_buf = _csr_scan(indptr, indices, ncols, _nchunks(indptr.size - 1))
+    totals = stats.sum(axis=0)
+    if totals[1]:
+        return totals, None, None
     counts = stats[:, 0]
-    offsets = np.zeros(counts.size, np.int64)
-    np.cumsum(counts[:-1], out=offsets[1:])
-    k = int(counts.sum())
-    rows = np.empty(k, np.int64)
-    cptr = np.empty(k + 1, np.int64)
-    _csr_touched(indptr, offsets, counts.size, rows, cptr)
-    return rows, cptr
+    k = int(totals[0])
+    ptr = np.empty(k + 1, np.int64)
+    if k == rows_buf.size:                        # every chunk's region full: nothing to compact
+        rows = rows_buf
+        ptr[:k] = starts_buf
+    else:
+        rows = np.empty(k, np.int64)
+        o = 0
+        for c in range(counts.size):
+            n = int(counts[c])
+            b = int(bound[c])
+            rows[o:o + n] = rows_buf[b:b + n]
+            ptr[o:o + n] = starts_buf[b:b + n]
+            o += n
+    ptr[k] = indptr[-1]
+    return totals, rows, ptr
 
 
 def csr_sort_rows(cptr, cols, vals):

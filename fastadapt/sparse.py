@@ -221,8 +221,7 @@ def canonical_csr(g, shape2d, dtype, where="gradient"):
     if indptr[0] != 0:
         raise ValueError(f"{where}: indptr[0] is {indptr[0]}; a CSR's indptr starts at 0")
 
-    stats = cpu_sparse.csr_scan(indptr, indices, ncols)
-    totals = stats.sum(axis=0)
+    totals, rows, cptr = cpu_sparse.csr_scan(indptr, indices, ncols)
     if totals[1]:
         d = np.diff(indptr)
         bad = np.flatnonzero((d < 0) | (indptr[1:] > indices.size))
@@ -242,7 +241,6 @@ def canonical_csr(g, shape2d, dtype, where="gradient"):
                          f"for shape {(nrows, ncols)}; column indices must lie in [0, {ncols})")
     cols = indices[:nnz]
     vals = _cast(data[:nnz], dtype)
-    rows, cptr = cpu_sparse.csr_touched_rows(indptr, stats)
     if totals[3]:
         if vals is data or np.shares_memory(vals, data):
             vals = vals.copy()          # (csr_sort_rows writes new arrays; this is belt and braces)
