@@ -324,8 +324,9 @@ class ShardedOptimizer(_Collective):
     rank, size : int
     skipped_steps : int
     timings : dict
-        Seconds spent so far, by phase: ``agree`` (the per-step agreement),
-        ``reduce_scatter``, ``kernel`` (the ordinary optimizer on the shard),
+        Seconds spent so far, by phase: ``prepare`` (checking this rank's
+        gradients), ``agree`` (the per-step agreement), ``reduce_scatter``,
+        ``kernel`` (the ordinary optimizer on the shard),
         ``allgather``, ``copy`` (packing gradients / unpacking parameters when they
         are not back to back in memory) and ``steps`` (count).
 
@@ -425,7 +426,8 @@ class ShardedOptimizer(_Collective):
         self._hyper = dict(hyper)
         self._inner = optimizer_class(inner_groups, nonfinite="propagate", **hyper)
         self.param_groups = [dict(ig, params=g["params"]) for ig, g in zip(self._inner.param_groups, groups)]
-        self.timings = dict(agree=0.0, reduce_scatter=0.0, kernel=0.0, allgather=0.0, copy=0.0, steps=0)
+        self.timings = dict(prepare=0.0, agree=0.0, reduce_scatter=0.0, kernel=0.0, allgather=0.0, copy=0.0,
+                            steps=0)
 
     def _signature(self):
         return (f"{self.optimizer_class.__module__}.{self.optimizer_class.__qualname__}", self.reduce,
@@ -514,6 +516,8 @@ class ShardedOptimizer(_Collective):
         except Exception as e:
             error = e
             flags[0] = 1
+        t1 = time.perf_counter()
+        self.timings["prepare"] += t1 - t0
         with self._guard("the step's agreement"):
             self.comm.Allreduce(MPI.IN_PLACE, flags, op=MPI.MAX)
         if flags[0]:
@@ -522,8 +526,7 @@ class ShardedOptimizer(_Collective):
             raise ValueError("the ranks' hyper-parameters differ (a param group changed on some ranks "
                              "only); change them identically on every rank; nothing was changed")
         stepped = flags[1:n + 1].astype(bool)
-        t1 = time.perf_counter()
-        self.timings["agree"] += t1 - t0
+        self.timings["agree"] += time.perf_counter() - t1
         with self._guard("the step's reduce-scatter"):
             local = self._reduce_scatter(grads, stepped)
         if self.nonfinite != "propagate":
@@ -792,9 +795,11 @@ class ShardedTable(_Collective):
         The optimizer's one param group; hyper-parameters may be changed (identically
         on every rank).
     timings : dict
-        Seconds by phase: ``agree``, ``route`` (Alltoall/Alltoallv of the gradient
-        rows), ``kernel`` (the optimizer on the local block), ``lookup`` (its
-        communication and gather), and counts ``steps``, ``lookups``.
+        Seconds by phase, for steps and lookups together: ``prepare`` (local work:
+        checking and de-duplicating this rank's rows), ``agree`` (the per-call
+        agreement), ``route`` (Alltoall/Alltoallv of the gradient rows), ``lookup``
+        (the lookups' exchanges, serving the asked rows), ``kernel`` (the optimizer
+        on the local block); and the counts ``steps``, ``lookups``.
 
     Examples
     --------
@@ -874,7 +879,7 @@ class ShardedTable(_Collective):
         self._hyper = dict(hyper)
         self._inner = optimizer_class([local], nonfinite="propagate", **hyper)
         self.param_groups = [dict(self._inner.param_groups[0], params=[local])]
-        self.timings = dict(agree=0.0, route=0.0, kernel=0.0, lookup=0.0, steps=0, lookups=0)
+        self.timings = dict(prepare=0.0, agree=0.0, route=0.0, lookup=0.0, kernel=0.0, steps=0, lookups=0)
 
     # ------------------------------------------------------------------ helpers
 
@@ -968,8 +973,10 @@ class ShardedTable(_Collective):
                                           self._ncols, self.dtype, "the RowGrad")
         except Exception as e:
             error = e
+        t1 = time.perf_counter()
+        self.timings["prepare"] += t1 - t0
         stepped = self._agree(error, has=int(prepared is not None))
-        self.timings["agree"] += time.perf_counter() - t0
+        self.timings["agree"] += time.perf_counter() - t1
         if not stepped:
             return True
         if prepared is None:
@@ -1034,7 +1041,9 @@ class ShardedTable(_Collective):
             uniq, inverse = np.unique(rows.astype(np.int64), return_inverse=True)
         except Exception as e:
             error = e
+        t1 = time.perf_counter()
         self._agree(error)
+        t2 = time.perf_counter()
         with self._guard("a lookup"):
             asked, _, recv, send = self._exchange(uniq)
             flat = self.local.reshape(self.hi - self.lo, self._ncols)
@@ -1042,9 +1051,14 @@ class ShardedTable(_Collective):
             got = np.empty((uniq.size, self._ncols), dtype=self.dtype)
             self.comm.Alltoallv([answer, recv, np.concatenate(([0], np.cumsum(recv)[:-1])), self._row_type],
                                 [got, send, np.concatenate(([0], np.cumsum(send)[:-1])), self._row_type])
-        self.timings["lookup"] += time.perf_counter() - t0
-        self.timings["lookups"] += 1
-        return got[inverse.reshape(-1)].reshape((rows.size,) + self.row_shape)
+        t3 = time.perf_counter()
+        out = got[inverse.reshape(-1)].reshape((rows.size,) + self.row_shape)
+        tm = self.timings
+        tm["prepare"] += (t1 - t0) + (time.perf_counter() - t3)
+        tm["agree"] += t2 - t1
+        tm["lookup"] += t3 - t2
+        tm["lookups"] += 1
+        return out
 
     def gather(self, root=0):
         """Collective: the whole table on ``root`` (None elsewhere); ``root=None``: on every rank."""
