@@ -203,11 +203,9 @@ def as_device_array(a):
 
 def device_of(a):
     """Ordinal of the GPU holding array ``a`` (0 under the simulator)."""
-    if SIMULATOR:
-        dev = getattr(a, "device", None)     # test doubles may name a device
-        return int(getattr(dev, "index", getattr(dev, "id", 0)) or 0) if dev is not None and \
-            not isinstance(dev, (str, int)) else 0
-    dev = getattr(a, "device", None)
+    dev = getattr(a, "device", None)         # (numpy 2 arrays, inside simulated ones, have device "cpu")
+    if SIMULATOR:                            # one simulated device; test doubles may name another
+        return int(getattr(dev, "index", None) or 0) if getattr(dev, "type", None) == "cuda" else 0
     if dev is not None:
         if getattr(dev, "type", None) == "cuda" and getattr(dev, "index", None) is not None:
             return int(dev.index)                                  # torch
