@@ -17,3 +17,11 @@ CUDA_THREADS_PER_BLOCK = 256
 
 #: Upper bound on the number of CUDA blocks launched by a grid-stride loop.
 CUDA_MAX_BLOCKS = 4096
+
+#: Work unit (elements) of the many-tensor parallel loop (fastadapt.many): small tensors
+#: share a unit, large ones are cut into units, and the units are split among the threads.
+MANY_TENSOR_UNIT = 1 << 16
+
+#: fastadapt.distributed's reduce-scatter receives at most this many elements per round
+#: (from all ranks together): the bound on its receive buffer, whatever the model size.
+MPI_CHUNK_ELEMENTS = 1 << 22

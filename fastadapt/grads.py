@@ -58,6 +58,9 @@ def prepare_grad(g, p, backend, where, *, accepts_dense=True, optimizer=None):
     -------
     object with ``all_finite()`` and ``apply(optimizer, group, p, state)``.
     """
+    if (type(g) is np.ndarray and type(p) is np.ndarray and accepts_dense and g.shape == p.shape
+            and g.dtype == p.dtype and g.flags.c_contiguous and not np.may_share_memory(g, p)):
+        return DenseGrad(g, backend)   # the common case, passing every check below, in ~1 us
     if _is_sparse(g):
         from .sparse import prepare_sparse_grad
         return prepare_sparse_grad(g, p, backend, where, optimizer=optimizer)

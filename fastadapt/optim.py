@@ -16,7 +16,7 @@ import numbers
 import numpy as np
 
 from . import rules
-from .grads import prepare_grad
+from .grads import DenseGrad, prepare_grad
 
 __all__ = ["Optimizer", "Adagrad", "RMSprop", "Adam", "AdamW", "SparseAdam"]
 
@@ -35,10 +35,16 @@ def _device_key(backend, p):
     return backend.name if device_of is None else f"{backend.name}:{device_of(p)}"
 
 
+_CPU = []
+
+
 def backend_for(p):
     """The backend that owns array ``p``: :mod:`fastadapt.cpu` or :mod:`fastadapt.cuda`."""
     if isinstance(p, np.ndarray):
-        from .cpu import BACKEND
+        if _CPU:
+            return _CPU[0]
+        from .cpu import BACKEND       # imported on first use (an import statement costs ~1 us per call)
+        _CPU.append(BACKEND)
         return BACKEND
     if _is_device_array(p):
         from .cuda import backend      # imported only when a CUDA array is seen
@@ -257,8 +263,7 @@ class Optimizer:
                         "(construct the optimizer with nonfinite='skip' to skip such steps)")
                 self.skipped_steps += 1
                 return False
-        for j, group, p, state, g in work:
-            self._apply(group, p, state, g)
+        self._apply_work(work)
         return True
 
     def _prepare(self, grads):
@@ -289,6 +294,24 @@ class Optimizer:
         self._ensure_state(group, p, state)
         state["step"] += 1
         g.apply(self, group, p, state)
+
+    def _apply_work(self, work):
+        """Phase 3: apply every prepared gradient.  Two or more dense CPU gradients are
+        applied together by :mod:`fastadapt.many` (one kernel call per param group, step
+        count and dtype, not one per parameter); the results are the same."""
+        dense = []
+        for item in work:
+            j, group, p, state, g = item
+            if type(g) is DenseGrad and g.backend.name == "cpu" and "_decay" not in state:
+                dense.append(item)
+            else:
+                self._apply(group, p, state, g)
+        if len(dense) > 1:
+            from .many import apply_dense
+            apply_dense(self, dense)
+        else:
+            for j, group, p, state, g in dense:
+                self._apply(group, p, state, g)
 
     def _slot_arrays(self, group, p, state, flat):
         """The rule's (s1, s2, s3): flat state buffers, dummies for unused slots."""

@@ -1,0 +1,186 @@
+"""The many-tensor path (fastadapt.many): one kernel call for all dense CPU gradients of a step.
+
+Its results must be bit-identical to one launch per parameter, for every rule and option, with
+mixed sizes (empty, 0-d, tiny, and large enough to be cut into several work units), several
+param groups, None gradients, and state buffers that change between steps (an option switched
+on, load_state_dict).  Bit-identical is the right test: the update is element by element, so
+how the elements are grouped into calls cannot change a single bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastadapt as fa
+from fastadapt import config, cpu, many
+
+CASES = {
+    "adagrad": (fa.Adagrad, dict(lr=0.1, lr_decay=0.01, weight_decay=0.1, initial_accumulator_value=0.2)),
+    "rmsprop": (fa.RMSprop, dict(lr=0.01, momentum=0.9, centered=True, weight_decay=0.01)),
+    "rmsprop-plain": (fa.RMSprop, dict(lr=0.01)),
+    "adam": (fa.Adam, dict(lr=0.01, amsgrad=True, weight_decay=0.1, maximize=True)),
+    "adamw": (fa.AdamW, dict(lr=0.01, betas=(0.3, 0.9))),
+}
+SHAPES = [(0,), (), (1,), (7,), (3, 5), (1003,), (40, 37)]
+DTYPES = [np.float32, np.float64]
+
+
+def _grads(rng, params):
+    return [np.array(rng.standard_normal(p.shape), dtype=p.dtype) for p in params]
+
+
+def _run(name, dtype, steps, grads_at, params0, groups=None):
+    """(params, optimizer) after `steps` steps of one optimizer over all params, and the same
+    with one optimizer per parameter (each a single-tensor launch)."""
+    cls, hyper = CASES[name]
+    together = [p.copy() for p in params0]
+    alone = [p.copy() for p in params0]
+    if groups is None:
+        opt = cls(together, **hyper)
+    else:
+        opt = cls([{"params": [together[i] for i in idx], **extra} for idx, extra in groups], **hyper)
+    order = [i for idx, _ in groups for i in idx] if groups else list(range(len(params0)))
+    extras = {i: extra for idx, extra in (groups or []) for i in idx}
+    singles = {i: cls([alone[i]], **{**hyper, **extras.get(i, {})}) for i in order}
+    for s in range(steps):
+        grads = grads_at(s)
+        opt.step([grads[i] for i in order])
+        for i in order:
+            if grads[i] is not None:
+                singles[i].step([grads[i]])
+    return together, opt, alone, singles, order
+
+
+def _assert_same(together, opt, alone, singles, order):
+    for pos, i in enumerate(order):
+        assert np.array_equal(together[i], alone[i]), i
+        mine, ref = opt.state[pos], singles[i].state[0]
+        assert mine.keys() == ref.keys(), i
+        for key in ref:
+            assert np.array_equal(mine[key], ref[key]), (i, key)
+
+
+@pytest.mark.parametrize("loop", ["serial", "parallel"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_many_tensors_equal_one_launch_each(name, dtype, loop, monkeypatch):
+    monkeypatch.setattr(config, "PARALLEL_THRESHOLD", 16 if loop == "parallel" else 10**9)
+    monkeypatch.setattr(config, "MANY_TENSOR_UNIT", 256)      # large tensors cut into several units
+    rng = np.random.default_rng(3)
+    params0 = [np.array(rng.standard_normal(s), dtype=dtype) for s in SHAPES]
+    calls = []
+    real = cpu.dense_step_many
+    monkeypatch.setattr(many, "dense_step_many", lambda *a: calls.append(a[-1]) or real(*a))
+    result = _run(name, dtype, 4, lambda s: _grads(rng, params0), params0)
+    assert calls == [sum(p.size for p in params0)] * 4      # one call per step, every element
+    _assert_same(*result)
+
+
+def test_groups_none_gradients_and_mixed_dtypes(monkeypatch):
+    """Each (group, step count, dtype) is one call with its own scalars; a parameter left
+    out (None) keeps its step count, so it lands in its own batch afterwards."""
+    monkeypatch.setattr(config, "PARALLEL_THRESHOLD", 16)
+    rng = np.random.default_rng(5)
+    params0 = [np.array(rng.standard_normal(n), dtype=np.float32) for n in (50, 3, 700, 1, 64)]
+    params0.append(rng.standard_normal(30))                  # float64 in the same group
+    groups = [([0, 1, 5], {"lr": 0.05}), ([2, 3, 4], {"lr": 0.001, "weight_decay": 0.3})]
+
+    def grads_at(s):
+        g = _grads(rng, params0)
+        if s in (1, 2):
+            g[1] = None                                       # parameter 1 falls behind by two steps
+        return g
+
+    calls = []
+    real = cpu.dense_step_many
+    monkeypatch.setattr(many, "dense_step_many", lambda *a: calls.append(a[-1]) or real(*a))
+    together, opt, alone, singles, order = _run("adam", np.float32, 5, grads_at, params0, groups)
+    _assert_same(together, opt, alone, singles, order)
+    assert opt.state[1]["step"] == 3 and opt.state[0]["step"] == 5
+    # group 1: one call per step; group 0's float32 pair: one call at step 0 only (then
+    # parameter 0 is alone in its (step count, dtype) batch); lone parameters take the
+    # one-tensor path
+    assert len(calls) == 5 + 1
+
+
+def test_state_buffers_replaced_between_steps_are_followed():
+    """The kept table must notice new state arrays: amsgrad switched on (a new buffer) and
+    load_state_dict (state arrays replaced)."""
+    rng = np.random.default_rng(7)
+    params0 = [rng.standard_normal(n) for n in (10, 200, 3)]
+    a = [p.copy() for p in params0]
+    b = [p.copy() for p in params0]
+    opt = fa.Adam(a, lr=0.01)
+    singles = [fa.Adam([x], lr=0.01) for x in b]
+    for s in range(6):
+        grads = _grads(rng, params0)
+        if s == 2:
+            opt.param_groups[0]["amsgrad"] = True
+            for o in singles:
+                o.param_groups[0]["amsgrad"] = True
+        if s == 4:
+            saved = opt.state_dict()
+            fresh = fa.Adam(a, lr=0.01, amsgrad=True)
+            fresh.load_state_dict(saved)
+            opt = fresh
+        opt.step(grads)
+        for o, g in zip(singles, grads):
+            o.step([g])
+    for x, y in zip(a, b):
+        assert np.array_equal(x, y)
+    for j, o in enumerate(singles):
+        for key, v in o.state[0].items():
+            assert np.array_equal(opt.state[j][key], v), key
+
+
+def test_new_gradient_arrays_every_step():
+    """Gradients are new arrays at every step (their addresses change); each step reads the
+    current ones, never a stale address."""
+    rng = np.random.default_rng(9)
+    p = [np.zeros(100, np.float32), np.zeros(5, np.float32)]
+    opt = fa.Adagrad(p, lr=1.0)
+    for _ in range(3):
+        opt.step([np.ones(100, np.float32), np.full(5, 2.0, np.float32)])
+        rng.standard_normal(1000)            # allocate in between
+    ref = [np.zeros(100, np.float32), np.zeros(5, np.float32)]
+    o2 = [fa.Adagrad([r], lr=1.0) for r in ref]
+    for _ in range(3):
+        o2[0].step([np.ones(100, np.float32)])
+        o2[1].step([np.full(5, 2.0, np.float32)])
+    assert np.array_equal(p[0], ref[0]) and np.array_equal(p[1], ref[1])
+
+
+def test_plan_segments_cover_every_element_once():
+    lengths = np.array([0, 5, 1, 300, 0, 129, 128, 1000], dtype=np.int64)
+    segments, units = cpu.plan_segments(lengths, 128)
+    covered = {r: np.zeros(n, int) for r, n in enumerate(lengths)}
+    for row, start, stop in segments:
+        assert 0 <= start < stop <= lengths[row]
+        covered[row][start:stop] += 1
+    assert all((c == 1).all() for c in covered.values())
+    assert units[0] == 0 and units[-1] == len(segments) and (np.diff(units) > 0).all()
+    weights = [sum(s[2] - s[1] for s in segments[units[u]:units[u + 1]]) for u in range(len(units) - 1)]
+    assert all(w == 128 for w in weights[:-1]) and 0 < weights[-1] <= 128
+
+
+def test_many_kernels_compile_once_per_rule_and_dtype(monkeypatch):
+    """Options are runtime values: a second round of steps with other options compiles nothing."""
+    monkeypatch.setattr(config, "PARALLEL_THRESHOLD", 16)
+    kernels = ("_many_serial", "_many_parallel", "_segment", "address")
+
+    def counts():
+        return {k: len(getattr(cpu, k).signatures) for k in kernels}
+
+    def run(options):
+        for name, (cls, hyper) in CASES.items():
+            for dtype in DTYPES:
+                for size in (4, 40):   # serial (8 elements) and parallel (80) loops
+                    opt = cls([np.ones(size, dtype), np.ones(size, dtype)], **options.get(name, hyper))
+                    opt.step([np.ones(size, dtype), np.ones(size, dtype)])
+
+    run({})
+    before = counts()
+    run({"adam": dict(lr=0.1), "adamw": dict(amsgrad=True, maximize=True),
+         "rmsprop": dict(momentum=0.0, centered=False), "adagrad": dict(lr_decay=0.0)})
+    assert counts() == before
