@@ -125,6 +125,11 @@ def _csr_exact_range(rule, p, s1, s2, s3, r0, r1, ncols, rows, indptr, cols, val
         r = nxt + 1
 
 
+@njit(**_OPTS)
+def _csr_exact_serial(rule, p, s1, s2, s3, nrows, ncols, rows, indptr, cols, vals, zero, k):
+    _csr_exact_range(rule, p, s1, s2, s3, 0, nrows, ncols, rows, indptr, cols, vals, zero, k)
+
+
 @njit(parallel=True, **_OPTS)
 def _csr_exact(rule, p, s1, s2, s3, nrows, ncols, rows, indptr, cols, vals, zero, k, nchunks):
     chunk = (nrows + nchunks - 1) // nchunks
@@ -147,6 +152,11 @@ def _rows_exact_range(rule, p, s1, s2, s3, r0, r1, ncols, rows, vals, zero, k):
             _dense_row(rule, p, s1, s2, s3, nxt * ncols, vals, t * ncols, ncols, k)
             t += 1
         r = nxt + 1
+
+
+@njit(**_OPTS)
+def _rows_exact_serial(rule, p, s1, s2, s3, nrows, ncols, rows, vals, zero, k):
+    _rows_exact_range(rule, p, s1, s2, s3, 0, nrows, ncols, rows, vals, zero, k)
 
 
 @njit(parallel=True, **_OPTS)
@@ -173,32 +183,57 @@ def _catch_up(decay, s1, s3, base, ncols, gap, alpha, centered):
             decay(_borrowed(s1), _borrowed(s3), base + c, kd)
 
 
+@njit(inline="always", **_OPTS)
+def _catch_up_row(decay, s1, s3, rows, t, ncols, stamp, step, alpha, centered):
+    row = rows[t]
+    _catch_up(decay, s1, s3, row * ncols, ncols, step - 1 - stamp[row], alpha, centered)
+    stamp[row] = step
+
+
+@njit(**_OPTS)
+def _catch_up_rows_serial(decay, s1, s3, rows, ncols, stamp, step, alpha, centered):
+    for t in range(rows.size):
+        _catch_up_row(decay, s1, s3, rows, t, ncols, stamp, step, alpha, centered)
+
+
 @njit(parallel=True, **_OPTS)
-def _csr_decay(rule, decay, p, s1, s2, s3, rows, indptr, cols, vals, ncols, zero, k,
-               stamp, step, alpha, centered):
+def _catch_up_rows_parallel(decay, s1, s3, rows, ncols, stamp, step, alpha, centered):
+    """Bring the given rows up to ``step - 1`` and stamp them ``step`` (their update follows)."""
     for t in prange(rows.size):
-        row = rows[t]
-        _catch_up(decay, s1, s3, row * ncols, ncols, step - 1 - stamp[row], alpha, centered)
-        _merged_row(rule, p, s1, s2, s3, row * ncols, ncols, cols, vals, indptr[t], indptr[t + 1], zero, k)
+        _catch_up_row(decay, s1, s3, rows, t, ncols, stamp, step, alpha, centered)
+
+
+@njit(**_OPTS)
+def _csr_full_rows_serial(rule, p, s1, s2, s3, rows, indptr, cols, vals, ncols, zero, k):
+    for t in range(rows.size):
+        _merged_row(rule, p, s1, s2, s3, rows[t] * ncols, ncols, cols, vals, indptr[t], indptr[t + 1], zero, k)
+
+
+@njit(parallel=True, **_OPTS)
+def _csr_full_rows_parallel(rule, p, s1, s2, s3, rows, indptr, cols, vals, ncols, zero, k):
+    """The rule on every element of the touched rows (0 where nothing is stored)."""
+    for t in prange(rows.size):
+        _merged_row(rule, p, s1, s2, s3, rows[t] * ncols, ncols, cols, vals, indptr[t], indptr[t + 1], zero, k)
+
+
+@njit(inline="always", **_OPTS)
+def _settle_row(decay, s1, s3, stamp, row, step, ncols, alpha, centered):
+    gap = step - stamp[row]
+    if gap > 0:
+        _catch_up(decay, s1, s3, row * ncols, ncols, gap, alpha, centered)
         stamp[row] = step
 
 
-@njit(parallel=True, **_OPTS)
-def _rows_decay(rule, decay, p, s1, s2, s3, rows, vals, ncols, k, stamp, step, alpha, centered):
-    for t in prange(rows.size):
-        row = rows[t]
-        _catch_up(decay, s1, s3, row * ncols, ncols, step - 1 - stamp[row], alpha, centered)
-        _dense_row(rule, p, s1, s2, s3, row * ncols, vals, t * ncols, ncols, k)
-        stamp[row] = step
+@njit(**_OPTS)
+def _settle_serial(decay, s1, s3, stamp, step, ncols, alpha, centered):
+    for row in range(stamp.size):
+        _settle_row(decay, s1, s3, stamp, row, step, ncols, alpha, centered)
 
 
 @njit(parallel=True, **_OPTS)
-def _settle(decay, s1, s3, stamp, step, ncols, alpha, centered):
+def _settle_parallel(decay, s1, s3, stamp, step, ncols, alpha, centered):
     for row in prange(stamp.size):
-        gap = step - stamp[row]
-        if gap > 0:
-            _catch_up(decay, s1, s3, row * ncols, ncols, gap, alpha, centered)
-            stamp[row] = step
+        _settle_row(decay, s1, s3, stamp, row, step, ncols, alpha, centered)
 
 
 # =========================================================================== canonicalisation helpers
@@ -315,19 +350,30 @@ def _rows_scan(rows, nrows):
     return bad, ascending
 
 
-@njit(parallel=True, **_OPTS)
-def _rows_gather_sum(order, starts, values, out):
+@njit(inline="always", **_OPTS)
+def _gather_sum_row(order, starts, values, out, u):
     """out[u] = sum of values[order[starts[u]:starts[u+1]]], added in that order."""
     ncols = values.shape[1]
-    for u in prange(starts.size - 1):
-        a = starts[u]
-        src = order[a]
+    a = starts[u]
+    src = order[a]
+    for c in range(ncols):
+        out[u, c] = values[src, c]
+    for q in range(a + 1, starts[u + 1]):
+        src = order[q]
         for c in range(ncols):
-            out[u, c] = values[src, c]
-        for q in range(a + 1, starts[u + 1]):
-            src = order[q]
-            for c in range(ncols):
-                out[u, c] = out[u, c] + values[src, c]
+            out[u, c] = out[u, c] + values[src, c]
+
+
+@njit(**_OPTS)
+def _rows_gather_sum_serial(order, starts, values, out):
+    for u in range(starts.size - 1):
+        _gather_sum_row(order, starts, values, out, u)
+
+
+@njit(parallel=True, **_OPTS)
+def _rows_gather_sum_parallel(order, starts, values, out):
+    for u in prange(starts.size - 1):
+        _gather_sum_row(order, starts, values, out, u)
 
 
 def csr_scan(indptr, indices, ncols):
@@ -410,7 +456,10 @@ def rows_sum_duplicates(rows, values):
     urows = srows[starts]
     starts = np.append(starts, srows.size)
     out = np.empty((urows.size, values.shape[1]), values.dtype)
-    _rows_gather_sum(order, starts, values, out)
+    if values.size >= config.PARALLEL_THRESHOLD:
+        _rows_gather_sum_parallel(order, starts, values, out)
+    else:
+        _rows_gather_sum_serial(order, starts, values, out)
     return urows, out
 
 
@@ -441,32 +490,50 @@ class CPUSparseKernels:
     @staticmethod
     def csr_exact(rule, p, s1, s2, s3, nrows, ncols, rows, indptr, cols, vals, k):
         """Run ``rule`` on every element: stored entries with their value, others with 0."""
-        _csr_exact(COMPILED[rule], p, s1, s2, s3, nrows, ncols, rows, indptr, cols, vals,
-                   p.dtype.type(0), k, _nchunks(nrows))
+        if p.size >= config.PARALLEL_THRESHOLD:
+            _csr_exact(COMPILED[rule], p, s1, s2, s3, nrows, ncols, rows, indptr, cols, vals,
+                       p.dtype.type(0), k, _nchunks(nrows))
+        else:
+            _csr_exact_serial(COMPILED[rule], p, s1, s2, s3, nrows, ncols, rows, indptr, cols, vals,
+                              p.dtype.type(0), k)
 
     @staticmethod
     def rows_exact(rule, p, s1, s2, s3, nrows, ncols, rows, vals, k):
         """Run ``rule`` on every element: the given rows with their values, others with 0."""
-        _rows_exact(COMPILED[rule], p, s1, s2, s3, nrows, ncols, rows, vals, p.dtype.type(0), k,
-                    _nchunks(nrows))
+        if p.size >= config.PARALLEL_THRESHOLD:
+            _rows_exact(COMPILED[rule], p, s1, s2, s3, nrows, ncols, rows, vals, p.dtype.type(0), k,
+                        _nchunks(nrows))
+        else:
+            _rows_exact_serial(COMPILED[rule], p, s1, s2, s3, nrows, ncols, rows, vals, p.dtype.type(0), k)
+
+    @staticmethod
+    def _catch_up(decay, s1, s3, rows, ncols, stamp, step, alpha, centered):
+        loop = (_catch_up_rows_parallel if rows.size * ncols >= config.PARALLEL_THRESHOLD
+                else _catch_up_rows_serial)
+        loop(COMPILED[decay], s1, s3, rows, ncols, stamp, step, float(alpha), bool(centered))
 
     @staticmethod
     def csr_decay(rule, decay, p, s1, s2, s3, rows, indptr, cols, vals, ncols, k, stamp, step, alpha,
                   centered):
-        """Catch the touched rows up (``decay``), run ``rule`` on them whole, stamp them ``step``."""
-        _csr_decay(COMPILED[rule], COMPILED[decay], p, s1, s2, s3, rows, indptr, cols, vals, ncols,
-                   p.dtype.type(0), k, stamp, step, float(alpha), bool(centered))
+        """Catch the touched rows up (``decay``), stamp them ``step``, run ``rule`` on them whole."""
+        # two passes (catch-up, then the rule) rather than one loop: fused, the rule's loop
+        # stopped vectorising (measured 5x slower serially)
+        CPUSparseKernels._catch_up(decay, s1, s3, rows, ncols, stamp, step, alpha, centered)
+        loop = (_csr_full_rows_parallel if rows.size * ncols >= config.PARALLEL_THRESHOLD
+                else _csr_full_rows_serial)
+        loop(COMPILED[rule], p, s1, s2, s3, rows, indptr, cols, vals, ncols, p.dtype.type(0), k)
 
     @staticmethod
     def rows_decay(rule, decay, p, s1, s2, s3, rows, vals, ncols, k, stamp, step, alpha, centered):
-        """Row-gradient twin of :meth:`csr_decay`."""
-        _rows_decay(COMPILED[rule], COMPILED[decay], p, s1, s2, s3, rows, vals, ncols, k, stamp, step,
-                    float(alpha), bool(centered))
+        """Row-gradient twin of :meth:`csr_decay` (the rows are whole: the lazy loop runs them)."""
+        CPUSparseKernels._catch_up(decay, s1, s3, rows, ncols, stamp, step, alpha, centered)
+        CPUSparseKernels.rows_lazy(rule, p, s1, s2, s3, rows, vals, ncols, k)
 
     @staticmethod
     def settle(decay, s1, s3, stamp, step, ncols, alpha, centered):
         """Catch every row up to ``step`` (state about to be read)."""
-        _settle(COMPILED[decay], s1, s3, stamp, step, ncols, float(alpha), bool(centered))
+        loop = _settle_parallel if s1.size >= config.PARALLEL_THRESHOLD else _settle_serial
+        loop(COMPILED[decay], s1, s3, stamp, step, ncols, float(alpha), bool(centered))
 
     @staticmethod
     def new_stamp(nrows, value):

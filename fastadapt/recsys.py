@@ -1,0 +1,449 @@
+"""``python -m fastadapt recsys``: matrix factorisation (BPR) on implicit feedback, with sparse steps.
+
+The interactions are a scipy CSR matrix (users x items, 1 = interacted).  By default it is
+generated (seeded): items have Zipf-like popularity, users have log-normal activity, and every
+user has a taste -- one of ``--topics`` item groups -- from which most of their items come, so
+that there is structure to learn.  ``--data PATH`` reads a MovieLens-style file instead: one
+``user item rating [timestamp]`` per line, separated by whitespace, tabs, commas or ``::``
+(ratings >= ``--min-rating`` count as interactions).
+
+One interaction per user (with at least two) is held out.  The model is BPR (Rendle et al.
+2009): user and item embeddings, score ``u . v``, loss ``-log sigmoid(u . v_pos - u . v_neg)``
+with one uniformly drawn negative item per training interaction, plus L2 on the rows used.
+Each mini-batch touches a few thousand rows of the two tables, so its gradients are sparse:
+they are given to the optimizer as :class:`fastadapt.RowGrad` (or, with ``--grad-format csr``,
+as scipy CSR matrices), and only those rows are updated (``--mode lazy``) or the result is the
+dense step's (``--mode exact``).
+
+Per epoch it reports the held-out recall@k (the held-out item among the top k unseen items, on
+``--eval-users`` sampled users) and the training time; then it trains again from the same start
+with the same batches and negatives, but with dense gradients (the tables' shape, zero outside
+the batch's rows) and dense steps, and reports that time and metric too.  ``--quick`` is a small
+problem for a smoke test.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+
+from . import optim
+from .sparse import RowGrad
+
+__all__ = ["generate_interactions", "load_interactions", "split_leave_one_out", "bpr_gradients",
+           "recall_at_k", "train", "add_arguments", "run"]
+
+OPTIMIZERS = {
+    "adagrad": (optim.Adagrad, 0.1),
+    "rmsprop": (optim.RMSprop, 3e-3),
+    "adam": (optim.Adam, 5e-3),
+}
+
+
+# =========================================================================== data
+
+def generate_interactions(n_users=50_000, n_items=20_000, n_interactions=2_000_000, topics=50,
+                          zipf=1.0, taste=0.8, seed=0):
+    """A seeded implicit-feedback matrix with Zipf-like item popularity.
+
+    Parameters
+    ----------
+    n_users, n_items : int
+    n_interactions : int
+        Distinct (user, item) pairs wanted (pairs are drawn until there are that many).
+    topics : int
+        Item groups; each user draws a fraction ``taste`` of their items from one group.
+    zipf : float
+        Popularity exponent: the item of popularity rank ``r`` (within its group, and
+        overall) is drawn with probability proportional to ``1 / (r + 1) ** zipf``.
+    taste : float
+        Fraction of a user's interactions drawn from their group.
+    seed : int
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        ``(n_users, n_items)`` float32, canonical (sorted, no duplicates), all ones, holding
+        ``n_interactions`` entries (to within 0.1 %).
+    """
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    activity = rng.lognormal(0.0, 1.0, n_users)
+    activity /= activity.sum()
+    user_topic = rng.integers(0, topics, n_users)
+    # items of a topic are a contiguous block, popularity-ranked within it; overall ranks are
+    # interleaved so that every topic has popular items
+    per_topic = max(1, n_items // topics)
+    n_target = min(int(n_interactions), n_users * n_items)
+
+    def zipf_ranks(n, size):
+        w = 1.0 / np.arange(1, n + 1) ** zipf
+        cdf = np.cumsum(w)
+        return np.minimum(np.searchsorted(cdf, rng.random(size) * cdf[-1]), n - 1)
+
+    def draw(size):
+        users = rng.choice(n_users, size=size, p=activity)
+        in_topic = rng.random(size) < taste
+        items = np.empty(size, np.int64)
+        m = int(in_topic.sum())
+        items[in_topic] = np.minimum(user_topic[users[in_topic]] * per_topic + zipf_ranks(per_topic, m),
+                                     n_items - 1)
+        overall = zipf_ranks(n_items, size - m)
+        items[~in_topic] = ((overall % topics) * per_topic + overall // topics) % n_items
+        return users * n_items + items
+
+    # repeated pairs merge: draw more until the matrix holds the requested count (a few rounds)
+    keys = np.unique(draw(n_target))
+    for _ in range(8):
+        missing = n_target - keys.size
+        if missing <= n_target // 1000:
+            break
+        keys = np.unique(np.concatenate([keys, draw(2 * missing)]))
+    keys = keys[np.sort(rng.permutation(keys.size)[:n_target])] if keys.size > n_target else keys
+    return sp.csr_matrix((np.ones(keys.size, np.float32), (keys // n_items, keys % n_items)),
+                         shape=(n_users, n_items))
+
+
+def load_interactions(path, min_rating=0.0):
+    """Read a MovieLens-style ``user item rating [timestamp]`` file into a CSR matrix.
+
+    Separators may be whitespace, tabs, commas or ``::``; a non-numeric first line (a
+    header) is skipped.  User and item ids are mapped to ``0 .. n - 1`` in sorted order;
+    ratings ``>= min_rating`` become interactions.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        users x items, float32 ones.
+    """
+    import scipy.sparse as sp
+
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().replace("::", " ").replace(",", " ").replace("\t", " ").splitlines()
+    lines = [ln for ln in lines if ln.strip()]
+    if lines and not _numeric(lines[0].split()[0]):
+        lines = lines[1:]
+    if not lines:
+        raise ValueError(f"{path}: no interactions found (expected lines 'user item rating')")
+    width = len(lines[0].split())
+    if width < 2:
+        raise ValueError(f"{path}: each line needs at least 'user item', got {lines[0]!r}")
+    try:
+        table = np.array([ln.split()[:3] for ln in lines], dtype=np.float64)
+    except ValueError as e:
+        raise ValueError(f"{path}: could not read 'user item rating' numbers ({e})") from None
+    if table.shape[1] >= 3:
+        table = table[table[:, 2] >= min_rating]
+    _, users = np.unique(table[:, 0], return_inverse=True)
+    _, items = np.unique(table[:, 1], return_inverse=True)
+    R = sp.csr_matrix((np.ones(len(users), np.float32), (users, items)),
+                      shape=(int(users.max()) + 1, int(items.max()) + 1))
+    R.sum_duplicates()
+    R.data[:] = 1.0
+    return R
+
+
+def _numeric(token):
+    try:
+        float(token)
+        return True
+    except ValueError:
+        return False
+
+
+def split_leave_one_out(R, seed=0):
+    """Hold out one random interaction of every user who has at least two.
+
+    Returns
+    -------
+    train : csr_matrix
+        ``R`` without the held-out entries.
+    test_users, test_items : ndarray of int64
+        The held-out (user, item) pairs.
+    """
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    counts = np.diff(R.indptr)
+    test_users = np.flatnonzero(counts >= 2)
+    pos = R.indptr[test_users] + (rng.random(test_users.size) * counts[test_users]).astype(np.int64)
+    test_items = R.indices[pos].astype(np.int64)
+    keep = np.ones(R.nnz, bool)
+    keep[pos] = False
+    rows = np.repeat(np.arange(R.shape[0]), counts)[keep]
+    train = sp.csr_matrix((R.data[keep], (rows, R.indices[keep])), shape=R.shape)
+    return train, test_users, test_items
+
+
+# =========================================================================== model
+
+def bpr_gradients(U, V, users, pos, neg, reg):
+    """BPR loss and its gradients for one mini-batch.
+
+    Parameters
+    ----------
+    U, V : ndarray (n_users, dim), (n_items, dim)
+    users, pos, neg : ndarray of int64, shape (b,)
+        Each triple says: ``users[t]`` prefers ``pos[t]`` to ``neg[t]``.
+    reg : float
+        L2 weight on the rows used.
+
+    Returns
+    -------
+    loss : float
+        Mean of ``-log sigmoid(x)``.
+    gU : ndarray (b, dim)
+        Gradient rows of ``U`` at ``users`` (a user may repeat: the rows are summed by the
+        optimizer).
+    item_rows : ndarray (2b,)
+        ``concatenate([pos, neg])``.
+    gV : ndarray (2b, dim)
+        Gradient rows of ``V`` at ``item_rows``.
+    """
+    u, vp, vn = U[users], V[pos], V[neg]
+    diff = vp - vn
+    x = np.einsum("ij,ij->i", u, diff)
+    s = (1.0 / (1.0 + np.exp(x))).astype(U.dtype)[:, None]      # sigmoid(-x) = -d/dx log sigmoid(x)
+    dt = U.dtype.type
+    gU = -s * diff + dt(reg) * u
+    gV = np.concatenate([-s * u + dt(reg) * vp, s * u + dt(reg) * vn])
+    loss = float(np.mean(np.logaddexp(0.0, -x)))
+    return loss, gU, np.concatenate([pos, neg]), gV
+
+
+def recall_at_k(U, V, train, users, items, k=10, block=512):
+    """Fraction of held-out items ranked in the top ``k`` of the items the user has not seen.
+
+    Parameters
+    ----------
+    U, V : ndarray
+    train : csr_matrix
+        Training interactions (excluded from the ranking).
+    users, items : ndarray
+        Held-out pairs to evaluate.
+    """
+    hits = 0
+    for a in range(0, users.size, block):
+        bu, bi = users[a:a + block], items[a:a + block]
+        scores = U[bu] @ V.T
+        sub = train[bu]
+        scores[np.repeat(np.arange(bu.size), np.diff(sub.indptr)), sub.indices] = -np.inf
+        target = scores[np.arange(bu.size), bi]
+        # rank = number of items scoring strictly higher than the held-out one
+        hits += int(np.count_nonzero((scores > target[:, None]).sum(axis=1) < k))
+    return hits / max(1, users.size)
+
+
+class _Progress:
+    """tqdm when installed, else a plain progress line on stderr."""
+
+    def __init__(self, total, desc, enabled=True):
+        self.total, self.desc, self.n, self.bar = total, desc, 0, None
+        self.enabled = enabled
+        self.last = 0.0
+        if enabled:
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, desc=desc, leave=False, unit="batch", file=sys.stderr)
+            except ImportError:
+                self.bar = None
+
+    def update(self, postfix=""):
+        self.n += 1
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            if postfix and (self.n % 20 == 0 or self.n == self.total):
+                self.bar.set_postfix_str(postfix, refresh=False)
+            return
+        now = time.perf_counter()
+        if now - self.last > 0.5 or self.n == self.total:
+            self.last = now
+            sys.stderr.write(f"\r{self.desc}: {self.n}/{self.total} batches {postfix}   ")
+            sys.stderr.flush()
+
+    def close(self):
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        else:
+            sys.stderr.write("\r" + " " * (len(self.desc) + 60) + "\r")
+            sys.stderr.flush()
+
+
+def _as_csr(rows, values, shape):
+    """A gradient as a scipy CSR (duplicate rows summed by scipy's COO -> CSR)."""
+    import scipy.sparse as sp
+
+    dim = shape[1]
+    return sp.csr_matrix((values.reshape(-1), (np.repeat(rows, dim), np.tile(np.arange(dim), rows.size))),
+                         shape=shape)
+
+
+def _as_dense(rows, values, shape):
+    g = np.zeros(shape, values.dtype)
+    np.add.at(g, rows, values)
+    return g
+
+
+def train(R_train, test_users, test_items, *, dim=32, epochs=5, batch_size=8192, optimizer="adagrad",
+          lr=None, mode="lazy", grad_format="rows", reg=1e-4, k=10, seed=0, dtype=np.float32,
+          log=print, progress=True):
+    """Train BPR on ``R_train``; return per-epoch results and the final tables.
+
+    Parameters
+    ----------
+    R_train : csr_matrix
+        Training interactions (users x items).
+    test_users, test_items : ndarray
+        Held-out pairs for recall@k.
+    dim, epochs, batch_size : int
+    optimizer : {"adagrad", "rmsprop", "adam"}
+    lr : float, optional
+        Default per optimizer (:data:`OPTIMIZERS`).
+    mode : {"lazy", "exact"}
+        ``sparse_mode`` of the optimizer.
+    grad_format : {"rows", "csr", "dense"}
+        How the gradients are given: :class:`fastadapt.RowGrad`, scipy CSR, or dense arrays
+        of the tables' shape (dense steps).
+    reg : float
+        L2 weight.
+    k : int
+        recall@k.
+    seed : int
+        Initial tables, batch order and negatives depend on it only, so runs with different
+        ``grad_format`` see the same batches.
+    log : callable or None
+        Called with one line per epoch.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    dict
+        ``epochs``: list of ``{"epoch", "loss", "recall", "seconds"}`` (seconds: training only,
+        evaluation excluded), ``U``, ``V``.
+    """
+    cls, default_lr = OPTIMIZERS[optimizer]
+    lr = default_lr if lr is None else lr
+    n_users, n_items = R_train.shape
+    init = np.random.default_rng(seed)
+    U = (init.standard_normal((n_users, dim)) * 0.1).astype(dtype)
+    V = (init.standard_normal((n_items, dim)) * 0.1).astype(dtype)
+    opt = cls([U, V], lr=lr, sparse_mode=mode)
+    users_all = np.repeat(np.arange(n_users, dtype=np.int64), np.diff(R_train.indptr))
+    items_all = R_train.indices.astype(np.int64)
+    n = users_all.size
+    nbatches = (n + batch_size - 1) // batch_size
+    history = []
+    label = {"rows": "RowGrad", "csr": "CSR", "dense": "dense"}[grad_format]
+    for epoch in range(1, epochs + 1):
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(n)
+        negatives = rng.integers(0, n_items, n)
+        bar = _Progress(nbatches, f"{label} epoch {epoch}/{epochs}", progress)
+        total_loss = 0.0
+        start = time.perf_counter()
+        for b in range(nbatches):
+            idx = order[b * batch_size:(b + 1) * batch_size]
+            users, pos, neg = users_all[idx], items_all[idx], negatives[idx]
+            loss, gU, item_rows, gV = bpr_gradients(U, V, users, pos, neg, reg)
+            total_loss += loss * idx.size
+            if grad_format == "rows":
+                grads = [RowGrad(users, gU), RowGrad(item_rows, gV)]
+            elif grad_format == "csr":
+                grads = [_as_csr(users, gU, U.shape), _as_csr(item_rows, gV, V.shape)]
+            else:
+                grads = [_as_dense(users, gU, U.shape), _as_dense(item_rows, gV, V.shape)]
+            opt.step(grads)
+            bar.update(f"loss {loss:.4f}")
+        seconds = time.perf_counter() - start
+        bar.close()
+        recall = recall_at_k(U, V, R_train, test_users, test_items, k)
+        history.append({"epoch": epoch, "loss": total_loss / n, "recall": recall, "seconds": seconds})
+        if log is not None:
+            log(f"  {label:>7} epoch {epoch}: loss {total_loss / n:.4f}  recall@{k} {recall:.4f}  "
+                f"{seconds:.2f} s")
+    return {"epochs": history, "U": U, "V": V}
+
+
+# =========================================================================== CLI
+
+def add_arguments(parser):
+    """Options of ``python -m fastadapt recsys``."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", metavar="PATH", help="MovieLens-style 'user item rating' file "
+                   "(default: a generated matrix)")
+    g.add_argument("--min-rating", type=float, default=0.0, help="ratings >= this are interactions (--data)")
+    g.add_argument("--users", type=int, default=50_000)
+    g.add_argument("--items", type=int, default=20_000)
+    g.add_argument("--interactions", type=int, default=2_000_000)
+    g.add_argument("--topics", type=int, default=50, help="item groups users draw most items from")
+    g = parser.add_argument_group("training")
+    g.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adagrad")
+    g.add_argument("--mode", choices=["lazy", "exact"], default="lazy", help="sparse_mode")
+    g.add_argument("--grad-format", choices=["rows", "csr"], default="rows",
+                   help="sparse gradients as fastadapt.RowGrad (default) or scipy CSR")
+    g.add_argument("--lr", type=float, default=None, help="default: adagrad 0.1, rmsprop 3e-3, adam 5e-3")
+    g.add_argument("--dim", type=int, default=32)
+    g.add_argument("--epochs", type=int, default=3)
+    g.add_argument("--batch-size", type=int, default=4096)
+    g.add_argument("--reg", type=float, default=1e-4)
+    g.add_argument("--k", type=int, default=10, help="recall@k")
+    g.add_argument("--eval-users", type=int, default=5000, help="held-out users evaluated (sampled)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-dense", action="store_true", help="skip the dense-step comparison")
+    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--quick", action="store_true",
+                   help="a small problem (5k users, 2k items, 100k interactions, 2 epochs)")
+
+
+def run(args):
+    """Run ``python -m fastadapt recsys``; returns the exit status."""
+    if args.quick:
+        args.users, args.items, args.interactions, args.epochs = 5_000, 2_000, 100_000, 2
+        args.batch_size = min(args.batch_size, 2048)
+    t0 = time.perf_counter()
+    if args.data:
+        R = load_interactions(args.data, args.min_rating)
+        source = f"{args.data} (ratings >= {args.min_rating:g})"
+    else:
+        R = generate_interactions(args.users, args.items, args.interactions, args.topics, seed=args.seed)
+        source = f"generated (Zipf item popularity, {args.topics} taste groups, seed {args.seed})"
+    train_R, test_users, test_items = split_leave_one_out(R, args.seed)
+    if test_users.size > args.eval_users:
+        pick = np.sort(np.random.default_rng(args.seed).choice(test_users.size, args.eval_users, replace=False))
+        test_users, test_items = test_users[pick], test_items[pick]
+    print(f"interactions: {R.shape[0]:,} users x {R.shape[1]:,} items, {R.nnz:,} stored "
+          f"({R.nnz / (R.shape[0] * R.shape[1]) * 100:.3f} % dense), scipy CSR; {source}; "
+          f"ready in {time.perf_counter() - t0:.1f} s")
+    print(f"BPR, dim {args.dim}, {args.optimizer} (sparse_mode={args.mode!r}), batch {args.batch_size}, "
+          f"{args.epochs} epochs; held out: 1 item for {test_users.size:,} users, recall@{args.k} "
+          f"(random ranking: {args.k / R.shape[1]:.4f})")
+    kw = dict(dim=args.dim, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
+              lr=args.lr, mode=args.mode, reg=args.reg, k=args.k, seed=args.seed,
+              progress=not args.no_progress)
+    sparse_run = train(train_R, test_users, test_items, grad_format=args.grad_format, **kw)
+    sparse_t = [e["seconds"] for e in sparse_run["epochs"]]
+    steady = slice(1, None) if len(sparse_t) > 1 else slice(None)     # the first epoch compiles
+    note = " (epochs after the first; the first includes compilation)" if len(sparse_t) > 1 else ""
+    result = [f"sparse steps ({args.grad_format}): {np.mean(sparse_t[steady]):.3f} s per epoch{note}, "
+              f"final recall@{args.k} {sparse_run['epochs'][-1]['recall']:.4f}"]
+    if not args.no_dense:
+        dense_run = train(train_R, test_users, test_items, grad_format="dense", **kw)
+        dense_t = [e["seconds"] for e in dense_run["epochs"]]
+        ratio = np.mean(dense_t[steady]) / np.mean(sparse_t[steady])
+        result.append(f"dense steps:          {np.mean(dense_t[steady]):.3f} s per epoch, final recall@{args.k} "
+                      f"{dense_run['epochs'][-1]['recall']:.4f}  ->  sparse steps {ratio:.1f}x faster")
+        if args.mode == "exact" or args.optimizer == "adagrad":
+            d = max(float(np.max(np.abs(sparse_run["U"] - dense_run["U"]))),
+                    float(np.max(np.abs(sparse_run["V"] - dense_run["V"]))))
+            why = "exact mode" if args.mode == "exact" else "Adagrad without weight decay: lazy is exact"
+            result.append(f"sparse vs dense tables ({why}): max |difference| {d:.2e}")
+    print("\n".join(result))
+    return 0
