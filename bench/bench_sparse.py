@@ -10,12 +10,15 @@ What is compared, at each density (fraction of the table's rows touched):
 
 * fastadapt ``SparseAdam`` and ``Adagrad`` with a scipy CSR gradient (canonical, int32 indices)
   and with a ``RowGrad`` (unique sorted rows: the zero-copy fast path);
-* ``RMSprop`` lazy vs ``sparse_mode="exact"`` (closed-form decay catch-up) with a RowGrad;
+* ``RMSprop`` lazy vs ``sparse_mode="exact"`` (closed-form decay catch-up) with a RowGrad, with
+  the same rows at every step and cycling through 4 row sets (rows then have decay to catch up);
 * torch ``SparseAdam`` / ``Adagrad`` with sparse COO gradients in the two forms torch knows:
   one (row, col) index per element -- what a CSR gradient is -- and hybrid COO (one row index
   per row of 64 values: ``nn.Embedding(sparse=True)``'s form, torch's fast path); both built
   coalesced so that torch does no sorting;
-* fastadapt's dense ``Adam`` step on the whole table (what a dense gradient costs).
+* fastadapt's dense ``Adam`` step on the whole table (what a dense gradient costs);
+* the same gradient on a table 10x smaller: a RowGrad step costs the same, a CSR step differs
+  by its O(rows) ``indptr`` scan.
 
 :func:`make_case` builds the inputs and is meant to be imported by other benchmark suites.
 """
@@ -123,37 +126,73 @@ def timeit(fn, repeat, min_time=0.2):
     return float(np.min(times))
 
 
-def fastadapt_timers(case, table):
-    """name -> callable running one fastadapt step on ``table`` (state created by the warm-up)."""
+def fastadapt_timers(case, table, others=()):
+    """name -> callable running one fastadapt step on ``table`` (state created by the warm-up).
+
+    One optimizer per algorithm serves both gradient formats (the state is the same).
+    ``others``: more cases of the same table; the "(k row sets)" RMSprop rows cycle
+    through ``case`` and them, so that exact mode has untouched rows to catch up.
+    """
     def stepper(opt, g):
         return lambda: opt.step([g])
 
-    out = {}
-    out["SparseAdam CSR"] = stepper(fa.SparseAdam([table]), case.csr)
-    out["SparseAdam RowGrad"] = stepper(fa.SparseAdam([table]), case.row_grad)
-    out["Adagrad CSR"] = stepper(fa.Adagrad([table]), case.csr)
-    out["Adagrad RowGrad"] = stepper(fa.Adagrad([table]), case.row_grad)
-    out["RMSprop RowGrad lazy"] = stepper(fa.RMSprop([table]), case.row_grad)
-    out["RMSprop RowGrad exact"] = stepper(fa.RMSprop([table], sparse_mode="exact"), case.row_grad)
-    out["RMSprop CSR exact"] = stepper(fa.RMSprop([table], sparse_mode="exact"), case.csr)
+    def cycler(opt, gs):
+        state = [0]
+
+        def run():
+            opt.step([gs[state[0] % len(gs)]])
+            state[0] += 1
+        return run
+
+    sparse_adam, adagrad = fa.SparseAdam([table]), fa.Adagrad([table])
+    rms_lazy, rms_exact = fa.RMSprop([table]), fa.RMSprop([table], sparse_mode="exact")
+    out = {
+        "SparseAdam CSR": stepper(sparse_adam, case.csr),
+        "SparseAdam RowGrad": stepper(sparse_adam, case.row_grad),
+        "Adagrad CSR": stepper(adagrad, case.csr),
+        "Adagrad RowGrad": stepper(adagrad, case.row_grad),
+        "RMSprop RowGrad lazy": stepper(rms_lazy, case.row_grad),
+        "RMSprop RowGrad exact": stepper(rms_exact, case.row_grad),
+        "RMSprop CSR exact": stepper(rms_exact, case.csr),
+    }
+    if others:
+        gs = [case.row_grad] + [c.row_grad for c in others]
+        out[f"RMSprop RowGrad lazy ({len(gs)} row sets)"] = cycler(rms_lazy, gs)
+        out[f"RMSprop RowGrad exact ({len(gs)} row sets)"] = cycler(rms_exact, gs)
     return out
 
 
 def torch_timers(case):
+    """name -> callable running one torch step (SparseAdam / Adagrad, element and hybrid COO)."""
     import torch
 
     element, hybrid = case.torch_grads()
     p = torch.nn.Parameter(torch.from_numpy(case.table(2)))
     out = {}
-    for name, make in (("SparseAdam", lambda: torch.optim.SparseAdam([p], lr=1e-3)),
-                       ("Adagrad", lambda: torch.optim.Adagrad([p], lr=1e-2))):
+    for name, opt in (("SparseAdam", torch.optim.SparseAdam([p], lr=1e-3)),
+                      ("Adagrad", torch.optim.Adagrad([p], lr=1e-2))):
         for form, g in (("element COO", element), ("hybrid COO", hybrid)):
-            opt = make()
-
             def run(opt=opt, g=g):
                 p.grad = g
                 opt.step()
             out[f"torch {name} {form}"] = run
+    return out
+
+
+def table_scaling(nrows_list, k, ncols, dtype, repeat):
+    """The same k-row gradient (ids below min(nrows_list)) on tables of several sizes."""
+    out = {}
+    small = min(nrows_list)
+    rng = np.random.default_rng(5)
+    rows = np.sort(rng.choice(small, size=k, replace=False)).astype(np.int64)
+    values = rng.standard_normal((k, ncols), dtype=np.float32).astype(dtype)
+    for nrows in nrows_list:
+        case = Case(nrows, ncols, dtype, rows, values)
+        table = np.zeros((nrows, ncols), dtype)
+        opt = fa.SparseAdam([table])
+        out[nrows] = (timeit(lambda: opt.step([case.row_grad]), repeat),
+                      timeit(lambda: opt.step([case.csr]), repeat))
+        del opt, table
     return out
 
 
@@ -166,6 +205,7 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="100k-row table, densities 0.1 %% and 1 %%")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--no-scaling", action="store_true", help="skip the table-size comparison")
     args = parser.parse_args(argv)
     if args.quick:
         args.rows, args.densities, args.repeat = 100_000, [0.001, 0.01], 10
@@ -186,35 +226,37 @@ def main(argv=None):
     print(f"table {args.rows:,} x {args.dim} float32 ({args.rows * args.dim * 4 / 2**20:.0f} MiB), "
           f"{threads} threads, numba {numba.__version__}"
           + (f", torch {torch.__version__}" if torch else ""))
-    cases = [make_case(d, args.rows, args.dim, dtype) for d in args.densities]
-    table = cases[0].table()
+    table = make_case(args.densities[0], args.rows, args.dim, dtype).table()
     results = {}
-    for case in cases:
+    for density in args.densities:
+        case = make_case(density, args.rows, args.dim, dtype)
+        others = [make_case(density, args.rows, args.dim, dtype, seed=s) for s in (1, 2, 3)]
         col = {}
-        for name, fn in fastadapt_timers(case, table).items():
+        for name, fn in fastadapt_timers(case, table, others).items():
             col[name] = timeit(fn, args.repeat)
         if torch is not None:
             for name, fn in torch_timers(case).items():
                 col[name] = timeit(fn, max(3, args.repeat // 4))
-        results[case.rows.size / case.nrows] = col
+        results[density] = col
+        del case, others
     dense_grad = np.zeros_like(table)
     dense_opt = fa.Adam([table])
     dense = timeit(lambda: dense_opt.step([dense_grad]), max(3, args.repeat // 4))
+    del dense_opt, dense_grad
 
-    # the table
     dens = list(results)
     names = list(results[dens[0]])
     width = max(len(n) for n in names) + 2
-    head = "".join(f"{f'{d * 100:g} % rows':>14}" for d in dens)
     print()
-    print(f"{'ms per step':<{width}}{head}")
+    print(f"{'ms per step':<{width}}" + "".join(f"{f'{d * 100:g} % rows':>14}" for d in dens))
     for n in names:
         print(f"{n:<{width}}" + "".join(f"{results[d][n] * 1e3:14.3f}" for d in dens))
-    print(f"{'fastadapt Adam dense step':<{width}}" + f"{dense * 1e3:14.3f}" * len(dens))
-    print(f"{'nnz':<{width}}" + "".join(f"{int(d * args.rows) * args.dim:14,d}" for d in dens))
+    print(f"{'fastadapt Adam, dense step':<{width}}" + f"{dense * 1e3:14.3f}" * len(dens))
+    print(f"{'(nnz)':<{width}}" + "".join(f"{int(round(d * args.rows)) * args.dim:14,d}" for d in dens))
+    wide = width + 14
     if torch is not None:
         print()
-        print("speed-ups (torch time / fastadapt time)")
+        print("speed-up = torch time / fastadapt time")
         ratios = [
             ("SparseAdam CSR vs torch element COO", "torch SparseAdam element COO", "SparseAdam CSR"),
             ("SparseAdam CSR vs torch hybrid COO", "torch SparseAdam hybrid COO", "SparseAdam CSR"),
@@ -224,13 +266,28 @@ def main(argv=None):
             ("Adagrad RowGrad vs torch hybrid COO", "torch Adagrad hybrid COO", "Adagrad RowGrad"),
         ]
         for label, num, den in ratios:
-            print(f"{label:<{width + 14}}" + "".join(f"{results[d][num] / results[d][den]:13.1f}x" for d in dens))
+            print(f"{label:<{wide}}" + "".join(f"{results[d][num] / results[d][den]:13.1f}x" for d in dens))
     print()
-    print(f"{'exact RMSprop / lazy RMSprop (RowGrad)':<{width + 14}}"
+    print(f"{'RMSprop exact / lazy (same rows each step)':<{wide}}"
           + "".join(f"{results[d]['RMSprop RowGrad exact'] / results[d]['RMSprop RowGrad lazy']:13.2f}x"
                     for d in dens))
-    print(f"{'dense Adam step / SparseAdam RowGrad':<{width + 14}}"
+    lazy_c = [n for n in names if n.startswith("RMSprop RowGrad lazy (")]
+    exact_c = [n for n in names if n.startswith("RMSprop RowGrad exact (")]
+    if lazy_c and exact_c:
+        print(f"{'RMSprop exact / lazy (rows change each step)':<{wide}}"
+              + "".join(f"{results[d][exact_c[0]] / results[d][lazy_c[0]]:13.2f}x" for d in dens))
+    print(f"{'dense Adam step / SparseAdam RowGrad step':<{wide}}"
           + "".join(f"{dense / results[d]['SparseAdam RowGrad']:13.1f}x" for d in dens))
+
+    if not args.no_scaling:
+        sizes = sorted({max(1, args.rows // 10), args.rows})
+        k = max(1, int(round(min(args.densities) * args.rows)))
+        scaling = table_scaling(sizes, k, args.dim, dtype, args.repeat)
+        print()
+        print(f"the same {k:,}-row gradient on tables of different sizes (SparseAdam, ms per step):")
+        print(f"{'table rows':>12}{'RowGrad':>12}{'CSR':>12}")
+        for nrows, (t_rows, t_csr) in scaling.items():
+            print(f"{nrows:>12,}{t_rows * 1e3:12.3f}{t_csr * 1e3:12.3f}")
     return 0
 
 

@@ -21,14 +21,52 @@ calls; a device backend provides an object with the same methods.
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from . import config
-from .cpu import COMPILED, _borrowed
+from .cpu import COMPILED
 
 __all__ = ["CPUSparseKernels", "KERNELS"]
 
 _OPTS = config.NJIT_OPTIONS
+
+
+@intrinsic
+def _borrowed(typingctx, a):
+    """``a`` without its reference count: the same data, shape and strides, no meminfo.
+
+    A rule passed as a first-class function is inlined by LLVM, not by numba, and brings
+    the reference-count calls numba puts around its array arguments; where a rule branches
+    LLVM cannot pair them, they stay in the loop and it does not vectorise.  With a null
+    meminfo they fold away.  The caller keeps the arrays alive during the loop.
+    """
+    if not isinstance(a, types.Array):
+        return None
+
+    def codegen(context, builder, signature, args):
+        src = context.make_array(a)(context, builder, value=args[0])
+        out = context.make_array(a)(context, builder)
+        for name in ("nitems", "itemsize", "data", "shape", "strides"):
+            setattr(out, name, getattr(src, name))
+        out.meminfo = cgutils.get_null_value(out.meminfo.type)
+        out.parent = cgutils.get_null_value(out.parent.type)
+        return out._getvalue()
+
+    return a(a), codegen
+
+
+def _slots(p, s1, s2, s3):
+    """The rule's slots, an unused one (a 1-element dummy) replaced by the parameter itself.
+
+    The rule never touches an unused slot, but a vectorised loop may still issue masked
+    (all-false) loads and stores at its index; past a 1-element dummy those hit unmapped or
+    cold pages and each costs a microcode assist (see fastadapt.cpu).  The parameter's
+    pages are mapped and in use.
+    """
+    n = p.size
+    return (s1 if s1.size == n else p), (s2 if s2.size == n else p), (s3 if s3.size == n else p)
 
 
 def _nchunks(nrows):
@@ -479,38 +517,40 @@ class CPUSparseKernels:
     def csr_lazy(rule, p, s1, s2, s3, rows, indptr, cols, vals, ncols, k):
         """Run ``rule`` at the stored entries of a touched-rows CSR gradient."""
         loop = _csr_lazy_parallel if vals.size >= config.PARALLEL_THRESHOLD else _csr_lazy_serial
-        loop(COMPILED[rule], p, s1, s2, s3, rows, indptr, cols, vals, ncols, k)
+        loop(COMPILED[rule], p, *_slots(p, s1, s2, s3), rows, indptr, cols, vals, ncols, k)
 
     @staticmethod
     def rows_lazy(rule, p, s1, s2, s3, rows, vals, ncols, k):
         """Run ``rule`` on every element of the given rows; ``vals`` flat (k * ncols)."""
         loop = _rows_lazy_parallel if vals.size >= config.PARALLEL_THRESHOLD else _rows_lazy_serial
-        loop(COMPILED[rule], p, s1, s2, s3, rows, vals, ncols, k)
+        loop(COMPILED[rule], p, *_slots(p, s1, s2, s3), rows, vals, ncols, k)
 
     @staticmethod
     def csr_exact(rule, p, s1, s2, s3, nrows, ncols, rows, indptr, cols, vals, k):
         """Run ``rule`` on every element: stored entries with their value, others with 0."""
         if p.size >= config.PARALLEL_THRESHOLD:
-            _csr_exact(COMPILED[rule], p, s1, s2, s3, nrows, ncols, rows, indptr, cols, vals,
+            _csr_exact(COMPILED[rule], p, *_slots(p, s1, s2, s3), nrows, ncols, rows, indptr, cols, vals,
                        p.dtype.type(0), k, _nchunks(nrows))
         else:
-            _csr_exact_serial(COMPILED[rule], p, s1, s2, s3, nrows, ncols, rows, indptr, cols, vals,
-                              p.dtype.type(0), k)
+            _csr_exact_serial(COMPILED[rule], p, *_slots(p, s1, s2, s3), nrows, ncols, rows, indptr, cols,
+                              vals, p.dtype.type(0), k)
 
     @staticmethod
     def rows_exact(rule, p, s1, s2, s3, nrows, ncols, rows, vals, k):
         """Run ``rule`` on every element: the given rows with their values, others with 0."""
         if p.size >= config.PARALLEL_THRESHOLD:
-            _rows_exact(COMPILED[rule], p, s1, s2, s3, nrows, ncols, rows, vals, p.dtype.type(0), k,
-                        _nchunks(nrows))
+            _rows_exact(COMPILED[rule], p, *_slots(p, s1, s2, s3), nrows, ncols, rows, vals, p.dtype.type(0),
+                        k, _nchunks(nrows))
         else:
-            _rows_exact_serial(COMPILED[rule], p, s1, s2, s3, nrows, ncols, rows, vals, p.dtype.type(0), k)
+            _rows_exact_serial(COMPILED[rule], p, *_slots(p, s1, s2, s3), nrows, ncols, rows, vals,
+                               p.dtype.type(0), k)
 
     @staticmethod
     def _catch_up(decay, s1, s3, rows, ncols, stamp, step, alpha, centered):
         loop = (_catch_up_rows_parallel if rows.size * ncols >= config.PARALLEL_THRESHOLD
                 else _catch_up_rows_serial)
-        loop(COMPILED[decay], s1, s3, rows, ncols, stamp, step, float(alpha), bool(centered))
+        loop(COMPILED[decay], s1, s3 if s3.size == s1.size else s1, rows, ncols, stamp, step, float(alpha),
+             bool(centered))
 
     @staticmethod
     def csr_decay(rule, decay, p, s1, s2, s3, rows, indptr, cols, vals, ncols, k, stamp, step, alpha,
@@ -521,7 +561,7 @@ class CPUSparseKernels:
         CPUSparseKernels._catch_up(decay, s1, s3, rows, ncols, stamp, step, alpha, centered)
         loop = (_csr_full_rows_parallel if rows.size * ncols >= config.PARALLEL_THRESHOLD
                 else _csr_full_rows_serial)
-        loop(COMPILED[rule], p, s1, s2, s3, rows, indptr, cols, vals, ncols, p.dtype.type(0), k)
+        loop(COMPILED[rule], p, *_slots(p, s1, s2, s3), rows, indptr, cols, vals, ncols, p.dtype.type(0), k)
 
     @staticmethod
     def rows_decay(rule, decay, p, s1, s2, s3, rows, vals, ncols, k, stamp, step, alpha, centered):
@@ -533,7 +573,8 @@ class CPUSparseKernels:
     def settle(decay, s1, s3, stamp, step, ncols, alpha, centered):
         """Catch every row up to ``step`` (state about to be read)."""
         loop = _settle_parallel if s1.size >= config.PARALLEL_THRESHOLD else _settle_serial
-        loop(COMPILED[decay], s1, s3, stamp, step, ncols, float(alpha), bool(centered))
+        loop(COMPILED[decay], s1, s3 if s3.size == s1.size else s1, stamp, step, ncols, float(alpha),
+             bool(centered))
 
     @staticmethod
     def new_stamp(nrows, value):
