@@ -25,3 +25,6 @@ MANY_TENSOR_UNIT = 1 << 16
 #: fastadapt.distributed's reduce-scatter receives at most this many elements per round
 #: (from all ranks together): the bound on its receive buffer, whatever the model size.
 MPI_CHUNK_ELEMENTS = 1 << 22
+
+#: Elements per chunk of the parallel dense loop (a prange over chunks of one parameter).
+PARALLEL_CHUNK = 1 << 16

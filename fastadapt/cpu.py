@@ -10,7 +10,6 @@ import hashlib
 
 import numpy as np
 from numba import njit, prange, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.np.arrayobj import populate_array
 
@@ -59,77 +58,25 @@ COMPILED = {
 
 
 # --------------------------------------------------------------------------- dense
-
-@intrinsic
-def _borrowed(typingctx, a):
-    """``a`` without its reference count: the same data, shape and strides, no meminfo.
-
-    A rule called through a first-class function argument is inlined by LLVM, not by
-    numba, and brings along the reference-count calls (``NRT_incref``/``NRT_decref``)
-    that numba puts around its array arguments.  Where a rule branches (RMSprop's
-    momentum and centered variants) LLVM's refcount pruning cannot pair them, the
-    calls stay inside the loop and the loop does not vectorise (RMSprop ran at
-    1.8 ns per element instead of 0.17).  With a null meminfo every such call is
-    ``NRT_incref(NULL)``, which folds away once inlined.  The caller keeps the arrays
-    alive for the duration of the loop, so nothing needs counting.
-    """
-    if not isinstance(a, types.Array):
-        return None
-
-    def codegen(context, builder, signature, args):
-        src = context.make_array(a)(context, builder, value=args[0])
-        out = context.make_array(a)(context, builder)
-        for name in ("nitems", "itemsize", "data", "shape", "strides"):
-            setattr(out, name, getattr(src, name))
-        out.meminfo = cgutils.get_null_value(out.meminfo.type)
-        out.parent = cgutils.get_null_value(out.parent.type)
-        return out._getvalue()
-
-    return a(a), codegen
-
-
-@njit(parallel=True, **_OPTS)
-def _dense_parallel(rule, p, g, s1, s2, s3, k):
-    for i in prange(p.size):
-        # borrowed inside the body, so that LLVM sees the null meminfo in the loop
-        rule(_borrowed(p), _borrowed(s1), _borrowed(s2), _borrowed(s3), i, g[i], k)
-
-
-@njit(**_OPTS)
-def _dense_serial(rule, p, g, s1, s2, s3, k):
-    pb, b1, b2, b3 = _borrowed(p), _borrowed(s1), _borrowed(s2), _borrowed(s3)
-    for i in range(p.size):
-        rule(pb, b1, b2, b3, i, g[i], k)
-
-
-def dense_step(rule, p, g, s1, s2, s3, k):
-    """Apply ``rule`` to every element of the flat arrays ``p`` and ``g``.
-
-    Parameters
-    ----------
-    rule : numba dispatcher
-        A compiled rule from this module (``adam``, ``adagrad``, ``rmsprop``).
-    p, g : ndarray
-        1-D, C-contiguous, same length and dtype; ``p`` is updated in place.
-    s1, s2, s3 : ndarray
-        The rule's state buffers (1-D, ``p``'s length and dtype) or 1-element dummies
-        for slots the rule does not use with these flags.
-    k : tuple
-        The rule's per-step scalars (``rules.*_scalars``).
-    """
-    if p.size >= config.PARALLEL_THRESHOLD:
-        _dense_parallel(rule, p, g, s1, s2, s3, k)
-    else:
-        _dense_serial(rule, p, g, s1, s2, s3, k)
-
-
-# --------------------------------------------------------------------------- dense, many tensors
-# One call for many parameters: a launch per parameter costs ~5 us of dispatch (typing a
-# rule argument and a dozen scalars), more than torch's fused multi-tensor kernels spend
-# per tensor.  The parameters of one step are described by a table of addresses instead.
-
-#: columns of a many-tensor table: addresses of p, g, s1, s2, s3, then their lengths
-TABLE_COLUMNS = 9
+# Every dense loop ends in `_run`: the rule over elements 0..m-1 of views made from raw
+# addresses.  Why views from addresses rather than the arrays themselves (each measured):
+#
+# * A rule passed as a first-class function is inlined by LLVM, not by numba, and brings the
+#   reference-count calls numba puts around its array arguments; where a rule branches
+#   (RMSprop's momentum and centered variants) LLVM cannot pair them, they stay in the loop
+#   and the loop does not vectorise (RMSprop: 1.8 ns per element instead of 0.2).  A view
+#   made here has no meminfo, so those calls fold away.
+# * A rule indexes with a signed integer; an index that may be negative needs numpy's
+#   wraparound, which stops vectorisation.  The loop index runs from 0, and a chunk of a
+#   larger array is a view that begins at the chunk.
+# * An unused slot gets the parameter's address, not its 1-element dummy's.  The rule never
+#   reads it, but where LLVM does not split the loop on the rule's flags it vectorises the
+#   flagged-off accesses as masked loads and stores with an all-false mask: they touch no
+#   memory, yet on pages past a 1-element dummy (unmapped, or not faulted in) each costs a
+#   microcode assist (RMSprop's prange loop: 9-17 ns per element from ~6M elements on).
+#   The parameter's pages are mapped and in use.
+# * The parallel loop is a prange over chunks, each a call of the same `_run`: inside a
+#   parfor body LLVM if-converted the flags into exactly those masked accesses.
 
 
 @intrinsic
@@ -161,47 +108,100 @@ def address(a):
 
 
 @njit(**_OPTS)
-def _piece(table, row, column, start, m, itemsize):
-    """(address, length) of elements ``start:start + m`` of table entry (row, column);
-    a 1-element dummy stays whole."""
-    length = table[row, column + 4] if column > 0 else table[row, 5]
-    if length != table[row, 5]:
-        return table[row, column], length
-    return table[row, column] + start * itemsize, m
+def _run(rule, proto, ap, ag, a1, a2, a3, m, k):
+    """``rule`` over ``m`` elements of p, g, s1, s2, s3 starting at these addresses."""
+    p = _view(proto, ap, m)
+    g = _view(proto, ag, m)
+    s1 = _view(proto, a1, m)
+    s2 = _view(proto, a2, m)
+    s3 = _view(proto, a3, m)
+    for i in range(m):
+        rule(p, s1, s2, s3, i, g[i], k)
 
 
 @njit(**_OPTS)
-def _segment(table, row, start, stop, rule, proto, k):
-    # views that begin at `start`, so that the loop index runs from 0: a rule indexes
-    # with a signed integer and a possibly negative one would need numpy's wraparound,
-    # which stops LLVM from vectorising
-    m = stop - start
-    size = proto.itemsize
-    a0, n0 = _piece(table, row, 0, start, m, size)
-    a1, n1 = _piece(table, row, 1, start, m, size)
-    a2, n2 = _piece(table, row, 2, start, m, size)
-    a3, n3 = _piece(table, row, 3, start, m, size)
-    a4, n4 = _piece(table, row, 4, start, m, size)
-    p = _view(proto, a0, n0)
-    g = _view(proto, a1, n1)
-    s1 = _view(proto, a2, n2)
-    s2 = _view(proto, a3, n3)
-    s3 = _view(proto, a4, n4)
-    for i in range(m):
-        rule(p, s1, s2, s3, i, g[i], k)
+def _slot_address(s, p):
+    """``s``'s address, or ``p``'s when ``s`` is an unused slot's dummy."""
+    return s.ctypes.data if s.size == p.size else p.ctypes.data
+
+
+@njit(**_OPTS)
+def _dense_chunk(rule, p, g, s1, s2, s3, k, start, stop):
+    off = start * p.itemsize
+    _run(rule, p, p.ctypes.data + off, g.ctypes.data + off, _slot_address(s1, p) + off,
+         _slot_address(s2, p) + off, _slot_address(s3, p) + off, stop - start, k)
+
+
+@njit(parallel=True, **_OPTS)
+def _dense_parallel(rule, p, g, s1, s2, s3, k, chunk):
+    n = p.size
+    for c in prange((n + chunk - 1) // chunk):
+        _dense_chunk(rule, p, g, s1, s2, s3, k, c * chunk, min(n, (c + 1) * chunk))
+
+
+@njit(**_OPTS)
+def _dense_serial(rule, p, g, s1, s2, s3, k):
+    _dense_chunk(rule, p, g, s1, s2, s3, k, 0, p.size)
+
+
+def dense_step(rule, p, g, s1, s2, s3, k):
+    """Apply ``rule`` to every element of the flat arrays ``p`` and ``g``.
+
+    Parameters
+    ----------
+    rule : numba dispatcher
+        A compiled rule from this module (``adam``, ``adagrad``, ``rmsprop``).
+    p, g : ndarray
+        1-D, C-contiguous, same length and dtype; ``p`` is updated in place.
+    s1, s2, s3 : ndarray
+        The rule's state buffers (1-D, ``p``'s length and dtype) or 1-element dummies
+        for slots the rule does not use with these flags.
+    k : tuple
+        The rule's per-step scalars (``rules.*_scalars``).
+    """
+    if p.size >= config.PARALLEL_THRESHOLD:
+        _dense_parallel(rule, p, g, s1, s2, s3, k, config.PARALLEL_CHUNK)
+    else:
+        _dense_serial(rule, p, g, s1, s2, s3, k)
+
+
+# --------------------------------------------------------------------------- dense, many tensors
+# One call for many parameters: a launch per parameter costs ~5 us of dispatch (typing a
+# rule argument and a dozen scalars), more than torch's fused multi-tensor kernels spend
+# per tensor.  The parameters of one step are described by a table of addresses instead.
+
+#: columns of a many-tensor table: addresses of p, g, s1, s2, s3, then their lengths
+TABLE_COLUMNS = 9
+
+
+@njit(**_OPTS)
+def _table_address(table, row, column, off):
+    """Address of table entry (row, column) plus ``off``; an unused slot's is p's (see above)."""
+    if column >= 2 and table[row, column + 4] != table[row, 5]:
+        column = 0
+    return table[row, column] + off
+
+
+@njit(**_OPTS)
+def _segment(rule, proto, table, row, start, stop, k):
+    """Elements ``start:stop`` of the tensors of table row ``row``."""
+    off = start * proto.itemsize
+    _run(rule, proto, _table_address(table, row, 0, off), _table_address(table, row, 1, off),
+         _table_address(table, row, 2, off), _table_address(table, row, 3, off),
+         _table_address(table, row, 4, off), stop - start, k)
 
 
 @njit(parallel=True, **_OPTS)
 def _many_parallel(rule, proto, table, segments, units, k):
     for u in prange(units.size - 1):
         for s in range(units[u], units[u + 1]):
-            _segment(table, segments[s, 0], segments[s, 1], segments[s, 2], rule, proto, k)
+            _segment(rule, proto, table, segments[s, 0], segments[s, 1], segments[s, 2], k)
 
 
 @njit(**_OPTS)
 def _many_serial(rule, proto, table, segments, units, k):
     for s in range(segments.shape[0]):
-        _segment(table, segments[s, 0], segments[s, 1], segments[s, 2], rule, proto, k)
+        _segment(rule, proto, table, segments[s, 0], segments[s, 1], segments[s, 2], k)
 
 
 @njit(**_OPTS)
@@ -257,7 +257,7 @@ def dense_step_many(rule, proto, table, segments, units, k, total):
         s2, s3 (1 for a 1-element dummy), all C-contiguous arrays of ``proto``'s dtype
         that stay alive during the call.
     segments, units : ndarray of int64
-        :func:`plan_segments` of the lengths (used by the parallel loop).
+        :func:`plan_segments` of the lengths.
     k : tuple
         The rule's per-step scalars, shared by every tensor of the call.
     total : int
