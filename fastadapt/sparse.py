@@ -465,16 +465,19 @@ def prepare_sparse_grad(g, p, backend, where, *, optimizer=None):
     nrows, ncols = row_view(p.shape)
     if type(g).__name__ == "RowGrad":
         values = g.values
-        if not hasattr(values, "__cuda_array_interface__"):
-            values = np.asarray(values)
+        if hasattr(values, "__cuda_array_interface__") or hasattr(g.rows, "__cuda_array_interface__"):
+            raise TypeError(f"{where}: RowGrad holds device arrays but its parameter is a host array; "
+                            "keep parameter and gradient on one device")
+        values = np.asarray(values)
         vshape = tuple(values.shape)
         if p.ndim == 1 and (len(vshape) == 1 or vshape[1:] == (1,)):
             values = values.reshape(vshape[0], 1)
         elif p.ndim >= 2 and vshape[1:] == tuple(p.shape[1:]):
             values = values.reshape(vshape[0], ncols)
         elif not (p.ndim > 2 and vshape[1:] == (ncols,)):       # (k, prod(shape[1:])) is fine too
+            want = "(k,)" if p.ndim == 1 else f"(k,) + {tuple(p.shape[1:])}"
             raise ValueError(f"{where}: RowGrad values have shape {vshape}; for a parameter of shape "
-                             f"{tuple(p.shape)} they must have shape (k,) + {tuple(p.shape[1:])}")
+                             f"{tuple(p.shape)} they must have shape {want}")
         rows, values = canonical_rows(g.rows, values, nrows, ncols, p.dtype, where)
         _no_overlap(values, p, backend, where)
         return RowsGrad(rows, values, nrows, ncols, backend)

@@ -555,25 +555,26 @@ def _hand_csr(data, indices, indptr, shape):
     return g
 
 
+def _h(data, indices, indptr):
+    """A hand-built CSR of SHAPE with int32 index arrays (or the given arrays as they are)."""
+    as_index = (lambda a: np.asarray(a, np.int32) if isinstance(a, list) else a)
+    return _hand_csr(data, as_index(indices), as_index(indptr), SHAPE)
+
+
 HOSTILE = [
     ("shape", lambda: sp.csr_matrix((5, 7)), ValueError, "shape"),
     ("1-d shape", lambda: sp.csr_matrix((7, 5)), ValueError, r"\(1, 35\)"),   # for the 1-D parameter
-    ("column too large", lambda: _hand_csr([1.0], np.array([5], np.int32), np.array([0, 1, 1, 1, 1, 1, 1, 1], np.int32), SHAPE),
-     IndexError, "column index 5"),
-    ("column negative", lambda: _hand_csr([1.0], np.array([-1], np.int32), np.array([0, 0, 1, 1, 1, 1, 1, 1], np.int32), SHAPE),
-     IndexError, "column index -1"),
-    ("indptr decreasing", lambda: _hand_csr([1.0, 2.0], np.array([0, 1], np.int32), np.array([0, 2, 1, 2, 2, 2, 2, 2], np.int32), SHAPE),
-     ValueError, "decreases at row 1"),
-    ("indptr past nnz", lambda: _hand_csr([1.0], np.array([0], np.int32), np.array([0, 1, 1, 1, 1, 1, 1, 9], np.int32), SHAPE),
-     ValueError, "points past"),
-    ("indptr start", lambda: _hand_csr([1.0], np.array([0], np.int32), np.array([1, 1, 1, 1, 1, 1, 1, 1], np.int32), SHAPE),
-     ValueError, r"indptr\[0\]"),
-    ("indptr length", lambda: _hand_csr([1.0], np.array([0], np.int32), np.array([0, 1, 1], np.int32), SHAPE),
-     ValueError, "indptr has 3 entries"),
-    ("indices vs data", lambda: _hand_csr([1.0, 2.0], np.array([0], np.int32), np.array([0, 1, 1, 1, 1, 1, 1, 1], np.int32), SHAPE),
-     ValueError, "indices has 1 entries but data has 2"),
-    ("float indices", lambda: _hand_csr([1.0], np.array([0.0]), np.array([0, 1, 1, 1, 1, 1, 1, 1], np.int32), SHAPE),
-     TypeError, "indices must be an integer"),
+    ("column too large", lambda: _h([1.0], [5], [0, 1, 1, 1, 1, 1, 1, 1]), IndexError, "column index 5"),
+    ("column negative", lambda: _h([1.0], [-1], [0, 0, 1, 1, 1, 1, 1, 1]), IndexError, "column index -1"),
+    ("indptr decreasing", lambda: _h([1.0, 2.0], [0, 1], [0, 2, 1, 2, 2, 2, 2, 2]), ValueError,
+     "decreases at row 1"),
+    ("indptr past nnz", lambda: _h([1.0], [0], [0, 1, 1, 1, 1, 1, 1, 9]), ValueError, "points past"),
+    ("indptr start", lambda: _h([1.0], [0], [1, 1, 1, 1, 1, 1, 1, 1]), ValueError, r"indptr\[0\]"),
+    ("indptr length", lambda: _h([1.0], [0], [0, 1, 1]), ValueError, "indptr has 3 entries"),
+    ("indices vs data", lambda: _h([1.0, 2.0], [0], [0, 1, 1, 1, 1, 1, 1, 1]), ValueError,
+     "indices has 1 entries but data has 2"),
+    ("float indices", lambda: _h([1.0], np.array([0.0]), [0, 1, 1, 1, 1, 1, 1, 1]), TypeError,
+     "indices must be an integer"),
     ("integer data", lambda: sp.csr_matrix(np.ones(SHAPE, np.int64)), TypeError, "integer dtype"),
     ("complex data", lambda: sp.csr_matrix(np.ones(SHAPE, np.complex128)), TypeError, "complex dtype"),
     ("bool data", lambda: sp.csr_matrix(np.ones(SHAPE, bool)), TypeError, "boolean dtype"),
@@ -581,7 +582,8 @@ HOSTILE = [
     ("coo", lambda: sp.coo_array(np.ones(SHAPE)), TypeError, "tocsr"),
     ("row id too large", lambda: fa.RowGrad([7], np.ones((1, 5))), IndexError, "row id 7"),
     ("row id negative", lambda: fa.RowGrad([0, -1], np.ones((2, 5))), IndexError, "row id -1"),
-    ("huge uint row id", lambda: fa.RowGrad(np.array([2**64 - 1], np.uint64), np.ones((1, 5))), IndexError, "out of range"),
+    ("huge uint row id", lambda: fa.RowGrad(np.array([2**64 - 1], np.uint64), np.ones((1, 5))), IndexError,
+     "out of range"),
     ("float row ids", lambda: fa.RowGrad([1.0], np.ones((1, 5))), TypeError, "integer array"),
     ("row values shape", lambda: fa.RowGrad([1], np.ones((1, 4))), ValueError, "shape"),
     ("row integer values", lambda: fa.RowGrad([1], np.ones((1, 5), np.int32)), TypeError, "integer dtype"),
