@@ -11,7 +11,7 @@ Two workloads, both timed after a warm-up step (numba compile or cache load):
   elements, a dense gradient per rank at every step;
 * sparse table: ``ShardedTable(fa.Adam)`` of ``--rows`` x ``--dim`` float32, each rank
   looking up and stepping ``--batch`` random rows (Zipf-distributed ids, so with
-  duplicates) per step.
+  duplicates, scattered over the table as hashed ids are) per step.
 
 For each phase rank 0 prints the mean seconds per step, taken as the maximum over the
 ranks (a collective step is as slow as its slowest rank), and every rank's state bytes.
@@ -65,7 +65,10 @@ def main():
     rng = np.random.default_rng(100 + rank)
     table = ShardedTable(fa.Adam, (args.rows, args.dim), comm=comm, lr=1e-2,
                          init=lambda lo, hi: np.full((hi - lo, args.dim), 0.01, np.float32))
-    batches = [(rng.zipf(1.2, args.batch) - 1) % args.rows for _ in range(args.steps + 1)]
+    # Zipf-popular ids, scattered over the id space by a fixed permutation (as hashed ids are): with
+    # contiguous row ownership, popular rows clustered at low ids would all land on rank 0
+    scatter = np.random.default_rng(0).permutation(args.rows)
+    batches = [scatter[(rng.zipf(1.2, args.batch) - 1) % args.rows] for _ in range(args.steps + 1)]
     grads = rng.standard_normal((args.batch, args.dim)).astype(np.float32)
 
     def one(ids):
@@ -106,4 +109,11 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BaseException:
+        # an error on one rank must not leave the others waiting in a collective
+        # (``mpiexec -n 2 python -m mpi4py script.py`` does the same for any script)
+        import traceback
+        traceback.print_exc()
+        MPI.COMM_WORLD.Abort(1)

@@ -269,7 +269,7 @@ class _Bucket:
         self.lo, self.hi = int(self.bounds[rank]), int(self.bounds[rank + 1])
         self.counts = np.diff(self.bounds).tolist()
         self.displs = self.bounds[:-1].tolist()
-        self.grad_shard = np.zeros(self.hi - self.lo, dtype=self.dtype)
+        self.grad_shard = None                      # this rank's combined gradient (allocated on use)
         self.param_block = _contiguous_block(params, self.dtype)   # allgather straight into params
         self._buffer = None
         self._recv = None
@@ -299,9 +299,8 @@ class _Bucket:
         ``config.MPI_CHUNK_ELEMENTS`` elements.
         """
         size = len(self.counts)
-        if size == 1:
-            np.copyto(self.grad_shard, send)
-            return
+        if self.grad_shard is None:
+            self.grad_shard = np.empty(self.hi - self.lo, dtype=self.dtype)
         counts = np.asarray(self.counts, dtype=np.int64)
         chunk = max(1, min(int(counts.max()), config.MPI_CHUNK_ELEMENTS // size))
         if self._recv is None:
@@ -593,6 +592,8 @@ class ShardedOptimizer(_Collective):
     def _reduce_scatter(self, grads, stepped):
         """Combine the ranks' gradients; return this rank's piece of each (None: no step)."""
         tm = self.timings
+        if self.size == 1:                  # the sum (and mean) of one gradient is itself: no copy
+            return [None if g is None else g.reshape(-1) for g in grads]
         for b in self._buckets:
             t = time.perf_counter()
             mine = [grads[j] for j in b.indices]

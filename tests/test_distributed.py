@@ -39,7 +39,8 @@ def launch(n, script, *args, expect_ok=True, via_mpi4py=True):
     reason = _mpi_available()
     if reason:
         pytest.skip(reason)
-    prog = [sys.executable] + (["-m", "mpi4py"] if via_mpi4py else []) + [os.path.join(HERE, "mpi", script)]
+    prog = [sys.executable] + (["-m", "mpi4py"] if via_mpi4py else []) + [os.path.join(HERE, "mpi", script)
+                                                                             if os.sep not in script else script]
     cmd, env = mpiexec_command(n, prog + list(args))
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     t0 = time.perf_counter()
@@ -112,3 +113,13 @@ def test_a_rank_failing_mid_step_aborts_instead_of_hanging():
     assert "fastadapt.distributed: rank 1 of 2 raised during the step's update" in err, err[-3000:]
     assert "injected kernel failure" in err and "aborting the communicator" in err
     assert seconds < 60
+
+
+def test_distributed_recsys_example_matches_one_process():
+    if importlib.util.find_spec("fastadapt.recsys") is None:
+        pytest.skip("fastadapt.recsys (the recommender example) is not there")
+    example = os.path.join(ROOT, "examples", "distributed_recsys.py")
+    _, out, _, _ = launch(2, example, "--quick", "--epochs", "1", "--compare")
+    assert "2 rank(s)" in out and "optimizer state" in out, out
+    line = [x for x in out.splitlines() if "largest |difference|" in x][0]
+    assert float(line.rsplit(" ", 1)[1]) < 1e-4, line          # float32 tables, rows summed in another order
