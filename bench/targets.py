@@ -1,0 +1,256 @@
+"""fastadapt's speed targets, measured in one run: ``python bench/targets.py``.
+
+Prints, with the medians of interleaved rounds (every candidate timed once per round, order
+rotating, so that a change of machine load hits all alike):
+
+1. one 10M-element float32 parameter, per optimizer: fastadapt, torch ``fused=True`` and
+   ``foreach=True`` (when torch is installed), the seed-style numpy code (bench/seed_numpy.py)
+   and the streaming ceiling ``a[i] = a[i]*s + b[i]`` (numba prange, 12 B/element);
+2. 200 float32 tensors of log-uniform sizes 100..200k, per optimizer, against the same, and the
+   per-parameter cost of a step in microseconds (200 tensors of 100 elements);
+3. the memory a 10M-element step allocates (tracemalloc, after the first step);
+4. ``import fastadapt`` + the first step in a fresh process with a warm numba cache;
+5. 1 and 2 numba threads giving bit-identical results.
+
+and a last table of the targets, each MET or MISSED.  Exit status 0 either way (this is a
+measurement, not a test); ``--strict`` exits 1 when a target is missed.  Takes ~2 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import tracemalloc
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")     # see fastadapt.benchmark.passive_openmp
+
+import numpy as np  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+import fastadapt as fa  # noqa: E402
+from fastadapt import benchmark as B  # noqa: E402
+from seed_numpy import seed_case, seed_many_case  # noqa: E402
+
+NAMES = ["adagrad", "rmsprop", "adam", "adamw"]
+
+
+def dense_table(n, rounds):
+    rows = []
+    for name in NAMES:
+        cases = {"stream": B.stream_case(n), "fastadapt": B.dense_case(name, n)}
+        for mode in B.TORCH_MODES:
+            case = B.torch_dense_case(name, n, mode)
+            if case is not None:
+                cases[f"torch_{mode}"] = case
+        cases["numpy"] = seed_case(name, n)
+        med = {k: float(np.median(v)) for k, v in B.interleaved(cases, rounds).items()}
+        fa_t = med["fastadapt"]
+        gbps = B.bytes_per_element(name) * n / fa_t / 1e9
+        ceiling = B.bytes_per_element("stream") * n / med["stream"] / 1e9
+        rows.append(dict(name=name, fastadapt_ms=fa_t * 1e3, gbps=gbps, ceiling_gbps=ceiling,
+                         of_ceiling=gbps / ceiling,
+                         **{f"{k}_ms": med[k] * 1e3 for k in med if k not in ("fastadapt",)},
+                         **{f"x_{k}": med[k] / fa_t for k in med if k not in ("fastadapt", "stream")}))
+        del cases
+    return rows
+
+
+def many_table(sizes, rounds):
+    rows = []
+    for name in NAMES:
+        cases = {"fastadapt": B.many_case(name, sizes)}
+        for mode in B.TORCH_MODES:
+            case = B.torch_many_case(name, sizes, mode)
+            if case is not None:
+                cases[f"torch_{mode}"] = case
+        cases["numpy"] = seed_many_case(name, sizes)
+        med = {k: float(np.median(v)) for k, v in B.interleaved(cases, rounds).items()}
+        rows.append(dict(name=name, **{f"{k}_ms": v * 1e3 for k, v in med.items()},
+                         **{f"x_{k}": v / med["fastadapt"] for k, v in med.items() if k != "fastadapt"}))
+        del cases
+    return rows
+
+
+def overhead_per_parameter(rounds, count=200, size=100):
+    """Microseconds per parameter of a step over `count` tensors of `size` elements (Adam)."""
+    sizes = [size] * count
+    cases = {"fastadapt": B.many_case("adam", sizes)}
+    for mode in B.TORCH_MODES:
+        case = B.torch_many_case("adam", sizes, mode)
+        if case is not None:
+            cases[f"torch_{mode}"] = case
+    med = {k: float(np.median(v)) for k, v in B.interleaved(cases, rounds).items()}
+    return {k: v / count * 1e6 for k, v in med.items()}
+
+
+def step_allocation(n):
+    """Peak bytes traced by tracemalloc during 5 steps of each optimizer (after the first)."""
+    out = {}
+    for name in NAMES:
+        step = B.dense_case(name, n)
+        step()                                            # state buffers are created here
+        tracemalloc.start()
+        for _ in range(5):
+            step()
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        out[name] = peak
+        del step
+    return out
+
+
+COLD = textwrap.dedent("""
+    import time
+    t0 = time.perf_counter()
+    import numpy as np
+    import fastadapt as fa
+    w = np.zeros(1_000_000, np.float32)
+    fa.Adam([w]).step([np.ones_like(w)])
+    print(time.perf_counter() - t0)
+""")
+
+
+def cold_start(repeats=5):
+    """Seconds for `import fastadapt` + the first step (1M float32, the parallel loop) in fresh
+    processes, after one process warmed the numba cache; and the whole processes' wall time."""
+    env = dict(os.environ, PYTHONPATH=os.path.join(HERE, "..") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    subprocess.run([sys.executable, "-c", COLD], check=True, env=env, capture_output=True)
+    inside, wall = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", COLD], check=True, env=env, capture_output=True, text=True)
+        wall.append(time.perf_counter() - t0)
+        inside.append(float(out.stdout.strip().splitlines()[-1]))
+    return float(np.median(inside)), float(np.median(wall))
+
+
+def threads_identical():
+    """Bit-identical parameters and state with numba.set_num_threads(1) and (2), every optimizer."""
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        return None
+    sizes = [3, 100_000, 7, 50_000]
+    results = []
+    for threads in (1, 2):
+        numba.set_num_threads(threads)
+        run = []
+        for name in NAMES:
+            rng = np.random.default_rng(0)
+            params = [rng.standard_normal(s).astype(np.float32) for s in sizes]
+            opt = B.OPTIMIZERS[name](params)
+            single = [rng.standard_normal(200_000).astype(np.float32)]
+            opt1 = B.OPTIMIZERS[name](single)
+            for _ in range(3):
+                opt.step([rng.standard_normal(s).astype(np.float32) for s in sizes])
+                opt1.step([rng.standard_normal(200_000).astype(np.float32)])
+            run.append((params + single, [opt.state_dict(), opt1.state_dict()]))
+        results.append(run)
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    for (pa, sa), (pb, sb) in zip(*results):
+        if not all(np.array_equal(x, y) for x, y in zip(pa, pb)):
+            return False
+        for da, db in zip(sa, sb):
+            for j in da["state"]:
+                for k, v in da["state"][j].items():
+                    if not np.array_equal(v, db["state"][j][k]):
+                        return False
+    return True
+
+
+def fmt(x, spec=".2f"):
+    return "-" if x is None else format(x, spec)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=float, default=1e7)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="1e6 elements, 5 rounds (a smoke run)")
+    parser.add_argument("--json", metavar="PATH", help="also write the measurements as JSON")
+    parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
+    args = parser.parse_args(argv)
+    n, rounds = (10**6, 5) if args.quick else (int(args.size), args.rounds)
+    sizes = B.log_uniform_sizes(200, 100, 200_000, seed=0)
+
+    t_start = time.perf_counter()
+    dense = dense_table(n, rounds)
+    many = many_table(sizes, rounds)
+    overhead = overhead_per_parameter(max(rounds, 20))
+    alloc = step_allocation(n)
+    cold_inside, cold_wall = cold_start()
+    same = threads_identical()
+    info = B.threads_info()
+    elapsed = time.perf_counter() - t_start
+
+    print(f"python bench/targets.py  ({n:,} float32 elements; medians of {rounds} interleaved rounds; "
+          f"numba {info['numba_threads']} threads, {info['threading_layer']} layer, "
+          f"OMP_WAIT_POLICY={info['omp_wait_policy']}; torch {info['torch_version']} "
+          f"{info['torch_threads']} threads; numpy {np.__version__}; {elapsed:.0f} s)\n")
+
+    print(f"1. One parameter of {n:,} float32 elements: ms per step, and how many times fastadapt is faster")
+    print(f"{'':<9}{'fastadapt':>10}{'GB/s':>7}{'ceiling':>9}{'of ceil.':>9}{'fused':>8}{'x':>6}"
+          f"{'foreach':>9}{'x':>7}{'numpy':>9}{'x':>7}")
+    for r in dense:
+        print(f"{r['name']:<9}{r['fastadapt_ms']:>10.2f}{r['gbps']:>7.1f}{r['ceiling_gbps']:>9.1f}"
+              f"{r['of_ceiling']:>9.2f}{fmt(r.get('torch_fused_ms')):>8}{fmt(r.get('x_torch_fused')):>6}"
+              f"{fmt(r.get('torch_foreach_ms')):>9}{fmt(r.get('x_torch_foreach'), '.1f'):>7}"
+              f"{r['numpy_ms']:>9.1f}{r['x_numpy']:>7.1f}")
+    print("   ceiling: the streaming loop's GB/s in the same rounds; x: the other's time / fastadapt's\n")
+
+    print(f"2. {len(sizes)} float32 tensors of log-uniform sizes 100..200k ({sum(sizes):,} elements): ms per step")
+    print(f"{'':<9}{'fastadapt':>10}{'fused':>8}{'x':>6}{'foreach':>9}{'x':>6}{'numpy':>9}{'x':>7}")
+    for r in many:
+        print(f"{r['name']:<9}{r['fastadapt_ms']:>10.2f}{fmt(r.get('torch_fused_ms')):>8}"
+              f"{fmt(r.get('x_torch_fused')):>6}{fmt(r.get('torch_foreach_ms')):>9}"
+              f"{fmt(r.get('x_torch_foreach')):>6}{r['numpy_ms']:>9.1f}{r['x_numpy']:>7.1f}")
+    print("   per-parameter cost of a step (Adam, 200 tensors of 100 elements): "
+          + ", ".join(f"{k} {v:.2f} us" for k, v in overhead.items()) + "\n")
+
+    print(f"3. Peak memory traced by tracemalloc during 5 steps of {n:,}-element float32 parameters: "
+          + ", ".join(f"{k} {v:,} B" for k, v in alloc.items()))
+    print(f"4. import fastadapt + first step (1M float32 Adam), fresh process, warm numba cache: "
+          f"{cold_inside:.2f} s (whole process, interpreter start to exit: {cold_wall:.2f} s)")
+    print(f"5. 1 and 2 numba threads bit-identical: {same}\n")
+
+    by = {r["name"]: r for r in dense}
+    targets = []
+    for name in ("adam", "adamw", "adagrad"):
+        if by[name].get("x_torch_fused") is not None:
+            targets.append((f"{name} >= 0.97x torch fused ({n:.0e})", by[name]["x_torch_fused"], 0.97))
+        targets.append((f"{name} >= 0.90 of the streaming ceiling ({n:.0e})", by[name]["of_ceiling"], 0.90))
+    if by["rmsprop"].get("x_torch_foreach") is not None:
+        targets.append((f"rmsprop >= 4x torch foreach ({n:.0e})", by["rmsprop"]["x_torch_foreach"], 4.0))
+    for r in dense:
+        targets.append((f"{r['name']} >= 10x seed numpy ({n:.0e})", r["x_numpy"], 10.0))
+    for r in many:
+        if r.get("x_torch_fused") is not None:
+            targets.append((f"{r['name']} many tensors >= 1.2x torch fused", r["x_torch_fused"], 1.2))
+    targets.append((f"{n:.0e}-element step allocates < 1 MB (MB)", max(alloc.values()) / 1e6, -1.0))
+    targets.append(("import + first step <= 1 s (warm cache) (s)", cold_inside, -1.0))
+    if same is not None:
+        targets.append(("1 and 2 threads bit-identical", 1.0 if same else 0.0, 1.0))
+    missed = 0
+    print(f"{'target':<50}{'measured':>10}  result")
+    for label, value, threshold in targets:
+        ok = value < 1.0 if threshold == -1.0 else value >= threshold
+        missed += not ok
+        print(f"{label:<50}{value:>10.2f}  {'MET' if ok else 'MISSED'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(n=n, rounds=rounds, info=info, dense=dense, many=many, overhead_us=overhead,
+                           alloc_peak_bytes=alloc, cold_start_s=cold_inside, cold_process_s=cold_wall,
+                           threads_identical=same), f, indent=2)
+    return 1 if (args.strict and missed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
