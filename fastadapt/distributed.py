@@ -658,6 +658,17 @@ class ShardedOptimizer(_Collective):
         """Bytes of optimizer state held on this rank (its shard's buffers)."""
         return sum(v.nbytes for st in self._inner.state for v in st.values() if isinstance(v, np.ndarray))
 
+    def buffer_nbytes(self):
+        """Bytes of communication buffers allocated on this rank.
+
+        The combined-gradient shard (1/P of the parameters), the reduce-scatter's
+        receive buffer (at most ``config.MPI_CHUNK_ELEMENTS`` elements) and, only when a
+        dtype's parameters or gradients are not back to back in memory, a packing
+        buffer the size of those parameters.
+        """
+        return sum(a.nbytes for b in self._buckets for a in (b.grad_shard, b._recv, b._buffer)
+                   if a is not None)
+
     def _layout(self):
         out = []
         for j in range(len(self._params)):
@@ -920,7 +931,9 @@ class ShardedTable(_Collective):
         self.skipped_steps = 0
         self.optimizer_class = optimizer_class
         self._hyper = dict(hyper)
-        self._inner = optimizer_class([local], nonfinite="propagate", **hyper)
+        # one rank: the ordinary optimizer does everything (its own checks, its nonfinite policy)
+        self._solo = size == 1
+        self._inner = optimizer_class([local], nonfinite=self.nonfinite if self._solo else "propagate", **hyper)
         self.param_groups = [dict(self._inner.param_groups[0], params=[local])]
         self.timings = dict(prepare=0.0, agree=0.0, route=0.0, lookup=0.0, kernel=0.0, steps=0, lookups=0)
 
@@ -997,7 +1010,9 @@ class ShardedTable(_Collective):
         FloatingPointError
             With ``nonfinite="raise"``: on every rank, nothing changed.
         """
-        from .sparse import canonical_rows
+        from .sparse import RowGrad, canonical_rows
+        if self._solo:
+            return self._solo_step(grad)
         MPI = self._MPI
         t0 = time.perf_counter()
         error, prepared = None, None
@@ -1042,13 +1057,27 @@ class ShardedTable(_Collective):
                 return False
         t = time.perf_counter()
         with self._guard("the step's update"):
-            from .sparse import RowGrad
             self._inner.param_groups[0].update({k: v for k, v in self.param_groups[0].items() if k != "params"})
             rows -= self.lo
             self._inner.step([RowGrad(rows, vals.reshape((rows.size,) + self.row_shape))])
         self.timings["kernel"] += time.perf_counter() - t
         self.timings["steps"] += 1
         return True
+
+    def _solo_step(self, grad):
+        """One rank: no routing, no agreement; the ordinary optimizer checks and steps."""
+        t0 = time.perf_counter()
+        self._check_hyper()
+        if grad is None:
+            return True
+        if type(grad).__name__ != "RowGrad":
+            raise TypeError(f"a ShardedTable takes a fastadapt.RowGrad (or None), got {type(grad).__name__}")
+        self._inner.param_groups[0].update({k: v for k, v in self.param_groups[0].items() if k != "params"})
+        applied = self._inner.step([grad])
+        self.skipped_steps = self._inner.skipped_steps
+        self.timings["kernel"] += time.perf_counter() - t0
+        self.timings["steps"] += applied
+        return applied
 
     def lookup(self, rows):
         """Collective: the current values of rows (global ids) from their owners.
@@ -1081,8 +1110,15 @@ class ShardedTable(_Collective):
             if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
                 bad = rows[(rows < 0) | (rows >= self.shape[0])][0]
                 raise IndexError(f"row id {int(bad)} is out of range for a table of {self.shape[0]} rows")
+            if self._solo:                   # one rank: every row is local
+                out = self.local[rows]
+                self.timings["lookup"] += time.perf_counter() - t0
+                self.timings["lookups"] += 1
+                return out
             uniq, inverse = np.unique(rows.astype(np.int64), return_inverse=True)
         except Exception as e:
+            if self._solo:
+                raise
             error = e
         t1 = time.perf_counter()
         self._agree(error)
@@ -1192,7 +1228,7 @@ class ShardedTable(_Collective):
                     state[0] = piece
                 inner_sd = {"state": state, "param_groups": sd["param_groups"]}
             new = self.optimizer_class([dict(self.param_groups[0], params=[self.local])],
-                                       nonfinite="propagate", **self._hyper)
+                                       nonfinite=self.nonfinite if self._solo else "propagate", **self._hyper)
             new.load_state_dict(inner_sd)
         except Exception as e:
             error = e
