@@ -227,6 +227,11 @@ class _Collective:
                                  "every rank must construct it with the same parameters (shapes, "
                                  "dtypes, order) and the same options")
 
+    def _sync_hyper(self):
+        """Copy the user-facing groups' hyper-parameters into the ordinary optimizer's groups."""
+        for mine, inner in zip(self.param_groups, self._inner.param_groups):
+            inner.update({k: v for k, v in mine.items() if k != "params"})
+
     @contextlib.contextmanager
     def _guard(self, what):
         """Abort the communicator if anything raises in here (the others are in collectives)."""
@@ -625,8 +630,7 @@ class ShardedOptimizer(_Collective):
         """The ordinary optimizer on this rank's pieces, then all-gather the parameters."""
         MPI, tm = self._MPI, self.timings
         t = time.perf_counter()
-        for mine, inner in zip(self.param_groups, self._inner.param_groups):
-            inner.update({k: v for k, v in mine.items() if k != "params"})
+        self._sync_hyper()
         self._inner.step(local)
         tm["kernel"] += time.perf_counter() - t
         for b in self._buckets:
@@ -689,6 +693,7 @@ class ShardedOptimizer(_Collective):
             :meth:`load_state_dict` into the same rank of the same P, or combine the
             ranks' shards with :meth:`consolidated_state_dict`.
         """
+        self._sync_hyper()
         sd = self._inner.state_dict()
         layout = self._layout()
         sd["state"] = {j: st for j, st in sd["state"].items() if layout[j][1] > layout[j][0]}
@@ -1057,7 +1062,7 @@ class ShardedTable(_Collective):
                 return False
         t = time.perf_counter()
         with self._guard("the step's update"):
-            self._inner.param_groups[0].update({k: v for k, v in self.param_groups[0].items() if k != "params"})
+            self._sync_hyper()
             rows -= self.lo
             self._inner.step([RowGrad(rows, vals.reshape((rows.size,) + self.row_shape))])
         self.timings["kernel"] += time.perf_counter() - t
@@ -1072,7 +1077,7 @@ class ShardedTable(_Collective):
             return True
         if type(grad).__name__ != "RowGrad":
             raise TypeError(f"a ShardedTable takes a fastadapt.RowGrad (or None), got {type(grad).__name__}")
-        self._inner.param_groups[0].update({k: v for k, v in self.param_groups[0].items() if k != "params"})
+        self._sync_hyper()
         applied = self._inner.step([grad])
         self.skipped_steps = self._inner.skipped_steps
         self.timings["kernel"] += time.perf_counter() - t0
@@ -1168,6 +1173,7 @@ class ShardedTable(_Collective):
             ``{"state": {0: {"step", buffers of shape (hi - lo, *row_shape)}},
             "param_groups": [...], "shard": {"rank", "size", "bounds", "shape"}}``.
         """
+        self._sync_hyper()
         sd = self._inner.state_dict()
         sd["shard"] = {"rank": self.rank, "size": self.size, "bounds": self.bounds.tolist(),
                        "shape": self.shape}

@@ -186,6 +186,10 @@ if RANK == 0:                                  # the consolidated dict is an ord
         single.step(combined(t, "sum"))
     for p, q in zip(ps, expected):
         assert p.tobytes() == q.tobytes()
+opt.param_groups[1]["lr"] = 0.125                       # a change not yet stepped is saved too
+assert opt.state_dict()["param_groups"][1]["lr"] == 0.125
+assert opt.consolidated_state_dict(root=None)["param_groups"][1]["lr"] == 0.125
+opt.param_groups[1]["lr"] = 0.05
 passed("state_dict: per-rank shards and consolidated dicts load back and continue bit-exactly")
 
 # a shard of another rank is refused by every rank; a bad dict on one rank only changes nothing anywhere

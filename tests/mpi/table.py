@@ -143,6 +143,8 @@ for sd in (shard, full):
 if SIZE > 1:
     other = COMM.sendrecv(shard, dest=(RANK + 1) % SIZE, source=(RANK - 1) % SIZE)
     expect_raise(ValueError, table.load_state_dict, other, match="shard")
+table.param_groups[0]["lr"] = 0.125
+assert table.state_dict()["param_groups"][0]["lr"] == 0.125
 passed("state_dict: shards and consolidated dicts load back and continue bit-exactly")
 
 # ---------------------------------------------------------------------------------- faults, validation
