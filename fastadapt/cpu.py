@@ -342,6 +342,9 @@ class CPUBackend:
     def copy_into(dst, src):
         np.copyto(dst, src, casting="no")
 
+    #: address of a 1-D numpy array's first element (fast; see :func:`address`)
+    address = staticmethod(address)
+
     @staticmethod
     def memory_span(a):
         """(start, end) byte addresses of ``a``'s buffer, for overlap checks."""

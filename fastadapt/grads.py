@@ -8,17 +8,18 @@ handled here; sparse formats (scipy CSR, :class:`fastadapt.RowGrad`) by
 
 import numpy as np
 
-__all__ = ["prepare_grad", "DenseGrad"]
+__all__ = ["prepare_grad", "dense_host_grad", "DenseGrad"]
 
 
 class DenseGrad:
     """A dense gradient: the parameter's shape and dtype, C-contiguous, viewed flat."""
 
-    __slots__ = ("g", "backend")
+    __slots__ = ("g", "backend", "address")
 
     def __init__(self, g, backend):
         self.g = backend.flat(g)
         self.backend = backend
+        self.address = None               # host arrays: set by dense_host_grad
 
     def all_finite(self):
         return self.backend.all_finite(self.g)
@@ -28,6 +29,27 @@ class DenseGrad:
         s1, s2, s3 = opt._slot_arrays(group, p, state, backend.flat)
         k = opt._scalars(group, state["step"], self.g.dtype)   # == p's dtype, as a numpy dtype
         backend.dense_step(opt.rule, backend.flat(p), self.g, s1, s2, s3, k)
+
+
+def dense_host_grad(g, p, backend, p_span=None):
+    """The common case, in about half a microsecond: ``g`` a numpy array that passes every
+    dense check of :func:`prepare_grad` for the numpy parameter ``p`` (same shape and dtype,
+    C-contiguous, not overlapping ``p``, whose ``backend.memory_span`` is ``p_span`` when
+    given).  Returns its :class:`DenseGrad`, which keeps ``g``'s address for the many-tensor
+    path, or None for anything else (then :func:`prepare_grad` decides, or raises)."""
+    if (type(g) is np.ndarray and type(p) is np.ndarray and g.shape == p.shape and g.dtype == p.dtype
+            and g.flags.c_contiguous):
+        flat = g.reshape(-1)
+        start = backend.address(flat)
+        p0, p1 = backend.memory_span(p) if p_span is None else p_span[:2]
+        if start < p1 and p0 < start + flat.nbytes:
+            return None                   # overlaps its parameter: prepare_grad says so
+        prepared = object.__new__(DenseGrad)
+        prepared.g = flat
+        prepared.backend = backend
+        prepared.address = start
+        return prepared
+    return None
 
 
 def _is_sparse(g):
@@ -58,9 +80,10 @@ def prepare_grad(g, p, backend, where, *, accepts_dense=True, optimizer=None):
     -------
     object with ``all_finite()`` and ``apply(optimizer, group, p, state)``.
     """
-    if (type(g) is np.ndarray and type(p) is np.ndarray and accepts_dense and g.shape == p.shape
-            and g.dtype == p.dtype and g.flags.c_contiguous and not np.may_share_memory(g, p)):
-        return DenseGrad(g, backend)   # the common case, passing every check below, in ~1 us
+    if accepts_dense:
+        prepared = dense_host_grad(g, p, backend)
+        if prepared is not None:
+            return prepared
     if _is_sparse(g):
         from .sparse import prepare_sparse_grad
         return prepare_sparse_grad(g, p, backend, where, optimizer=optimizer)

@@ -73,11 +73,13 @@ def apply_dense(opt, items):
         nothing in it has been applied yet.
     """
     batches = {}
-    for item in items:
-        _, group, p, state, g = item
-        opt._ensure_state(group, p, state)
-        state["step"] += 1
-        key = (id(group), state["step"], p.dtype)
+    for item in items:                       # batches of one group, step count and dtype
+        state = item[3]
+        step = state.get("step")
+        if step is None:                     # first step: state created here (or below)
+            opt._ensure_state(item[1], item[2], state)
+            step = state["step"]
+        key = (id(item[1]), step, item[2].dtype)
         batch = batches.get(key)
         if batch is None:
             batches[key] = batch = []
@@ -87,8 +89,11 @@ def apply_dense(opt, items):
         plans.clear()
     for (_, step, dtype), batch in batches.items():
         group = batch[0][1]
+        step += 1
         if len(batch) == 1:
             _, _, p, state, g = batch[0]
+            opt._ensure_state(group, p, state)
+            state["step"] = step
             g.apply(opt, group, p, state)
             continue
         used = opt._buffer_names(group)
@@ -97,7 +102,11 @@ def apply_dense(opt, items):
         key = (tuple(item[0] for item in batch), names, dtype)
         plan = plans.get(key)
         if plan is None or not plan.matches(batch, names):
+            for _, _, p, state, _ in batch:  # buffers an option switched on since the last step
+                opt._ensure_state(group, p, state)
             plan = plans[key] = _Plan(batch, names, proto)
-        plan.table[:, 1] = [address(item[4].g) for item in batch]
+        for item in batch:
+            item[3]["step"] = step
+        plan.table[:, 1] = [item[4].address or address(item[4].g) for item in batch]
         k = opt._scalars(group, step, dtype)
         dense_step_many(COMPILED[opt.rule], proto, plan.table, plan.segments, plan.units, k, plan.total)

@@ -16,7 +16,7 @@ import numbers
 import numpy as np
 
 from . import rules
-from .grads import DenseGrad, prepare_grad
+from .grads import DenseGrad, dense_host_grad, prepare_grad
 
 __all__ = ["Optimizer", "Adagrad", "RMSprop", "Adam", "AdamW", "SparseAdam"]
 
@@ -276,13 +276,17 @@ class Optimizer:
                              "pass one per parameter in group order (None to skip one)")
         work = []
         j = 0
+        accepts_dense = self.accepts_dense
         for group in self.param_groups:
             self._validate_group(group)
             for p in group["params"]:
                 g = grads[j]
                 if g is not None:
-                    prepared = prepare_grad(g, p, backend_for(p), f"gradient {j}",
-                                            accepts_dense=self.accepts_dense, optimizer=self)
+                    backend = backend_for(p)
+                    prepared = dense_host_grad(g, p, backend, self._spans[j]) if accepts_dense else None
+                    if prepared is None:
+                        prepared = prepare_grad(g, p, backend, f"gradient {j}",
+                                                accepts_dense=accepts_dense, optimizer=self)
                     work.append((j, group, p, self.state[j], prepared))
                 j += 1
         return work
