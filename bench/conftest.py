@@ -17,10 +17,6 @@ its step once before timing, so numba's compilation (or cache load) is never in 
 import os
 import sys
 
-# numba's and torch's OpenMP pools must not spin against each other on a few cores: see
-# fastadapt.benchmark.passive_openmp (set before torch is imported or a parallel loop runs)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, ".."))

@@ -1,7 +1,8 @@
 """fastadapt's speed targets, measured in one run: ``python bench/targets.py``.
 
-Prints, with the medians of interleaved rounds (every candidate timed once per round, order
-rotating, so that a change of machine load hits all alike):
+Prints medians of interleaved rounds (in each round every candidate runs one untimed settling
+call and three timed ones, the order rotating, so that a change of machine load hits all alike
+and each is timed in its own steady state; see fastadapt.benchmark.interleaved):
 
 1. one 10M-element float32 parameter, per optimizer: fastadapt, torch ``fused=True`` and
    ``foreach=True`` (when torch is installed), the seed-style numpy code (bench/seed_numpy.py)
@@ -26,8 +27,6 @@ import sys
 import textwrap
 import time
 import tracemalloc
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")     # see fastadapt.benchmark.passive_openmp
 
 import numpy as np  # noqa: E402
 

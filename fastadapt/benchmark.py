@@ -4,9 +4,10 @@ streaming ceiling measured in the same run, and against torch.optim when torch i
 The streaming ceiling is the loop ``a[i] = a[i] * s + b[i]`` (numba, ``prange``, 12 bytes per
 float32 element): as fast as this machine moves memory with these threads.  An optimizer step
 moves a fixed number of bytes per element (:data:`ARRAYS_TOUCHED`), so its GB/s divided by the
-ceiling's says how close to the hardware it runs.  Candidates are timed in interleaved rounds (one
-call of each per round, order rotating), so a change of machine load hits every candidate alike,
-and every figure is a median over the rounds.
+ceiling's says how close to the hardware it runs.  Candidates are timed in interleaved rounds
+(:func:`interleaved`: each candidate settles with one untimed call, then three timed ones; the
+order rotates), so a change of machine load hits every candidate alike, and every figure is a
+median.
 
 The helpers (:func:`dense_case`, :func:`many_case`, :func:`interleaved`, ...) are also what the
 scripts and suites in the repository's ``bench/`` directory measure with.
@@ -127,16 +128,19 @@ def torch_many_case(name, sizes, mode, dtype=np.float32, seed=0):
     return opt.step
 
 
-def interleaved(cases, rounds, warmup=2, progress=None):
-    """Time ``cases`` (name -> callable) in ``rounds`` interleaved rounds.
+def interleaved(cases, rounds, warmup=2, progress=None, block=3, settle=1):
+    """Time ``cases`` (name -> callable) in ``rounds`` rounds, the cases interleaved.
 
-    Each round calls every case once, in an order rotated by one per round; a change of machine
-    load during the run therefore affects every case alike.
+    In each round every case runs ``settle`` untimed calls, then ``block`` timed ones; the order
+    of the cases rotates by one per round.  A change of machine load during the run therefore
+    affects every case alike, while each case is timed in its own steady state: the untimed call
+    after a switch absorbs the previous case's thread pool still spinning (numba's and torch's
+    OpenMP runtimes are separate pools, see :func:`passive_openmp`) and wakes its own.
 
     Returns
     -------
     dict
-        name -> list of wall times in seconds, one per round.
+        name -> list of wall times in seconds, ``rounds * block`` per case.
     """
     names = list(cases)
     for name in names:
@@ -148,9 +152,12 @@ def interleaved(cases, rounds, warmup=2, progress=None):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             fn = cases[name]
-            t0 = clock()
-            fn()
-            times[name].append(clock() - t0)
+            for _ in range(settle):
+                fn()
+            for _ in range(block):
+                t0 = clock()
+                fn()
+                times[name].append(clock() - t0)
         if progress is not None:
             progress()
     return times
@@ -171,7 +178,7 @@ def threads_info():
             "torch_version": torch.__version__ if torch is not None else None}
 
 
-def measure_dense(names=tuple(OPTIMIZERS), n=10_000_000, dtype=np.float32, rounds=20, use_torch=True,
+def measure_dense(names=tuple(OPTIMIZERS), n=10_000_000, dtype=np.float32, rounds=10, use_torch=True,
                   progress=None):
     """Medians of interleaved rounds: the streaming ceiling, fastadapt and torch, per optimizer.
 
@@ -224,7 +231,7 @@ def format_table(result):
     c = result["ceiling"]
     lines = [
         f"fastadapt bench: {result['n']:,} {result['dtype']} elements, medians of {result['rounds']} "
-        f"interleaved rounds; numba {result['numba_threads']} threads ({result['threading_layer']}, "
+        f"interleaved rounds x 3 calls; numba {result['numba_threads']} threads ({result['threading_layer']}, "
         f"OMP_WAIT_POLICY={result['omp_wait_policy']})"
         + (f", torch {result['torch_version']} {result['torch_threads']} threads"
            if result["torch_version"] else ", torch not installed"),
@@ -283,12 +290,15 @@ def add_arguments(parser):
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), default=list(OPTIMIZERS),
                         metavar="NAME", help="any of " + ", ".join(OPTIMIZERS) + " (default: all)")
-    parser.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds (default 20)")
+    parser.add_argument("--rounds", type=int, default=10,
+                        help="interleaved rounds, 3 timed calls per optimizer and round (default 10)")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for numba and torch (default: numba's default)")
     parser.add_argument("--no-torch", action="store_true", help="do not compare with torch.optim")
     parser.add_argument("--json", action="store_true", help="print the result as JSON (for machines)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--passive-openmp", action="store_true",
+                        help="set OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep instead of spinning)")
 
 
 def passive_openmp():
@@ -297,17 +307,22 @@ def passive_openmp():
 
     numba's OpenMP pool and torch's (torch ships its own libgomp) each keep their threads
     spinning for a while after a parallel loop.  In one process on few cores, a loop of one
-    library then waits for cores the other's idle threads are spinning on: on this project's
-    2-core machines interleaved 10M-element steps of both took 8-13 ms instead of 2.5-6.  Both
-    runtimes read the variable when they start, so call this before importing torch and before
-    the first parallel loop runs.  It costs a thread wake-up (microseconds) per parallel loop.
+    library right after the other's waits for cores the idle threads are spinning on: on this
+    project's 2-core machines, alternating single calls of 10M-element steps took 8-13 ms
+    instead of 2.5-6.  Sleeping threads avoid that, but every parallel loop then pays a
+    wake-up (tens of microseconds), which torch's fused kernels pay once per tensor: with 200
+    tensors torch fused Adam went from ~3.3 ms to ~12 ms.  :func:`interleaved` therefore
+    leaves the policy alone and times each case after an untimed settling call.  Both
+    runtimes read the variable when they start: call this before importing torch and before
+    the first parallel loop runs.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def run(args):
     """Run the benchmark; print the table (or JSON).  Returns the exit status."""
-    passive_openmp()
+    if args.passive_openmp:
+        passive_openmp()
     n = int(args.size)
     if n < 1 or args.rounds < 1:
         print("fastadapt bench: --size and --rounds must be positive", file=sys.stderr)

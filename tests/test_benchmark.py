@@ -52,10 +52,12 @@ def test_bench_rejects_bad_sizes(capsys):
 def test_interleaved_rotates_and_counts():
     calls = []
     cases = {name: (lambda name=name: calls.append(name)) for name in "abc"}
-    times = B.interleaved(cases, rounds=3, warmup=1)
+    times = B.interleaved(cases, rounds=3, warmup=1, block=2, settle=1)
     assert calls[:3] == ["a", "b", "c"]                           # warm-up
-    assert calls[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
-    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+    rounds = [calls[3:12], calls[12:21], calls[21:]]              # each case: 1 settling + 2 timed
+    assert rounds == [["a"] * 3 + ["b"] * 3 + ["c"] * 3, ["b"] * 3 + ["c"] * 3 + ["a"] * 3,
+                      ["c"] * 3 + ["a"] * 3 + ["b"] * 3]
+    assert {k: len(v) for k, v in times.items()} == {"a": 6, "b": 6, "c": 6}
 
 
 def test_cases_step_what_they_say():

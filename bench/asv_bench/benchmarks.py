@@ -17,8 +17,6 @@ except ImportError:                  # `asv run --python=same` from a clone that
     _ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
     sys.path.insert(0, _ROOT)
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import numpy as np  # noqa: E402
 
 from fastadapt import benchmark as B  # noqa: E402
