@@ -27,7 +27,7 @@ import numpy as np
 from mpi4py import MPI
 
 import fastadapt as fa
-from fastadapt.distributed import ShardedOptimizer, ShardedTable
+from fastadapt.distributed import ShardedOptimizer, ShardedTable, shard_bounds
 
 
 def best_of(repeat, steps, comm, timings, step):
@@ -81,6 +81,14 @@ def main():
         "phases_s": phases,
     }
 
+    # the library's own reduce-scatter of the same gradient, for comparison with fastadapt's
+    counts = np.diff(shard_bounds(args.dense, size)).tolist()
+    out_shard = np.empty(counts[rank], np.float32)
+    mpi_rs = {}
+    total, _ = best_of(args.repeat, args.steps, comm, mpi_rs, lambda: comm.Reduce_scatter(
+        [g, MPI.FLOAT], [out_shard, MPI.FLOAT], counts, op=MPI.SUM))
+    out["dense"]["mpi_reduce_scatter_s"] = total
+
     # ------------------------------------------------------------------ sparse table
     rng = np.random.default_rng(100 + rank)
     table = ShardedTable(fa.Adam, (args.rows, args.dim), comm=comm, lr=1e-2,
@@ -115,6 +123,7 @@ def main():
               + ", communication buffers " + ", ".join(f"{b / 2**20:.1f} MiB" for b in d["buffer_bytes_per_rank"])
               + f"; step {d['step_s'] * 1e3:.2f} ms: "
               + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in d["phases_s"].items()))
+        print(f"  (MPI_Reduce_scatter of the same gradient, for comparison: {d['mpi_reduce_scatter_s'] * 1e3:.2f} ms)")
         print(f"table Adam, {t['shape'][0]:,} x {t['shape'][1]} float32, {t['batch_per_rank']} rows/rank/step: "
               "rows per rank " + ", ".join(f"{b / 2**20:.1f} MiB" for b in t["table_bytes_per_rank"])
               + ", state per rank " + ", ".join(f"{b / 2**20:.1f} MiB" for b in t["state_bytes_per_rank"])
