@@ -95,10 +95,20 @@ def _dense_row(rule, p, s1, s2, s3, base, vals, off, ncols, k):
             rule(_borrowed(p), _borrowed(s1), _borrowed(s2), _borrowed(s3), base + c, vals[off + c], k)
 
 
+@njit(**_OPTS)
+def _full_row(rule, p, s1, s2, s3, base, vals, off, ncols, k):
+    """:func:`_dense_row` as a function of its own (not inlined): where a loop also holds the
+    scattered per-entry path, LLVM vectorised neither; called, this one vectorises."""
+    _dense_row(rule, p, s1, s2, s3, base, vals, off, ncols, k)
+
+
 @njit(inline="always", **_OPTS)
 def _merged_row(rule, p, s1, s2, s3, base, ncols, cols, vals, j, end, zero, k):
     """The rule on a whole row: entries j .. end - 1 (ascending columns) with their value, 0 elsewhere."""
-    if base >= 0:
+    if end - j == ncols:                  # every column stored (ascending, in range: 0 .. ncols-1)
+        _full_row(rule, _borrowed(p), _borrowed(s1), _borrowed(s2), _borrowed(s3), base, _borrowed(vals), j,
+                  ncols, k)
+    elif base >= 0:
         for c in range(ncols):
             g = zero
             if j < end and cols[j] == c:
@@ -108,9 +118,13 @@ def _merged_row(rule, p, s1, s2, s3, base, ncols, cols, vals, j, end, zero, k):
 
 
 @njit(inline="always", **_OPTS)
-def _stored_entries(rule, p, s1, s2, s3, base, cols, vals, j, end, k):
-    """The rule on the stored entries j .. end - 1 of a row (scattered: does not vectorise)."""
-    if base >= 0:
+def _stored_entries(rule, p, s1, s2, s3, base, ncols, cols, vals, j, end, k):
+    """The rule on the stored entries j .. end - 1 of a row (scattered: does not vectorise, unless
+    the row is full)."""
+    if end - j == ncols:                  # every column stored (ascending, in range: 0 .. ncols-1)
+        _full_row(rule, _borrowed(p), _borrowed(s1), _borrowed(s2), _borrowed(s3), base, _borrowed(vals), j,
+                  ncols, k)
+    elif base >= 0:
         for q in range(j, end):
             rule(_borrowed(p), _borrowed(s1), _borrowed(s2), _borrowed(s3), base + cols[q], vals[q], k)
 
@@ -121,13 +135,13 @@ def _stored_entries(rule, p, s1, s2, s3, base, cols, vals, j, end, k):
 @njit(**_OPTS)
 def _csr_lazy_serial(rule, p, s1, s2, s3, rows, indptr, cols, vals, ncols, k):
     for t in range(rows.size):
-        _stored_entries(rule, p, s1, s2, s3, rows[t] * ncols, cols, vals, indptr[t], indptr[t + 1], k)
+        _stored_entries(rule, p, s1, s2, s3, rows[t] * ncols, ncols, cols, vals, indptr[t], indptr[t + 1], k)
 
 
 @njit(parallel=True, **_OPTS)
 def _csr_lazy_parallel(rule, p, s1, s2, s3, rows, indptr, cols, vals, ncols, k):
     for t in prange(rows.size):
-        _stored_entries(rule, p, s1, s2, s3, rows[t] * ncols, cols, vals, indptr[t], indptr[t + 1], k)
+        _stored_entries(rule, p, s1, s2, s3, rows[t] * ncols, ncols, cols, vals, indptr[t], indptr[t + 1], k)
 
 
 @njit(**_OPTS)
@@ -211,34 +225,49 @@ def _rows_exact(rule, p, s1, s2, s3, nrows, ncols, rows, vals, zero, k, nchunks)
 # multiplied by alpha), each row keeps the step up to which it is current (`stamp`);
 # a touched row is first caught up in closed form (`decay` = rules.rmsprop_decay with
 # the factor alpha**gap), then updated by the rule.  Untouched rows cost nothing.
+#
+# Two passes: catch the touched rows up, then run the rule on them (the lazy loop for row
+# gradients).  Measured alternatives were slower: catch-up and rule in one loop per row
+# stopped the rule's loop from vectorising (5x), and blocks of 16 rows (catch up, then
+# update, while in cache) ran 1.5-2x slower than the two passes.  Consecutive rows caught
+# up by the same gap share one pow().
+
 
 @njit(inline="always", **_OPTS)
-def _catch_up(decay, s1, s3, base, ncols, gap, alpha, centered):
-    if gap > 0 and base >= 0:
-        # rules.rmsprop_decay_scalars: the factor computed in float64, then rounded to the dtype
-        kd = (centered, s1.dtype.type(alpha ** float(gap)))
+def _decay_row(decay, s1, s3, base, ncols, kd):
+    if base >= 0:
         for c in range(ncols):
             decay(_borrowed(s1), _borrowed(s3), base + c, kd)
 
 
 @njit(inline="always", **_OPTS)
-def _catch_up_row(decay, s1, s3, rows, t, ncols, stamp, step, alpha, centered):
-    row = rows[t]
-    _catch_up(decay, s1, s3, row * ncols, ncols, step - 1 - stamp[row], alpha, centered)
-    stamp[row] = step
+def _catch_up_range(decay, s1, s3, rows, t0, t1, ncols, stamp, step, alpha, centered):
+    """Bring rows[t0:t1] up to ``step - 1`` and stamp them ``step`` (their update follows)."""
+    last = -1
+    factor = s1.dtype.type(1)
+    for t in range(t0, t1):
+        row = rows[t]
+        gap = step - 1 - stamp[row]
+        if gap > 0:
+            if gap != last:
+                # rules.rmsprop_decay_scalars: alpha**gap in float64, rounded to the dtype
+                factor = s1.dtype.type(alpha ** float(gap))
+                last = gap
+            _decay_row(decay, s1, s3, row * ncols, ncols, (centered, factor))
+        stamp[row] = step
 
 
 @njit(**_OPTS)
-def _catch_up_rows_serial(decay, s1, s3, rows, ncols, stamp, step, alpha, centered):
-    for t in range(rows.size):
-        _catch_up_row(decay, s1, s3, rows, t, ncols, stamp, step, alpha, centered)
+def _catch_up_serial(decay, s1, s3, rows, ncols, stamp, step, alpha, centered):
+    _catch_up_range(decay, s1, s3, rows, 0, rows.size, ncols, stamp, step, alpha, centered)
 
 
 @njit(parallel=True, **_OPTS)
-def _catch_up_rows_parallel(decay, s1, s3, rows, ncols, stamp, step, alpha, centered):
-    """Bring the given rows up to ``step - 1`` and stamp them ``step`` (their update follows)."""
-    for t in prange(rows.size):
-        _catch_up_row(decay, s1, s3, rows, t, ncols, stamp, step, alpha, centered)
+def _catch_up_parallel(decay, s1, s3, rows, ncols, stamp, step, alpha, centered, nchunks):
+    chunk = (rows.size + nchunks - 1) // nchunks
+    for c in prange(nchunks):
+        _catch_up_range(decay, s1, s3, rows, c * chunk, min(rows.size, c * chunk + chunk), ncols, stamp,
+                        step, alpha, centered)
 
 
 @njit(**_OPTS)
@@ -255,38 +284,93 @@ def _csr_full_rows_parallel(rule, p, s1, s2, s3, rows, indptr, cols, vals, ncols
 
 
 @njit(inline="always", **_OPTS)
-def _settle_row(decay, s1, s3, stamp, row, step, ncols, alpha, centered):
-    gap = step - stamp[row]
-    if gap > 0:
-        _catch_up(decay, s1, s3, row * ncols, ncols, gap, alpha, centered)
-        stamp[row] = step
+def _settle_range(decay, s1, s3, stamp, r0, r1, step, ncols, alpha, centered):
+    last = -1
+    factor = s1.dtype.type(1)
+    for row in range(r0, r1):
+        gap = step - stamp[row]
+        if gap > 0:
+            if gap != last:
+                factor = s1.dtype.type(alpha ** float(gap))
+                last = gap
+            _decay_row(decay, s1, s3, row * ncols, ncols, (centered, factor))
+            stamp[row] = step
 
 
 @njit(**_OPTS)
 def _settle_serial(decay, s1, s3, stamp, step, ncols, alpha, centered):
-    for row in range(stamp.size):
-        _settle_row(decay, s1, s3, stamp, row, step, ncols, alpha, centered)
+    _settle_range(decay, s1, s3, stamp, 0, stamp.size, step, ncols, alpha, centered)
 
 
 @njit(parallel=True, **_OPTS)
-def _settle_parallel(decay, s1, s3, stamp, step, ncols, alpha, centered):
-    for row in prange(stamp.size):
-        _settle_row(decay, s1, s3, stamp, row, step, ncols, alpha, centered)
+def _settle_parallel(decay, s1, s3, stamp, step, ncols, alpha, centered, nchunks):
+    chunk = (stamp.size + nchunks - 1) // nchunks
+    for c in prange(nchunks):
+        _settle_range(decay, s1, s3, stamp, c * chunk, min(stamp.size, c * chunk + chunk), step, ncols,
+                      alpha, centered)
 
 
 # =========================================================================== canonicalisation helpers
+
+@njit(**_OPTS)
+def _scan_chunk(indptr, indices, ncols, r0, r1, rows, starts, o, limit, stats):
+    """Rows r0 .. r1 - 1 of :func:`_csr_scan` (a function of its own: inside a parfor body
+    its flat loops did not vectorise, 4x slower)."""
+    cap = indices.size
+    o0 = o
+    bad_col = 0
+    unsorted = 0          # descents inside rows (columns not strictly ascending)
+    # pointers: non-decreasing (a vectorised count) and within [0, len(indices)]
+    # (loops run from 0 over an offset known to be >= 0: an index that may be negative
+    # needs numpy's wraparound, which stops vectorisation -- 6x slower here)
+    bad_ptr = 0
+    if r0 >= 0:
+        for r in range(r1 - r0):
+            bad_ptr += indptr[r0 + r + 1] < indptr[r0 + r]
+    e0 = np.int64(indptr[r0])
+    e1 = np.int64(indptr[r1])
+    if e0 < 0 or e1 > cap:
+        bad_ptr += 1
+    if bad_ptr == 0 and e0 >= 0:        # (e0 >= 0 is implied; LLVM needs to see it)
+        # column indices: out of range, and descents (flat, vectorised passes over the
+        # chunk's entries; a descent across a row boundary is taken back below)
+        for j in range(e1 - e0):
+            col = indices[e0 + j]
+            bad_col += (col < 0) | (col >= ncols)
+        for j in range(e1 - e0 - 1):
+            unsorted += indices[e0 + j + 1] <= indices[e0 + j]
+        r = r0
+        while r < r1:
+            if r + 8 <= r1 and indptr[r + 8] == indptr[r]:
+                r += 8                                       # eight empty rows (pointers monotone)
+                continue
+            a = indptr[r]
+            if indptr[r + 1] > a:
+                if o < limit:
+                    rows[o] = r
+                    starts[o] = a
+                o += 1
+                if a > e0:
+                    unsorted -= indices[a] <= indices[a - 1]
+            r += 1
+    stats[0] = o - o0
+    stats[1] = bad_ptr
+    stats[2] = bad_col
+    stats[3] = unsorted
+
 
 @njit(parallel=True, **_OPTS)
 def _csr_scan(indptr, indices, ncols, nchunks):
     """One pass over a CSR's structure: checks it and collects its touched rows.
 
     Returns ``(stats, bound, rows, starts)``; ``stats[c]`` holds, for row chunk ``c``:
-    touched rows, bad ``indptr`` pairs (decreasing or outside ``[0, len(indices)]``),
-    column indices outside ``[0, ncols)``, rows whose columns are not strictly
-    ascending.  Chunk ``c``'s touched rows and their first entries are written to
-    ``rows`` / ``starts`` from ``bound[c]`` on (a chunk has at most as many touched rows
-    as rows and as stored entries, so the buffers hold ``min(nrows, nnz)`` at most).
-    Nothing outside the arrays is read or written, whatever they hold.
+    touched rows, bad ``indptr`` pairs (decreasing, or the chunk's pointers outside
+    ``[0, len(indices)]``), column indices outside ``[0, ncols)``, and descents inside
+    rows (places where a row's columns are not strictly ascending).  Chunk ``c``'s
+    touched rows and their first entries are written to ``rows`` / ``starts`` from
+    ``bound[c]`` on (a chunk has at most as many touched rows as rows and as stored
+    entries, so the buffers hold ``min(nrows, nnz)`` at most).  Nothing outside the
+    arrays is read or written, whatever they hold.
     """
     nrows = indptr.size - 1
     cap = indices.size
@@ -302,41 +386,8 @@ def _csr_scan(indptr, indices, ncols, nchunks):
     stats = np.zeros((nchunks, 4), np.int64)
     for c in prange(nchunks):
         r0 = min(nrows, c * chunk)
-        r1 = min(nrows, r0 + chunk)
-        o = bound[c]
-        limit = bound[c + 1]
-        bad_ptr = 0
-        bad_col = 0
-        unsorted = 0
-        a = indptr[r0]
-        for r in range(r0, r1):
-            b = indptr[r + 1]
-            if b != a:                                   # the rare case in a sparse gradient
-                if a < 0 or b < a or b > cap:
-                    bad_ptr += 1
-                else:
-                    if o < limit:
-                        rows[o] = r
-                        starts[o] = a
-                    o += 1
-                    prev = -1
-                    ascending = True
-                    for j in range(a, b):
-                        col = indices[j]
-                        if col < 0 or col >= ncols:
-                            bad_col += 1
-                        if col <= prev:
-                            ascending = False
-                        prev = col
-                    if not ascending:
-                        unsorted += 1
-            elif a < 0 or a > cap:
-                bad_ptr += 1
-            a = b
-        stats[c, 0] = o - bound[c]
-        stats[c, 1] = bad_ptr
-        stats[c, 2] = bad_col
-        stats[c, 3] = unsorted
+        _scan_chunk(indptr, indices, ncols, r0, min(nrows, r0 + chunk), rows, starts, bound[c], bound[c + 1],
+                    stats[c])
     return stats, bound, rows, starts
 
 
@@ -427,8 +478,8 @@ def csr_scan(indptr, indices, ncols):
     -------
     totals : ndarray of int64, shape (4,)
         Touched rows, bad ``indptr`` pairs (decreasing or outside ``[0, len(indices)]``),
-        column indices outside ``[0, ncols)``, rows whose columns are not strictly
-        ascending (unsorted or duplicated).
+        column indices outside ``[0, ncols)``, descents inside rows (non-zero: some row is
+        unsorted or has duplicates).
     rows : ndarray of int64, shape (k,), or None
         The touched rows, ascending (None when an ``indptr`` pair is bad).
     indptr : ndarray of int64, shape (k + 1,), or None
@@ -516,6 +567,9 @@ class CPUSparseKernels:
     @staticmethod
     def csr_lazy(rule, p, s1, s2, s3, rows, indptr, cols, vals, ncols, k):
         """Run ``rule`` at the stored entries of a touched-rows CSR gradient."""
+        if vals.size == rows.size * ncols:          # every touched row whole: it is the rows form
+            CPUSparseKernels.rows_lazy(rule, p, s1, s2, s3, rows, vals, ncols, k)
+            return
         loop = _csr_lazy_parallel if vals.size >= config.PARALLEL_THRESHOLD else _csr_lazy_serial
         loop(COMPILED[rule], p, *_slots(p, s1, s2, s3), rows, indptr, cols, vals, ncols, k)
 
@@ -528,6 +582,9 @@ class CPUSparseKernels:
     @staticmethod
     def csr_exact(rule, p, s1, s2, s3, nrows, ncols, rows, indptr, cols, vals, k):
         """Run ``rule`` on every element: stored entries with their value, others with 0."""
+        if vals.size == rows.size * ncols:
+            CPUSparseKernels.rows_exact(rule, p, s1, s2, s3, nrows, ncols, rows, vals, k)
+            return
         if p.size >= config.PARALLEL_THRESHOLD:
             _csr_exact(COMPILED[rule], p, *_slots(p, s1, s2, s3), nrows, ncols, rows, indptr, cols, vals,
                        p.dtype.type(0), k, _nchunks(nrows))
@@ -547,17 +604,21 @@ class CPUSparseKernels:
 
     @staticmethod
     def _catch_up(decay, s1, s3, rows, ncols, stamp, step, alpha, centered):
-        loop = (_catch_up_rows_parallel if rows.size * ncols >= config.PARALLEL_THRESHOLD
-                else _catch_up_rows_serial)
-        loop(COMPILED[decay], s1, s3 if s3.size == s1.size else s1, rows, ncols, stamp, step, float(alpha),
-             bool(centered))
+        s3 = s3 if s3.size == s1.size else s1
+        if rows.size * ncols >= config.PARALLEL_THRESHOLD:
+            _catch_up_parallel(COMPILED[decay], s1, s3, rows, ncols, stamp, step, float(alpha), bool(centered),
+                               _nchunks(rows.size))
+        else:
+            _catch_up_serial(COMPILED[decay], s1, s3, rows, ncols, stamp, step, float(alpha), bool(centered))
 
     @staticmethod
     def csr_decay(rule, decay, p, s1, s2, s3, rows, indptr, cols, vals, ncols, k, stamp, step, alpha,
                   centered):
         """Catch the touched rows up (``decay``), stamp them ``step``, run ``rule`` on them whole."""
-        # two passes (catch-up, then the rule) rather than one loop: fused, the rule's loop
-        # stopped vectorising (measured 5x slower serially)
+        if vals.size == rows.size * ncols:
+            CPUSparseKernels.rows_decay(rule, decay, p, s1, s2, s3, rows, vals, ncols, k, stamp, step, alpha,
+                                        centered)
+            return
         CPUSparseKernels._catch_up(decay, s1, s3, rows, ncols, stamp, step, alpha, centered)
         loop = (_csr_full_rows_parallel if rows.size * ncols >= config.PARALLEL_THRESHOLD
                 else _csr_full_rows_serial)
@@ -565,16 +626,19 @@ class CPUSparseKernels:
 
     @staticmethod
     def rows_decay(rule, decay, p, s1, s2, s3, rows, vals, ncols, k, stamp, step, alpha, centered):
-        """Row-gradient twin of :meth:`csr_decay` (the rows are whole: the lazy loop runs them)."""
+        """Row-gradient twin of :meth:`csr_decay` (whole rows: the lazy loop runs the rule)."""
         CPUSparseKernels._catch_up(decay, s1, s3, rows, ncols, stamp, step, alpha, centered)
         CPUSparseKernels.rows_lazy(rule, p, s1, s2, s3, rows, vals, ncols, k)
 
     @staticmethod
     def settle(decay, s1, s3, stamp, step, ncols, alpha, centered):
         """Catch every row up to ``step`` (state about to be read)."""
-        loop = _settle_parallel if s1.size >= config.PARALLEL_THRESHOLD else _settle_serial
-        loop(COMPILED[decay], s1, s3 if s3.size == s1.size else s1, stamp, step, ncols, float(alpha),
-             bool(centered))
+        s3 = s3 if s3.size == s1.size else s1
+        if s1.size >= config.PARALLEL_THRESHOLD:
+            _settle_parallel(COMPILED[decay], s1, s3, stamp, step, ncols, float(alpha), bool(centered),
+                             _nchunks(stamp.size))
+        else:
+            _settle_serial(COMPILED[decay], s1, s3, stamp, step, ncols, float(alpha), bool(centered))
 
     @staticmethod
     def new_stamp(nrows, value):
