@@ -181,6 +181,25 @@ class _Collective:
                                  "every rank must construct it with the same parameters (shapes, "
                                  "dtypes, order) and the same options")
 
+    def close(self):
+        """Collective: free the duplicated communicator (and MPI datatypes) of this object.
+
+        Optional (MPI frees everything at exit); useful when a long-running program builds
+        many sharded objects.  The object cannot communicate afterwards.
+        """
+        for name in ("_row_type", "comm"):
+            handle = getattr(self, name, None)
+            if handle is not None and handle != getattr(self._MPI, "DATATYPE_NULL", None) and \
+                    handle != self._MPI.COMM_NULL:
+                handle.Free()
+            setattr(self, name, None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def _sync_hyper(self):
         """Copy the user-facing groups' hyper-parameters into the ordinary optimizer's groups."""
         for mine, inner in zip(self.param_groups, self._inner.param_groups):

@@ -260,3 +260,9 @@ for policy in ("skip", "raise"):
     assert all(p.tobytes() == q.tobytes() for p, q in zip(params, before[0]))
     assert_same_state(opt.consolidated_state_dict(root=None), before[1])
 passed("nonfinite skip/raise decided on the combined gradient, the same on every rank")
+
+w = np.zeros(5)
+with ShardedOptimizer(fa.Adam, [w], comm=COMM, lr=0.1) as o:          # close() frees the communicator
+    o.step([np.ones(5)])
+assert o.comm is None and np.all(w < 0)
+passed("close() frees the duplicated communicator")

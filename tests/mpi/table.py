@@ -170,3 +170,8 @@ table = ShardedTable(fa.Adam, SHAPE, comm=COMM, lr=0.1, nonfinite="skip")
 g = fa.RowGrad([RANK], np.full((1, 3), np.nan if RANK == SIZE - 1 else 1.0, np.float32))
 assert table.step(g) is False and table.skipped_steps == 1 and not table.local.any()
 passed("nonfinite='skip' decided on the routed rows, the same on every rank")
+
+with ShardedTable(fa.Adagrad, SHAPE, comm=COMM, lr=0.1) as t3:        # close() frees the communicator
+    t3.step(fa.RowGrad([RANK], np.ones((1, 3), np.float32)))
+assert t3.comm is None
+passed("close() frees the duplicated communicator")
