@@ -289,6 +289,31 @@ def test_exact_equals_dense_step_on_toarray(case, dtype):
     assert st_s["step"] == st_d["step"] == STEPS
 
 
+@pytest.mark.parametrize("mode", ["lazy", "exact"])
+@pytest.mark.parametrize("name,hyper", [("rmsprop", dict(lr=0.01, centered=True)), ("adam", dict(lr=0.05)),
+                                        ("rmsprop", dict(lr=0.01, momentum=0.5))], ids=["decay", "adam", "fused"])
+def test_csr_with_whole_rows(name, hyper, mode):
+    """Whole touched rows (the CSR is then run by the row loops) and whole rows mixed with partial ones."""
+    shape = (9, 4)
+    rng = np.random.default_rng(29)
+    p0 = rng.standard_normal(shape)
+    whole = [1, 4, 5]
+    steps = [
+        (np.repeat(whole, 4), np.tile(np.arange(4), 3)),                            # whole rows only
+        (np.r_[np.repeat([0, 6], 4), [2, 2, 7]], np.r_[np.tile(np.arange(4), 2), [3, 0, 1]]),   # mixed
+        (np.repeat(whole, 4), np.tile(np.arange(4), 3)),
+    ]
+    coos = []
+    for r, c in steps:
+        order = np.argsort(r, kind="stable")
+        coos.append((r[order], c[order], rng.standard_normal(r.size)[order]))
+    grads = [to_csr(shape, r, c, v, np.float64) for r, c, v in coos]
+    opt, p = run_fastadapt(CLASSES[name], hyper, p0, grads, mode)
+    p_ref, st_ref = run_reference(name, hyper, p0, coos, mode)
+    assert_close(p, p_ref, 1e-12)
+    assert_state_matches(opt, p, st_ref, 1e-12)
+
+
 def test_exact_strategies():
     """Which optimizer configurations take the O(nnz) paths (SPEC Part A.7)."""
     def strategy(cls, **hyper):
