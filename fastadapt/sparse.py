@@ -299,7 +299,7 @@ def canonical_rows(rows, values, nrows, ncols, dtype, where="gradient"):
                          f"{nrows} rows; row ids must lie in [0, {nrows}) (negative ids are not wrapped)")
     values = _cast(values, dtype)
     if not ascending:
-        rows, values = cpu_sparse.rows_sum_duplicates(rows, values)
+        rows, values = cpu_sparse.rows_sum_duplicates(rows, values, nrows)
     return rows, values
 
 
