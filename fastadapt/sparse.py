@@ -184,7 +184,9 @@ def canonical_csr(g, shape2d, dtype, where="gradient"):
         Not a CSR object, host arrays missing, non-integer indices, non-float data.
     ValueError
         Wrong shape, inconsistent ``indptr``/``indices``/``data`` lengths, ``indptr`` not
-        starting at 0 or decreasing, column index out of range.
+        starting at 0, decreasing or pointing past the stored entries.
+    IndexError
+        A column index outside ``[0, ncols)``.
     """
     from . import cpu_sparse
 
@@ -262,6 +264,15 @@ def canonical_rows(rows, values, nrows, ncols, dtype, where="gradient"):
         The parameter's dtype; ``values`` is cast to it.
     where : str
         How to name the gradient in error messages.
+
+    Raises
+    ------
+    TypeError
+        Non-integer row ids, non-float values.
+    ValueError
+        Wrong shapes.
+    IndexError
+        A row id outside ``[0, nrows)``.
 
     Returns
     -------
