@@ -16,4 +16,13 @@ from . import functional
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # fastadapt.DeviceCSR (a CSR gradient of device arrays) lives in fastadapt.cuda_sparse, which
+    # imports numba.cuda: imported on first use, so that `import fastadapt` never needs a GPU stack
+    if name == "DeviceCSR":
+        from .cuda_sparse import DeviceCSR
+        return DeviceCSR
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = ["Adagrad", "RMSprop", "Adam", "AdamW", "SparseAdam", "Optimizer", "RowGrad", "functional", "__version__"]

@@ -33,10 +33,11 @@ is written (numba does not bounds-check, and a wrong index on a GPU corrupts mem
 The loops
 ---------
 Every loop is a grid-stride loop over one flat range: stored entries (lazy CSR), elements of
-touched rows (lazy rows, exact-decay), or every element of the parameter (exact fused: the
-rule runs with ``g = 0`` where nothing is stored, finding a stored value by binary search in
-its row).  Exact-decay stamps are written by a second kernel, after every thread has read
-them.
+touched rows (lazy rows, exact-decay rows), groups of up to 32 threads per row of the CSR's
+``indptr`` (exact-decay CSR: an untouched row's group exits at once), or every element of the
+parameter (exact fused: the rule runs with ``g = 0`` where nothing is stored, finding a stored
+value by binary search in its row).  Exact-decay stamps live on the parameter's device and are
+written by a second kernel, after every thread has read them.
 """
 
 import numpy as np
@@ -46,7 +47,7 @@ from . import sparse as _sparse
 from .cuda import (SIMULATOR, _context_of, _dtype, _interface, _is_numba_array, _shape,
                    _stream_of, as_device_array, cuda, device_of, launch_dims)
 
-__all__ = ["DeviceCSR", "CUDASparseKernels", "KERNELS", "prepare_sparse_grad"]
+__all__ = ["DeviceCSR", "CUDASparseKernels", "KERNELS", "ROW_LANES", "row_lanes", "prepare_sparse_grad"]
 
 
 class DeviceCSR:
@@ -62,7 +63,7 @@ class DeviceCSR:
 
     Examples
     --------
-    >>> opt.step([fastadapt.cuda_sparse.DeviceCSR((data, indices, indptr), shape=E.shape)])  # doctest: +SKIP
+    >>> opt.step([fastadapt.DeviceCSR((data, indices, indptr), shape=E.shape)])  # doctest: +SKIP
     """
 
     format = "csr"
@@ -270,29 +271,39 @@ class _SparseRuleKernels:
                 i += stride
 
         @cuda.jit
-        def csr_decay(p, s1, s2, s3, rows, identity, indptr, cols, vals, nwalk, ncols, zero, k,
+        def csr_decay(p, s1, s2, s3, rows, identity, indptr, cols, vals, nwalk, ncols, lanes, zero, k,
                       stamp, step, alpha, centered):
+            # ``lanes`` consecutive threads per walked row (a power of two <= 32, so a group
+            # never straddles a warp): an untouched row costs its group two indptr reads
+            # (one broadcast), a touched one is walked column by column, lane by lane.
             e = cuda.grid(1)
             stride = cuda.gridsize(1)
-            n = nwalk * ncols
+            n = nwalk * lanes
             while e < n:
-                t = e // ncols
-                c = e - t * ncols
+                t = e // lanes
                 a = indptr[t]
                 b = indptr[t + 1]
                 if b > a:                                       # a touched row: caught up, then updated
                     r = t
                     if not identity:
                         r = rows[t]
-                    i = r * ncols + c
+                    base = r * ncols
                     gap = step - 1 - stamp[r]
+                    factor = cast(1.0)
                     if gap > 0:
-                        decay(s1, s3, i, (centered, cast(alpha ** (gap * 1.0))))
-                    g = zero
-                    q = _lower_bound(cols, a, b, c)
-                    if q < b and cols[q] == c:
-                        g = vals[q]
-                    dev(p, s1, s2, s3, i, g, k)
+                        factor = cast(alpha ** (gap * 1.0))
+                    q = a                                       # columns ascend: the search moves right
+                    c = e - t * lanes
+                    while c < ncols:
+                        i = base + c
+                        if gap > 0:
+                            decay(s1, s3, i, (centered, factor))
+                        g = zero
+                        q = _lower_bound(cols, q, b, c)
+                        if q < b and cols[q] == c:
+                            g = vals[q]
+                        dev(p, s1, s2, s3, i, g, k)
+                        c += lanes
                 e += stride
 
         @cuda.jit
@@ -341,6 +352,16 @@ def _launch(kernel, n, like, *args):
     blocks, tpb = launch_dims(n)
     with _context_of(like):
         kernel[blocks, tpb, _stream_of(like)](*args)
+
+
+#: the most threads walking one row in :meth:`CUDASparseKernels.csr_decay` (a warp)
+ROW_LANES = 32
+
+
+def row_lanes(ncols):
+    """Threads per row of the exact-decay CSR loop: the power of two >= ``ncols``, at most
+    :data:`ROW_LANES` (a group never straddles a warp; lanes stride over wider rows)."""
+    return min(ROW_LANES, 1 << max(int(ncols) - 1, 0).bit_length())
 
 
 _NO_ROWS = {}
@@ -401,17 +422,24 @@ class CUDASparseKernels:
                   centered):
         """Catch the touched rows up (``decay``), run ``rule`` on them whole, stamp them ``step``.
 
-        With ``rows=None`` (full ``indptr``) the loop walks every row and skips untouched
-        ones: O(nrows * ncols) threads that mostly read two ``indptr`` entries.
+        A group of :func:`row_lanes` threads walks each row of ``indptr``: with ``rows``
+        given (the touched rows), O(touched rows) threads; with ``rows=None`` (the full
+        ``indptr`` of a zero-copy CSR, touched rows unknown), O(nrows) threads, where the
+        group of an untouched row exits after reading ``indptr[r]`` and ``indptr[r + 1]``
+        (the device twin of the CPU path's ``indptr`` scan).  The work on touched rows is
+        O(touched rows x ncols) either way.
         """
         if decay is not rules.rmsprop_decay:
             raise ValueError("the CUDA backend knows one decay rule, rules.rmsprop_decay")
+        if vals.size == 0:
+            return                                      # no row touched: nothing to catch up or stamp
         ks = _kernels(rule, p.dtype)
         identity = rows is None
         rows_ = _no_rows(p) if identity else rows
         nwalk = indptr.size - 1
-        _launch(ks.csr_decay, nwalk * ncols, p, p, s1, s2, s3, rows_, identity, indptr, cols, vals, nwalk,
-                ncols, p.dtype.type(0), k, stamp, step, float(alpha), bool(centered))
+        lanes = row_lanes(ncols)
+        _launch(ks.csr_decay, nwalk * lanes, p, p, s1, s2, s3, rows_, identity, indptr, cols, vals, nwalk,
+                ncols, lanes, p.dtype.type(0), k, stamp, step, float(alpha), bool(centered))
         _launch(_stamp_rows, nwalk, p, rows_, identity, indptr, nwalk, stamp, step)
 
     @staticmethod
@@ -433,11 +461,19 @@ class CUDASparseKernels:
 
     @staticmethod
     def new_stamp(nrows, value):
-        """A per-row stamp array (int64, on the current device) filled with ``value``."""
+        """A per-row stamp array (int64) filled with ``value``, on the current device.
+
+        Called from a sparse step, which runs in its parameter's device context
+        (:class:`_DeviceStep`), so the stamps live on the parameter's device.  Made once
+        per parameter: the fill (on the legacy default stream) is waited for, so that a
+        kernel on any stream of the parameter reads it filled.
+        """
         stamp = cuda.device_array(int(nrows), dtype=np.int64)
         if nrows:
             blocks, tpb = launch_dims(nrows)
             _fill_int[blocks, tpb](stamp, np.int64(value))
+            if not SIMULATOR:
+                cuda.default_stream().synchronize()
         return stamp
 
 
@@ -447,16 +483,21 @@ KERNELS = CUDASparseKernels()
 # =========================================================================== preparing a device gradient
 
 class _DeviceStep:
-    """Mixin: run :class:`fastadapt.sparse` steps with the parameter's numba view.
+    """Mixin: run :class:`fastadapt.sparse` steps with the parameter's numba view, in its device context.
 
     ``sparse._Prepared.apply`` reads ``p.dtype`` as a numpy dtype; torch tensors have
-    their own, so the flat numba view (same memory, numpy dtype) is passed instead.
+    their own, so the flat numba view (same memory, numpy dtype) is passed instead.  The
+    step runs with the parameter's device current, so state it creates (the exact-decay
+    stamps, :meth:`CUDASparseKernels.new_stamp`) is allocated there, whatever device was
+    current before.
     """
 
     __slots__ = ()
 
     def apply(self, opt, group, p, state):
-        super().apply(opt, group, self.backend.flat(p), state)
+        view = self.backend.flat(p)
+        with _context_of(view):
+            super().apply(opt, group, view, state)
 
 
 class DeviceCSRGrad(_DeviceStep, _sparse.CSRGrad):

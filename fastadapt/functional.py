@@ -6,6 +6,11 @@ the optimizer classes.  ``step`` is the number of this update, counting from 1 (
 what bias correction and Adagrad's ``lr_decay`` use); the caller keeps and increments
 it.
 
+The arrays are numpy arrays, or CUDA arrays on one device (CuPy, torch CUDA tensors,
+numba device arrays; see the README's GPU section); dtypes are compared as numpy dtypes
+whatever the array library, and unused rule slots share one cached 1-element buffer per
+device and dtype (nothing is allocated per call).
+
 Example
 -------
 >>> import numpy as np
@@ -18,6 +23,8 @@ array([0.9, 0.9, 0.9, 0.9])
 
 import numbers
 
+import numpy as np
+
 from . import rules
 from .grads import prepare_grad
 from .optim import _check_betas, _check_number, backend_for
@@ -25,9 +32,32 @@ from .optim import _check_betas, _check_number, backend_for
 __all__ = ["adagrad", "rmsprop", "adam", "adamw"]
 
 
+def _dtype_of(backend, a):
+    """``a``'s dtype as a numpy dtype (torch tensors have their own dtype type; the CUDA
+    backend's ``dtype_of`` reads it from the array interface)."""
+    dtype_of = getattr(backend, "dtype_of", None)
+    return np.dtype(a.dtype) if dtype_of is None else dtype_of(a)
+
+
+_DUMMIES = {}
+
+
+def _dummy(backend, param, dtype):
+    """A 1-element buffer of ``dtype`` on ``param``'s device for rule slots that are unused
+    with the given options; made once per (backend, device, dtype), then reused."""
+    device_of = getattr(backend, "device_of", None)
+    key = (backend.name, None if device_of is None else device_of(param), dtype.str)
+    d = _DUMMIES.get(key)
+    if d is None:
+        d = _DUMMIES[key] = backend.flat(backend.full_like(backend.flat(param)[:1], 0.0))
+    return d
+
+
 def _check_arrays(param, grad, buffers):
+    """Check the arrays of one update; returns (backend, numpy dtype, flat gradient, (s1, s2, s3))."""
     backend = backend_for(param)
     backend.check_param(param, "param")
+    dtype = _dtype_of(backend, param)
     prepared = prepare_grad(grad, param, backend, "grad")
     if not hasattr(prepared, "g"):
         raise TypeError("the functional layer takes dense gradients; use an optimizer class for sparse ones")
@@ -37,9 +67,13 @@ def _check_arrays(param, grad, buffers):
             flats.append(None)
             continue
         backend.check_param(buf, name)
-        if tuple(buf.shape) != tuple(param.shape) or buf.dtype != param.dtype:
-            raise ValueError(f"{name} has shape {tuple(buf.shape)} and dtype {buf.dtype}; it must match "
-                             f"param ({tuple(param.shape)}, {param.dtype})")
+        buf_dtype = _dtype_of(backend, buf)
+        if tuple(buf.shape) != tuple(param.shape) or buf_dtype != dtype:
+            raise ValueError(f"{name} has shape {tuple(buf.shape)} and dtype {buf_dtype}; it must match "
+                             f"param ({tuple(param.shape)}, {dtype})")
+        check_same_device = getattr(backend, "check_same_device", None)
+        if check_same_device is not None:
+            check_same_device(buf, param, name)
         flats.append(backend.flat(buf))
     spans = [("param", backend.memory_span(param))] + [
         (name, backend.memory_span(buf)) for name, buf in buffers if buf is not None]
@@ -48,10 +82,11 @@ def _check_arrays(param, grad, buffers):
             (na, (a0, a1)), (nb, (b0, b1)) = spans[a], spans[b]
             if a0 < b1 and b0 < a1:
                 raise ValueError(f"{na} and {nb} share memory; each needs its own array")
-    dummy = backend.flat(backend.full_like(param.reshape(-1)[:1], 0.0))
-    flats = [f if f is not None else dummy for f in flats]
-    flats += [dummy] * (3 - len(flats))
-    return backend, prepared.g, flats
+    if len(flats) < 3 or any(f is None for f in flats):
+        dummy = _dummy(backend, param, dtype)
+        flats = [f if f is not None else dummy for f in flats]
+        flats += [dummy] * (3 - len(flats))
+    return backend, dtype, prepared.g, flats
 
 
 def _check_step(step):
@@ -76,8 +111,8 @@ def adagrad(param, grad, state_sum, *, step, lr=1e-2, lr_decay=0.0, weight_decay
     _check_step(step)
     for name, value in (("lr", lr), ("lr_decay", lr_decay), ("weight_decay", weight_decay), ("eps", eps)):
         _check_number(name, value, 0.0)
-    backend, g, (s1, s2, s3) = _check_arrays(param, grad, [("state_sum", state_sum)])
-    k = rules.adagrad_scalars(param.dtype, step, lr, lr_decay, weight_decay, eps, maximize)
+    backend, dtype, g, (s1, s2, s3) = _check_arrays(param, grad, [("state_sum", state_sum)])
+    k = rules.adagrad_scalars(dtype, step, lr, lr_decay, weight_decay, eps, maximize)
     backend.dense_step(rules.adagrad_rule, backend.flat(param), g, s1, s2, s3, k)
 
 
@@ -106,10 +141,10 @@ def rmsprop(param, grad, square_avg, momentum_buffer=None, grad_avg=None, *, ste
         raise ValueError("momentum > 0 needs a momentum_buffer array")
     if centered and grad_avg is None:
         raise ValueError("centered=True needs a grad_avg array")
-    backend, g, (s1, s2, s3) = _check_arrays(param, grad, [
+    backend, dtype, g, (s1, s2, s3) = _check_arrays(param, grad, [
         ("square_avg", square_avg), ("momentum_buffer", momentum_buffer if momentum > 0 else None),
         ("grad_avg", grad_avg if centered else None)])
-    k = rules.rmsprop_scalars(param.dtype, step, lr, alpha, eps, weight_decay, momentum, centered, maximize)
+    k = rules.rmsprop_scalars(dtype, step, lr, alpha, eps, weight_decay, momentum, centered, maximize)
     backend.dense_step(rules.rmsprop_rule, backend.flat(param), g, s1, s2, s3, k)
 
 
@@ -134,10 +169,10 @@ def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3
     _check_betas(betas)
     if amsgrad and max_exp_avg_sq is None:
         raise ValueError("amsgrad=True needs a max_exp_avg_sq array")
-    backend, g, (s1, s2, s3) = _check_arrays(param, grad, [
+    backend, dtype, g, (s1, s2, s3) = _check_arrays(param, grad, [
         ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq),
         ("max_exp_avg_sq", max_exp_avg_sq if amsgrad else None)])
-    k = rules.adam_scalars(param.dtype, step, lr, betas, eps, weight_decay, amsgrad, maximize,
+    k = rules.adam_scalars(dtype, step, lr, betas, eps, weight_decay, amsgrad, maximize,
                            decoupled_weight_decay)
     backend.dense_step(rules.adam_rule, backend.flat(param), g, s1, s2, s3, k)
 

@@ -71,6 +71,12 @@ __all__ = ["RowGrad", "row_view", "canonical_csr", "canonical_rows", "prepare_sp
 
 # =========================================================================== RowGrad
 
+def _on_device(a):
+    """True for CUDA arrays: ``__cuda_array_interface__`` (CuPy, torch CUDA tensors, numba device
+    arrays) or numba's simulated device arrays (``NUMBA_ENABLE_CUDASIM=1``), which have none."""
+    return hasattr(a, "__cuda_array_interface__") or bool(getattr(a, "__cuda_ndarray__", False))
+
+
 class RowGrad:
     """A row-indexed sparse gradient, e.g. of an embedding table.
 
@@ -88,7 +94,9 @@ class RowGrad:
     Nothing is copied or checked against a parameter here; :meth:`Optimizer.step` checks
     everything (row ids in range, shapes, dtypes) before it writes anything.  The fastest
     input is unique, ascending ``rows`` with C-contiguous ``values`` of the parameter's
-    dtype: it is used without a copy.
+    dtype: it is used without a copy.  Device arrays (CuPy, torch CUDA tensors, numba
+    device arrays) are kept as they are, for a parameter on the GPU; anything else is
+    converted with ``np.asarray``.
 
     Examples
     --------
@@ -102,9 +110,9 @@ class RowGrad:
     __slots__ = ("rows", "values")
 
     def __init__(self, rows, values):
-        if not hasattr(rows, "__cuda_array_interface__"):
+        if not _on_device(rows):             # device arrays (CuPy, torch CUDA, numba) are kept as they are
             rows = np.asarray(rows)
-        if not hasattr(values, "__cuda_array_interface__"):
+        if not _on_device(values):
             values = np.asarray(values)
         if len(rows.shape) != 1:
             raise ValueError(f"RowGrad rows must be 1-D (one row id per row of values), got shape "
@@ -476,7 +484,7 @@ def prepare_sparse_grad(g, p, backend, where, *, optimizer=None):
     nrows, ncols = row_view(p.shape)
     if type(g).__name__ == "RowGrad":
         values = g.values
-        if hasattr(values, "__cuda_array_interface__") or hasattr(g.rows, "__cuda_array_interface__"):
+        if _on_device(values) or _on_device(g.rows):
             raise TypeError(f"{where}: RowGrad holds device arrays but its parameter is a host array; "
                             "keep parameter and gradient on one device")
         values = np.asarray(values)

@@ -76,7 +76,15 @@ def test_cuda_suite_under_simulator():
 
 
 def test_import_fastadapt_needs_no_gpu():
-    code = "import sys, fastadapt; assert 'numba.cuda' not in sys.modules, 'numba.cuda imported'"
+    """`import fastadapt` imports no numba.cuda; `fastadapt.DeviceCSR` does, on first use."""
+    code = ("import sys, fastadapt\n"
+            "assert 'numba.cuda' not in sys.modules, 'numba.cuda imported'\n"
+            "assert not hasattr(fastadapt, 'NoSuchThing')\n"
+            "assert 'numba.cuda' not in sys.modules, 'numba.cuda imported by a missing attribute'\n"
+            "from fastadapt.cuda_sparse import DeviceCSR\n"
+            "assert fastadapt.DeviceCSR is DeviceCSR\n"
+            "from fastadapt import DeviceCSR as D\n"
+            "assert D is DeviceCSR\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
@@ -358,6 +366,42 @@ def test_functional_layer_on_device():
 
 
 @on_device
+def test_functional_layer_with_foreign_arrays_and_one_cached_dummy(monkeypatch):
+    """Arrays whose dtype is not a numpy dtype (torch CUDA tensors, here a test double), numba
+    buffers next to a foreign parameter; unused rule slots share one cached buffer per device and
+    dtype (no device allocation per call)."""
+    from fastadapt import cuda as fcuda, functional as F
+    monkeypatch.setattr(F, "_DUMMIES", {})
+    made = []
+    full_like = fcuda.CUDABackend.full_like
+    monkeypatch.setattr(fcuda.CUDABackend, "full_like", staticmethod(lambda p, v: made.append(1) or full_like(p, v)))
+    dtype = np.float32
+    p0, grads = problem(dtype, 10, n=3)
+    ph, mh, vh, sh = p0.copy(), np.zeros_like(p0), np.zeros_like(p0), np.zeros_like(p0)
+    pd, md, vd, sd = foreign(p0), to_device(mh), foreign(vh), to_device(sh)
+    q_h, q_d = p0.copy(), foreign(p0)
+    for t, g in enumerate(grads, 1):
+        F.adam(ph, g, mh, vh, step=t, lr=0.1, weight_decay=0.1)             # s3 unused
+        F.adam(pd, foreign(g), md, vd, step=t, lr=0.1, weight_decay=0.1)
+        F.rmsprop(q_h, g, sh, step=t, alpha=0.9)                            # s2, s3 unused
+        F.rmsprop(q_d, to_device(g), sd, step=t, alpha=0.9)
+    assert_close(host(pd), ph, dtype, "adam param")
+    assert_close(host(vd), vh, dtype, "exp_avg_sq")
+    assert_close(host(q_d), q_h, dtype, "rmsprop param")
+    assert len(made) == 1                    # one device dummy for 6 calls with unused slots
+    assert sorted(F._DUMMIES) == [("cpu", None, "<f4"), ("cuda", 0, "<f4")]
+    with pytest.raises(ValueError, match=r"exp_avg has shape \(9, 7\) and dtype float64; it must match "
+                                         r"param \(\(9, 7\), float32\)"):
+        F.adam(pd, foreign(grads[0]), to_device(np.zeros(SHAPE)), vd, step=4)
+    with pytest.raises(TypeError, match="exp_avg must be a CUDA array"):
+        F.adam(pd, foreign(grads[0]), np.zeros(SHAPE, dtype), vd, step=4)
+    if MODE == "simulator":                  # a buffer naming another GPU (only a test double can)
+        with pytest.raises(ValueError, match="exp_avg is on GPU 1 but its parameter is on GPU 0"):
+            F.adam(pd, foreign(grads[0]), foreign(mh, device=1), vd, step=4)
+    assert_close(host(pd), ph, dtype, "unchanged by the refused calls")
+
+
+@on_device
 def test_kernels_are_shared_and_rules_single_sourced():
     from fastadapt import cuda as fcuda
     oh, od, ph, pd = run_pair(fa.Adagrad, {}, np.float64, n=2)
@@ -487,24 +531,26 @@ def sparse_grads(seed, n=6, shape=TABLE):
 
 def device_csr(g, dtype, canonical):
     """The device CSR of scipy CSR ``g``: canonical (sorted, summed) or as stored (duplicates)."""
-    from fastadapt.cuda_sparse import DeviceCSR
     g = g.copy()
     if canonical:
         g.sum_duplicates()
-    return DeviceCSR((foreign(g.data.astype(dtype)), foreign(g.indices), foreign(g.indptr)), g.shape)
+    return fa.DeviceCSR((foreign(g.data.astype(dtype)), foreign(g.indices), foreign(g.indptr)), g.shape)
 
 
-def device_rows(g, dtype, canonical):
-    """A RowGrad of device arrays: unique sorted rows, or one row id per stored entry (unsorted)."""
+def device_rows(g, dtype, canonical, to_dev=to_device):
+    """A RowGrad of device arrays (numba's by default): unique sorted rows, or one row id per
+    stored entry (unsorted)."""
     if canonical:
-        rows = np.unique(g.nonzero()[0]) if g.nnz else np.zeros(0, np.int64)
         rows = np.unique(np.repeat(np.arange(g.shape[0]), np.diff(g.indptr)))
         values = g.toarray()[rows]
     else:
         rows = np.repeat(np.arange(g.shape[0]), np.diff(g.indptr))[::-1]
         values = np.zeros((rows.size, g.shape[1]))
         values[np.arange(rows.size), g.indices[::-1]] = g.data[::-1]
-    return fa.RowGrad(foreign(rows.astype(np.int64)), foreign(values.astype(dtype)))
+    rows_d, values_d = to_dev(rows.astype(np.int64)), to_dev(values.astype(dtype))
+    rg = fa.RowGrad(rows_d, values_d)
+    assert rg.rows is rows_d and rg.values is values_d           # device arrays kept as they are
+    return rg
 
 
 def host_rows(g):
@@ -541,9 +587,10 @@ def test_sparse_matches_cpu(case, form):
         if form.startswith("csr"):
             oh.step([g.astype(dtype)])
             od.step([device_csr(g, dtype, canonical=form == "csr")])
-        else:
+        else:                   # numba device arrays (sorted), foreign CUDA arrays (unsorted)
             oh.step([host_rows(g)])
-            od.step([device_rows(g, dtype, canonical=form == "rows")])
+            od.step([device_rows(g, dtype, canonical=form == "rows",
+                                 to_dev=to_device if form == "rows" else foreign)])
     sh, sd = oh.state_dict(), od.state_dict()
     assert_close(host(pd), ph, dtype, "parameter")
     if kw.get("sparse_mode", "lazy") == "lazy":
@@ -601,15 +648,14 @@ def test_sparse_nonfinite_skip():
 @on_device
 def test_sparse_errors_before_anything_is_written():
     import scipy.sparse as sp
-    from fastadapt.cuda_sparse import DeviceCSR
     p0 = np.random.default_rng(0).standard_normal(TABLE)
     pd = to_device(p0)
     opt = fa.Adam([pd], sparse_mode="exact")
     indptr = np.array([0, 2, 3] + [3] * (TABLE[0] - 2))
 
     def csr(data, indices, ptr, shape=TABLE):
-        return DeviceCSR((foreign(np.asarray(data, float)), foreign(np.asarray(indices)), foreign(ptr)),
-                         shape)
+        return fa.DeviceCSR((foreign(np.asarray(data, float)), foreign(np.asarray(indices)), foreign(ptr)),
+                            shape)
 
     with pytest.raises(IndexError, match="column index 5 .*out of range"):
         opt.step([csr([1, 2, 3], [0, 5, 1], indptr)])
@@ -633,6 +679,8 @@ def test_sparse_errors_before_anything_is_written():
         opt.step([sp.csr_matrix(np.eye(*TABLE))])
     with pytest.raises(TypeError, match="not a device array"):
         opt.step([fa.RowGrad(np.array([1, 2]), np.ones((2, TABLE[1])))])
+    with pytest.raises(TypeError, match="RowGrad holds device arrays but its parameter is a host array"):
+        fa.SparseAdam([p0.copy()]).step([fa.RowGrad(to_device(np.array([1, 2])), to_device(np.ones((2, 5))))])
     with pytest.raises(TypeError, match="format 'coo'"):
         opt.step([type("coo_matrix", (), {"format": "coo", "shape": TABLE,
                                           "__module__": "cupyx.scipy.sparse._coo"})()])
@@ -653,3 +701,64 @@ def test_sparse_fast_path_is_zero_copy():
     prepared = fcuda.backend().prepare_sparse_grad(rg, pd, "g")
     assert isinstance(prepared, DeviceRowsGrad)
     assert fcuda.backend().memory_span(prepared.vals)[0] == fcuda.backend().memory_span(rg.values)[0]
+
+
+@on_device
+@pytest.mark.parametrize("canonical", [True, False], ids=["zero-copy", "canonicalised"])
+def test_exact_decay_csr_threads_follow_rows_not_elements(monkeypatch, canonical):
+    """Exact RMSprop with a device CSR of a wide table: rows wider than the 32 lanes of a row
+    group; at most 32 threads per row of indptr (every row when zero-copy, the touched rows when
+    canonicalised), never one per element of the table."""
+    from fastadapt import cuda_sparse
+    shape = (6, 70)
+    launches = []
+    launch = cuda_sparse._launch
+    monkeypatch.setattr(cuda_sparse, "_launch",
+                        lambda kernel, n, *a: launches.append((kernel, n)) or launch(kernel, n, *a))
+    rng = np.random.default_rng(11)
+    p0 = rng.standard_normal(shape)
+    ph, pd = p0.copy(), to_device(p0)
+    kw = dict(sparse_mode="exact", centered=True, alpha=0.6)
+    oh, od = fa.RMSprop([ph], **kw), fa.RMSprop([pd], **kw)
+    grads = sparse_grads(12, n=4, shape=shape)
+    for g in grads:
+        oh.step([g])
+        od.step([device_csr(g, np.float64, canonical=canonical)])
+    assert_close(host(pd), ph, np.float64, "parameter")
+    sh, sd = oh.state_dict()["state"][0], od.state_dict()["state"][0]
+    for name in ("square_avg", "grad_avg"):
+        assert_close(sd[name], sh[name], np.float64, name)
+    assert cuda_sparse.row_lanes(shape[1]) == 32 and cuda_sparse.row_lanes(5) == 8
+    assert cuda_sparse.row_lanes(1) == 1
+    decay = [n for kernel, n in launches if kernel is cuda_sparse._kernels(rules.rmsprop_rule, np.float64).csr_decay]
+    touched = [int(np.count_nonzero(np.diff(g.indptr))) for g in grads]
+    expected = [32 * (shape[0] if canonical else k) for k in touched if k]
+    assert decay == expected
+
+
+@on_device
+def test_exact_decay_stamps_are_made_in_the_parameters_device_context(monkeypatch):
+    """The per-row stamps are allocated while the parameter's device is current (a recording
+    stand-in for the device context: the simulator has one device)."""
+    import contextlib
+    from fastadapt import cuda as fcuda, cuda_sparse
+    current = []
+
+    @contextlib.contextmanager
+    def context_of(devary):
+        current.append(fcuda.CUDABackend.memory_span(devary)[0])
+        try:
+            yield
+        finally:
+            current.pop()
+
+    made_in = []
+    new_stamp = cuda_sparse.CUDASparseKernels.new_stamp
+    monkeypatch.setattr(cuda_sparse, "_context_of", context_of)
+    monkeypatch.setattr(cuda_sparse.CUDASparseKernels, "new_stamp",
+                        staticmethod(lambda n, v: made_in.append(list(current)) or new_stamp(n, v)))
+    pd = to_device(np.zeros(TABLE))
+    opt = fa.RMSprop([pd], sparse_mode="exact")
+    for g in sparse_grads(13, n=2):
+        opt.step([device_rows(g, np.float64, canonical=True)])
+    assert made_in == [[fcuda.CUDABackend.memory_span(pd)[0]]]
