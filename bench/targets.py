@@ -50,14 +50,16 @@ def dense_table(n, rounds):
             if case is not None:
                 cases[f"torch_{mode}"] = case
         cases["numpy"] = seed_case(name, n)
-        med = {k: float(np.median(v)) for k, v in B.interleaved(cases, rounds).items()}
+        times = B.interleaved(cases, rounds)
+        med = {k: float(np.median(v)) for k, v in times.items()}
         fa_t = med["fastadapt"]
         gbps = B.bytes_per_element(name) * n / fa_t / 1e9
         ceiling = B.bytes_per_element("stream") * n / med["stream"] / 1e9
+        of_ceiling = B.ratio(times, "stream", "fastadapt") * B.bytes_per_element(name) / B.bytes_per_element("stream")
         rows.append(dict(name=name, fastadapt_ms=fa_t * 1e3, gbps=gbps, ceiling_gbps=ceiling,
-                         of_ceiling=gbps / ceiling,
+                         of_ceiling=of_ceiling,
                          **{f"{k}_ms": med[k] * 1e3 for k in med if k not in ("fastadapt",)},
-                         **{f"x_{k}": med[k] / fa_t for k in med if k not in ("fastadapt", "stream")}))
+                         **{f"x_{k}": B.ratio(times, k, "fastadapt") for k in med if k not in ("fastadapt", "stream")}))
         del cases
     return rows
 
@@ -71,9 +73,10 @@ def many_table(sizes, rounds):
             if case is not None:
                 cases[f"torch_{mode}"] = case
         cases["numpy"] = seed_many_case(name, sizes)
-        med = {k: float(np.median(v)) for k, v in B.interleaved(cases, rounds).items()}
+        times = B.interleaved(cases, rounds)
+        med = {k: float(np.median(v)) for k, v in times.items()}
         rows.append(dict(name=name, **{f"{k}_ms": v * 1e3 for k, v in med.items()},
-                         **{f"x_{k}": v / med["fastadapt"] for k, v in med.items() if k != "fastadapt"}))
+                         **{f"x_{k}": B.ratio(times, k, "fastadapt") for k in med if k != "fastadapt"}))
         del cases
     return rows
 
@@ -203,7 +206,8 @@ def main(argv=None):
               f"{r['of_ceiling']:>9.2f}{fmt(r.get('torch_fused_ms')):>8}{fmt(r.get('x_torch_fused')):>6}"
               f"{fmt(r.get('torch_foreach_ms')):>9}{fmt(r.get('x_torch_foreach'), '.1f'):>7}"
               f"{r['numpy_ms']:>9.1f}{r['x_numpy']:>7.1f}")
-    print("   ceiling: the streaming loop's GB/s in the same rounds; x: the other's time / fastadapt's\n")
+    print("   ceiling: the streaming loop's GB/s in the same rounds; x: the other's time / fastadapt's;\n"
+          "   'of ceil.' and x are medians of per-round ratios, times and GB/s medians of all calls\n")
 
     print(f"2. {len(sizes)} float32 tensors of log-uniform sizes 100..200k ({sum(sizes):,} elements): ms per step")
     print(f"{'':<9}{'fastadapt':>10}{'fused':>8}{'x':>6}{'foreach':>9}{'x':>6}{'numpy':>9}{'x':>7}")

@@ -306,7 +306,7 @@ class Optimizer:
         dense = []
         for item in work:
             j, group, p, state, g = item
-            if type(g) is DenseGrad and g.backend.name == "cpu" and "_decay" not in state:
+            if type(g) is DenseGrad and g.address is not None and "_decay" not in state:   # host arrays
                 dense.append(item)
             else:
                 self._apply(group, p, state, g)
