@@ -168,6 +168,14 @@ def threads_identical():
     return True
 
 
+def _load():
+    """The 1-minute load average (other processes competing for the cores), or '?'."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return "?"
+
+
 def fmt(x, spec=".2f"):
     return "-" if x is None else format(x, spec)
 
@@ -183,6 +191,7 @@ def main(argv=None):
     n, rounds = (10**6, 5) if args.quick else (int(args.size), args.rounds)
     sizes = B.log_uniform_sizes(200, 100, 200_000, seed=0)
 
+    load_start = _load()
     t_start = time.perf_counter()
     dense = dense_table(n, rounds)
     many = many_table(sizes, rounds)
@@ -196,7 +205,8 @@ def main(argv=None):
     print(f"python bench/targets.py  ({n:,} float32 elements; medians of {rounds} interleaved rounds; "
           f"numba {info['numba_threads']} threads, {info['threading_layer']} layer, "
           f"OMP_WAIT_POLICY={info['omp_wait_policy']}; torch {info['torch_version']} "
-          f"{info['torch_threads']} threads; numpy {np.__version__}; {elapsed:.0f} s)\n")
+          f"{info['torch_threads']} threads; numpy {np.__version__}; {elapsed:.0f} s; "
+          f"1-min load average {load_start} at the start, {_load()} at the end)\n")
 
     print(f"1. One parameter of {n:,} float32 elements: ms per step, and how many times fastadapt is faster")
     print(f"{'':<9}{'fastadapt':>10}{'GB/s':>7}{'ceiling':>9}{'of ceil.':>9}{'fused':>8}{'x':>6}"
