@@ -4,13 +4,17 @@
 Run on a machine with one NVIDIA GPU (``pip install -e ".[cuda]"``; torch with CUDA and CuPy
 are optional and add rows)::
 
-    python bench/gpu_check.py                  # about 1-3 minutes on one GPU
+    python bench/gpu_check.py                  # sized for < 3 minutes on one GPU (not yet timed on one)
     python bench/gpu_check.py --json out.json  # the same, figures also written as JSON
+    NUMBA_ENABLE_CUDASIM=1 python bench/gpu_check.py --smoke   # dry run on numba's simulator, no GPU
 
 1. Correctness, on 1M elements: every optimizer and option; dense gradients in float32 and
    float64, device CSR and device row gradients in float32 (float64: a subset covering every
-   loop); against the CPU path of fastadapt (the kernels the unit tests check against torch); also a CuPy array and a torch CUDA tensor as
-   parameters when those libraries are present.  Pass: for every element
+   loop); against the CPU path of fastadapt (the kernels the unit tests check against torch),
+   run with its serial loops only (same results as the parallel ones, half the cold compile
+   time, and cached on disk by a unit-test run); also a CuPy array and torch CUDA tensors
+   (optimizer, functional layer, exact-mode RowGrad) when those libraries are present.  The
+   time of the CPU reference is reported.  Pass: for every element
    ``|gpu - cpu| <= rtol * (|cpu| + rms(cpu))`` with SPEC.md's rtol (1e-5 float32, 1e-12
    float64) -- the ``rms`` term admits the rounding of FMA contraction near zero.
 2. Dense speed, float32 on ``--dense-n`` (default 2**28 = 268M) elements: Adam, Adagrad and
@@ -107,6 +111,44 @@ def _label(name, kw, dtype=None, form=None):
     return s[:60]
 
 
+REF_SECONDS = [0.0]      # time spent in the CPU reference (numba compile included)
+
+
+def cpu_reference(cls, kw, p0, grads):
+    """The CPU path's parameter and state after stepping ``grads`` from ``p0``.
+
+    Runs the serial CPU loops only (``PARALLEL_THRESHOLD`` raised for the call): they give
+    the same results as the parallel ones (every rule is per element), they are the
+    specialisations the unit tests compile (cached on disk after a test run), and a cold
+    compile of them takes about half as long as of the parallel loops.
+    """
+    from fastadapt import config
+    t = time.perf_counter()
+    saved = config.PARALLEL_THRESHOLD
+    config.PARALLEL_THRESHOLD = 1 << 62
+    try:
+        ph = p0.copy()
+        opt = cls([ph], **kw)
+        for g in grads:
+            opt.step([g])
+        return ph, opt.state_dict()["state"][0]
+    finally:
+        config.PARALLEL_THRESHOLD = saved
+        REF_SECONDS[0] += time.perf_counter() - t
+
+
+def compare(label, pd, od, ph, sh, steps, ok=True):
+    """One correctness row: device parameter ``pd`` and optimizer ``od`` against the CPU's."""
+    ok_p, ratio = close(pd.copy_to_host(), ph)
+    sd = od.state_dict()["state"][0]
+    ok = ok and ok_p and sd["step"] == sh["step"] == steps
+    for key in sh:
+        if key != "step":
+            ok_s, r_s = close(sd[key], sh[key])
+            ok, ratio = ok and ok_s, max(ratio, r_s)
+    row("correctness", label, f"err/tol {ratio:.3g}", "<= 1", ok)
+
+
 def check_dense(cuda, n, steps):
     rng = np.random.default_rng(0)
     for dtype in (np.float32, np.float64):
@@ -115,19 +157,12 @@ def check_dense(cuda, n, steps):
         gd = [cuda.to_device(g) for g in grads]
         for name, kw in DENSE_CASES:
             cls = getattr(fa, name)
-            ph, pd = p0.copy(), cuda.to_device(p0)
-            oh, od = cls([ph], **kw), cls([pd], **kw)
-            for g, g_dev in zip(grads, gd):
-                oh.step([g])
+            ph, sh = cpu_reference(cls, kw, p0, grads)
+            pd = cuda.to_device(p0)
+            od = cls([pd], **kw)
+            for g_dev in gd:
                 od.step([g_dev])
-            ok, ratio = close(pd.copy_to_host(), ph)
-            sh, sd = oh.state_dict()["state"][0], od.state_dict()["state"][0]
-            for key in sh:
-                if key != "step":
-                    ok_s, r_s = close(sd[key], sh[key])
-                    ok, ratio = ok and ok_s, max(ratio, r_s)
-            ok = ok and sd["step"] == sh["step"] == steps
-            row("correctness", _label(name, kw, dtype, "dense"), f"err/tol {ratio:.3g}", "<= 1", ok)
+            compare(_label(name, kw, dtype, "dense"), pd, od, ph, sh, steps)
 
 
 def _sparse_problem(rng, shape, steps, frac, dtype):
@@ -147,87 +182,95 @@ def _sparse_problem(rng, shape, steps, frac, dtype):
 
 
 def check_sparse(cuda, n, steps):
-    from fastadapt.cuda_sparse import DeviceCSR
     rng = np.random.default_rng(1)
     shape = (n // 64, 64)
     for dtype in (np.float32, np.float64):
         p0 = rng.standard_normal(shape).astype(dtype)
         problem = _sparse_problem(rng, shape, steps, 0.05, dtype)
         dev = [(cuda.to_device(rows.astype(np.int64)), cuda.to_device(vals),
-                DeviceCSR((cuda.to_device(csr.data), cuda.to_device(csr.indices), cuda.to_device(csr.indptr)),
+                fa.DeviceCSR((cuda.to_device(csr.data), cuda.to_device(csr.indices), cuda.to_device(csr.indptr)),
                           shape)) for rows, vals, csr in problem]
         for name, kw in SPARSE_CASES:
             if dtype == np.float64 and (name, kw) not in SPARSE_F64:
                 continue                      # float64: a subset that covers every loop, to stay < 3 min
             cls = getattr(fa, name)
             for form in ("rows", "csr"):
-                ph, pd = p0.copy(), cuda.to_device(p0)
-                oh, od = cls([ph], **kw), cls([pd], **kw)
-                for (rows, vals, csr), (rows_d, vals_d, csr_d) in zip(problem, dev):
-                    if form == "rows":
-                        oh.step([fa.RowGrad(rows, vals)])
-                        od.step([device_rowgrad(rows_d, vals_d)])
-                    else:
-                        oh.step([csr])
-                        od.step([csr_d])
-                ok, ratio = close(pd.copy_to_host(), ph)
-                sh, sd = oh.state_dict()["state"][0], od.state_dict()["state"][0]
-                for key in sh:
-                    if key != "step":
-                        ok_s, r_s = close(sd[key], sh[key])
-                        ok, ratio = ok and ok_s, max(ratio, r_s)
-                if kw.get("sparse_mode", "lazy") == "lazy":
-                    ok = ok and np.array_equal(pd.copy_to_host()[-1], p0[-1])
-                row("correctness", _label(name, kw, dtype, form), f"err/tol {ratio:.3g}", "<= 1", ok)
+                host_grads = [fa.RowGrad(rows, vals) if form == "rows" else csr for rows, vals, csr in problem]
+                ph, sh = cpu_reference(cls, kw, p0, host_grads)
+                pd = cuda.to_device(p0)
+                od = cls([pd], **kw)
+                for rows_d, vals_d, csr_d in dev:
+                    od.step([fa.RowGrad(rows_d, vals_d) if form == "rows" else csr_d])
+                untouched = (kw.get("sparse_mode", "lazy") != "lazy"
+                             or np.array_equal(pd.copy_to_host()[-1], p0[-1]))     # lazy: last row as it was
+                compare(_label(name, kw, dtype, form), pd, od, ph, sh, steps, untouched)
+
+
+def _guarded(label, fn):
+    """One correctness row from ``fn() -> (ok, ratio)``; an exception is a failure, printed whole."""
+    try:
+        ok, ratio = fn()
+        row("correctness", label, f"err/tol {ratio:.3g}", "<= 1", ok)
+    except Exception as exc:
+        print(f"  {label}: {type(exc).__name__}: {exc}", flush=True)
+        row("correctness", label, f"{type(exc).__name__}"[:24], "", False)
 
 
 def check_foreign(n):
-    """CuPy arrays and torch CUDA tensors as parameters (zero-copy, in place)."""
+    """CuPy arrays and torch CUDA tensors as parameters (zero-copy, in place), the functional
+    layer and a row gradient on torch tensors."""
+    from fastadapt import functional as F
     rng = np.random.default_rng(2)
     p0 = rng.standard_normal(n).astype(np.float32)
     grads = [rng.standard_normal(n).astype(np.float32) for _ in range(3)]
-    ph = p0.copy()
-    oh = fa.Adam([ph], amsgrad=True, weight_decay=0.1)
-    for g in grads:
-        oh.step([g])
+    kw = dict(amsgrad=True, weight_decay=0.1)
+    ph, _ = cpu_reference(fa.Adam, kw, p0, grads)
     try:
         import cupy
     except Exception:
         cupy = None
     if cupy is not None:
-        try:
+        def run_cupy():
             pc = cupy.asarray(p0)
-            oc = fa.Adam([pc], amsgrad=True, weight_decay=0.1)
+            oc = fa.Adam([pc], **kw)
             for g in grads:
                 oc.step([cupy.asarray(g)])
-            ok, ratio = close(cupy.asnumpy(pc), ph)
-            row("correctness", "Adam on a CuPy array float32", f"err/tol {ratio:.3g}", "<= 1", ok)
-        except Exception as exc:
-            row("correctness", "Adam on a CuPy array float32", f"{type(exc).__name__}: {exc}"[:24], "", False)
+            return close(cupy.asnumpy(pc), ph)
+        _guarded("Adam on a CuPy array float32", run_cupy)
     torch = _torch()
-    if torch is not None:
-        try:
-            pt = torch.tensor(p0, device="cuda")
-            ot = fa.Adam([pt], amsgrad=True, weight_decay=0.1)
-            for g in grads:
-                ot.step([torch.tensor(g, device="cuda")])
-            ok, ratio = close(pt.cpu().numpy(), ph)
-            row("correctness", "Adam on a torch CUDA tensor float32", f"err/tol {ratio:.3g}", "<= 1", ok)
-        except Exception as exc:
-            row("correctness", "Adam on a torch CUDA tensor float32", f"{type(exc).__name__}: {exc}"[:24], "",
-                False)
+    if torch is None:
+        return
 
+    def run_torch():
+        pt = torch.tensor(p0, device="cuda")
+        ot = fa.Adam([pt], **kw)
+        for g in grads:
+            ot.step([torch.tensor(g, device="cuda")])
+        return close(pt.cpu().numpy(), ph)
 
-def device_rowgrad(rows, values):
-    """A RowGrad around device arrays.  numba's *simulated* device arrays (NUMBA_ENABLE_CUDASIM=1,
-    for a dry run of this script) have no __cuda_array_interface__, and RowGrad would copy them
-    to the host; a real GPU goes through the constructor."""
-    from fastadapt.cuda import SIMULATOR
-    if not SIMULATOR:
-        return fa.RowGrad(rows, values)
-    g = fa.RowGrad(np.zeros(0, np.int64), np.zeros((0, 1)))
-    g.rows, g.values = rows, values
-    return g
+    def run_functional():                     # the functional layer reads dtypes through the backend
+        pt = torch.tensor(p0, device="cuda")
+        m, v, vmax = (torch.zeros_like(pt) for _ in range(3))
+        for t, g in enumerate(grads, 1):
+            F.adam(pt, torch.tensor(g, device="cuda"), m, v, vmax, step=t, **kw)
+        return close(pt.cpu().numpy(), ph)
+
+    def run_rows():                           # RowGrad of torch tensors, exact decay (stamps on the device)
+        shape = (n // 64, 64)
+        rk = dict(sparse_mode="exact", centered=True)
+        problem = _sparse_problem(np.random.default_rng(5), shape, 3, 0.05, np.float32)
+        e0 = rng.standard_normal(shape).astype(np.float32)
+        eh, _ = cpu_reference(fa.RMSprop, rk, e0, [fa.RowGrad(r, v) for r, v, _ in problem])
+        et = torch.tensor(e0, device="cuda")
+        opt = fa.RMSprop([et], **rk)
+        for r, v, _ in problem:
+            opt.step([fa.RowGrad(torch.tensor(r, device="cuda"), torch.tensor(v, device="cuda"))])
+        opt.state_dict()                      # settles the pending decay
+        return close(et.cpu().numpy(), eh)
+
+    _guarded("Adam on a torch CUDA tensor float32", run_torch)
+    _guarded("functional.adam on torch CUDA tensors float32", run_functional)
+    _guarded("RMSprop(exact) RowGrad of torch CUDA tensors f32", run_rows)
 
 
 def _torch():
@@ -318,17 +361,16 @@ def bench_dense(cuda, n, reps):
 
 
 def bench_sparse(cuda, nrows, dim, frac, reps):
-    from fastadapt.cuda_sparse import DeviceCSR
     rng = np.random.default_rng(4)
     k = int(nrows * frac)
     rows = np.sort(rng.choice(nrows, size=k, replace=False)).astype(np.int64)
     vals = rng.standard_normal((k, dim)).astype(np.float32)
     rows_d, vals_d = cuda.to_device(rows), cuda.to_device(vals)
-    indptr = np.zeros(nrows + 1, np.int64)
-    indptr[rows + 1] = dim
+    indptr = np.zeros(nrows + 1, np.int32)       # int32 indices, as scipy and CuPy make them (and as the
+    indptr[rows + 1] = dim                        # correctness check compiled the kernels for)
     np.cumsum(indptr, out=indptr)
-    csr = DeviceCSR((vals_d.reshape(k * dim), cuda.to_device(np.tile(np.arange(dim, dtype=np.int64), k)),
-                     cuda.to_device(indptr)), (nrows, dim))
+    csr = fa.DeviceCSR((vals_d.reshape(k * dim), cuda.to_device(np.tile(np.arange(dim, dtype=np.int32), k)),
+                        cuda.to_device(indptr)), (nrows, dim))
     E = cuda.device_array((nrows, dim), np.float32)
     chunk = rng.standard_normal(((1 << 20) // dim, dim)).astype(np.float32)
     for off in range(0, nrows, chunk.shape[0]):
@@ -336,7 +378,7 @@ def bench_sparse(cuda, nrows, dim, frac, reps):
         E[off:off + m].copy_to_device(chunk[:m])
     label = f"{nrows / 1e6:.0f}M x {dim}, {frac:.0%} rows"
     times = {}
-    for form, grad in (("RowGrad", device_rowgrad(rows_d, vals_d)), ("device CSR", csr)):
+    for form, grad in (("RowGrad", fa.RowGrad(rows_d, vals_d)), ("device CSR", csr)):
         opt = fa.SparseAdam([E])
         t = time_gpu(cuda, lambda: opt.step([grad]), reps)
         times[form] = t
@@ -369,9 +411,15 @@ def main(argv=None):
     ap.add_argument("--sparse-frac", type=float, default=0.01)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--skip-speed", action="store_true", help="correctness only")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny sizes everywhere: a dry run of every section (e.g. under NUMBA_ENABLE_CUDASIM=1, "
+                         "where numba's CUDA simulator also gets a small launch grid); its figures mean nothing")
     ap.add_argument("--strict", action="store_true", help="exit 2 when a speed target is missed")
     ap.add_argument("--json", help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.check_n, args.check_steps, args.dense_n = 4096, 2, 4096
+        args.sparse_rows, args.sparse_dim, args.reps = 512, 16, 1
     t0 = time.perf_counter()
     try:
         from numba import cuda
@@ -384,6 +432,10 @@ def main(argv=None):
         print(f"numba.cuda is not usable ({exc}): " + _hint())
         return 3
     import numba
+    from fastadapt import config
+    from fastadapt.cuda import SIMULATOR
+    if SIMULATOR:                        # one Python thread per simulated thread: keep the grid small
+        config.CUDA_THREADS_PER_BLOCK, config.CUDA_MAX_BLOCKS = 32, 4
     torch = _torch()
     print(f"fastadapt {fa.__version__} | numba {numba.__version__} | GPU {gpu} | python "
           f"{platform.python_version()} | torch {torch.__version__ if torch else 'absent'}")
@@ -391,11 +443,12 @@ def main(argv=None):
     check_dense(cuda, args.check_n, args.check_steps)
     check_sparse(cuda, args.check_n, args.check_steps)
     check_foreign(args.check_n)
-    print(f"  correctness done in {time.perf_counter() - t0:.0f} s", flush=True)
+    row("time", "CPU reference (serial loops; numba compile included)", f"{REF_SECONDS[0]:.1f} s")
+    row("time", "correctness, all of it", f"{time.perf_counter() - t0:.1f} s")
     if not args.skip_speed:
         bench_dense(cuda, args.dense_n, args.reps)
         bench_sparse(cuda, args.sparse_rows, args.sparse_dim, args.sparse_frac, args.reps)
-    print(f"total {time.perf_counter() - t0:.0f} s; correctness failures: {len(FAILED)}")
+    print(f"total {time.perf_counter() - t0:.1f} s; correctness failures: {len(FAILED)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"gpu": gpu, "rows": ROWS, "failed": FAILED}, f, indent=1)
