@@ -41,8 +41,9 @@ def dense_host_grad(g, p, backend, p_span=None):
             and g.flags.c_contiguous):
         flat = g.reshape(-1)
         start = backend.address(flat)
-        p0, p1 = backend.memory_span(p) if p_span is None else p_span[:2]
-        if start < p1 and p0 < start + flat.nbytes:
+        if p_span is None:
+            p_span = backend.memory_span(p)
+        if start < p_span[1] and p_span[0] < start + flat.nbytes:
             return None                   # overlaps its parameter: prepare_grad says so
         prepared = object.__new__(DenseGrad)
         prepared.g = flat

@@ -51,15 +51,39 @@ class _Plan:
         self.total = int(lengths.sum())
         self.objects = objects          # keeps the arrays alive while the table points at them
 
-    def matches(self, items, names):
-        """True while every parameter and state buffer is the array the table points at."""
-        for (_, _, p, state, _), objs in zip(items, self.objects):
-            if objs[0] is not p:
-                return False
+    def check(self, items, names, step):
+        """While every parameter and state buffer is still the array the table points at:
+        set each item's step count to ``step`` and return the gradients' addresses.  Else
+        None (the caller rebuilds the table).  One pass: it runs for every parameter."""
+        addresses = []
+        for item, objs in zip(items, self.objects):
+            state = item[3]
+            if objs[0] is not item[2]:
+                return None
             for name, b in zip(names, objs[1:]):
                 if name is not None and state.get(name) is not b:
-                    return False
-        return True
+                    return None
+            state["step"] = step
+            g = item[4]
+            addresses.append(g.address or address(g.g))
+        return addresses
+
+
+def _batches(opt, items):
+    """[(step count, dtype, items)]: the items grouped by param group, step count and dtype."""
+    batches = {}
+    for item in items:
+        state = item[3]
+        step = state.get("step")
+        if step is None:                     # first step: state created here (or below)
+            opt._ensure_state(item[1], item[2], state)
+            step = state["step"]
+        key = (id(item[1]), step, item[2].dtype)
+        batch = batches.get(key)
+        if batch is None:
+            batches[key] = batch = []
+        batch.append(item)
+    return [(step, dtype, batch) for (_, step, dtype), batch in batches.items()]
 
 
 def apply_dense(opt, items):
@@ -72,22 +96,19 @@ def apply_dense(opt, items):
         Prepared work of :meth:`Optimizer.step` whose gradients are dense numpy arrays;
         nothing in it has been applied yet.
     """
-    batches = {}
-    for item in items:                       # batches of one group, step count and dtype
-        state = item[3]
-        step = state.get("step")
-        if step is None:                     # first step: state created here (or below)
-            opt._ensure_state(item[1], item[2], state)
-            step = state["step"]
-        key = (id(item[1]), step, item[2].dtype)
-        batch = batches.get(key)
-        if batch is None:
-            batches[key] = batch = []
-        batch.append(item)
+    first = items[0]
+    group, dtype, step = first[1], first[2].dtype, first[3].get("step")
+    uniform = step is not None               # the usual case: one group, one step count, one dtype
+    if uniform:
+        for item in items:
+            if item[1] is not group or item[2].dtype is not dtype or item[3].get("step") != step:
+                uniform = False
+                break
+    batches = [(step, dtype, items)] if uniform else _batches(opt, items)
     plans = opt.__dict__.setdefault("_many_plans", {})
     if len(plans) > 16:             # the set of parameters with gradients keeps changing
         plans.clear()
-    for (_, step, dtype), batch in batches.items():
+    for step, dtype, batch in batches:
         group = batch[0][1]
         step += 1
         if len(batch) == 1:
@@ -101,12 +122,12 @@ def apply_dense(opt, items):
         proto = _proto(dtype)
         key = (tuple(item[0] for item in batch), names, dtype)
         plan = plans.get(key)
-        if plan is None or not plan.matches(batch, names):
+        addresses = None if plan is None else plan.check(batch, names, step)
+        if addresses is None:
             for _, _, p, state, _ in batch:  # buffers an option switched on since the last step
                 opt._ensure_state(group, p, state)
             plan = plans[key] = _Plan(batch, names, proto)
-        for item in batch:
-            item[3]["step"] = step
-        plan.table[:, 1] = [item[4].address or address(item[4].g) for item in batch]
+            addresses = plan.check(batch, names, step)
+        plan.table[:, 1] = addresses
         k = opt._scalars(group, step, dtype)
         dense_step_many(COMPILED[opt.rule], proto, plan.table, plan.segments, plan.units, k, plan.total)

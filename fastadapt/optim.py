@@ -277,17 +277,18 @@ class Optimizer:
         work = []
         j = 0
         accepts_dense = self.accepts_dense
+        backend = backend_for(self._params[0])     # one device per optimizer (add_param_group)
+        spans, states = self._spans, self.state
         for group in self.param_groups:
             self._validate_group(group)
             for p in group["params"]:
                 g = grads[j]
                 if g is not None:
-                    backend = backend_for(p)
-                    prepared = dense_host_grad(g, p, backend, self._spans[j]) if accepts_dense else None
+                    prepared = dense_host_grad(g, p, backend, spans[j]) if accepts_dense else None
                     if prepared is None:
                         prepared = prepare_grad(g, p, backend, f"gradient {j}",
                                                 accepts_dense=accepts_dense, optimizer=self)
-                    work.append((j, group, p, self.state[j], prepared))
+                    work.append((j, group, p, states[j], prepared))
                 j += 1
         return work
 
