@@ -39,7 +39,7 @@ def main():
                 p, g = np.ones(n, dtype), np.full(n, 0.01, dtype)
                 s = [np.zeros(n, dtype) for _ in range(nstate)] + [np.zeros(1, dtype)] * (3 - nstate)
                 cases = {"serial": lambda: cpu._dense_serial(rule, p, g, *s, k),
-                         "parallel": lambda: cpu._dense_parallel(rule, p, g, *s, k, config.PARALLEL_CHUNK)}
+                         "parallel": lambda: cpu._dense_parallel(rule, p, g, *s, k, cpu.work_unit(n))}
                 med = {c: float(np.median(v)) * 1e6 for c, v in B.interleaved(cases, 30).items()}
                 cells.append(f"{med['serial']:7.1f}/{med['parallel']:<7.1f}")
                 wins.append(med["parallel"] < med["serial"])

@@ -18,13 +18,13 @@ CUDA_THREADS_PER_BLOCK = 256
 #: Upper bound on the number of CUDA blocks launched by a grid-stride loop.
 CUDA_MAX_BLOCKS = 4096
 
-#: Work unit (elements) of the many-tensor parallel loop (fastadapt.many): small tensors
-#: share a unit, large ones are cut into units, and the units are split among the threads.
-MANY_TENSOR_UNIT = 1 << 16
-
 #: fastadapt.distributed's reduce-scatter receives at most this many elements per round
 #: (from all ranks together): the bound on its receive buffer, whatever the model size.
 MPI_CHUNK_ELEMENTS = 1 << 22
 
-#: Elements per chunk of the parallel dense loop (a prange over chunks of one parameter).
+#: Work units of the parallel loops: a prange over chunks of one parameter, or over units of
+#: many small tensors (fastadapt.many: small tensors share a unit, large ones are cut).  A
+#: step of n elements uses units of n // 16 elements, kept between these two bounds, so that
+#: each thread gets several units (balance) from PARALLEL_THRESHOLD on.
 PARALLEL_CHUNK = 1 << 16
+PARALLEL_MIN_CHUNK = 1 << 11

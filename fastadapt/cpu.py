@@ -160,9 +160,14 @@ def dense_step(rule, p, g, s1, s2, s3, k):
         The rule's per-step scalars (``rules.*_scalars``).
     """
     if p.size >= config.PARALLEL_THRESHOLD:
-        _dense_parallel(rule, p, g, s1, s2, s3, k, config.PARALLEL_CHUNK)
+        _dense_parallel(rule, p, g, s1, s2, s3, k, work_unit(p.size))
     else:
         _dense_serial(rule, p, g, s1, s2, s3, k)
+
+
+def work_unit(n):
+    """Elements per work unit of a parallel step over ``n`` elements (see config.PARALLEL_CHUNK)."""
+    return min(config.PARALLEL_CHUNK, max(config.PARALLEL_MIN_CHUNK, n // 16))
 
 
 # --------------------------------------------------------------------------- dense, many tensors

@@ -15,8 +15,7 @@ element, so the result is bit-identical to one launch per parameter.
 
 import numpy as np
 
-from . import config
-from .cpu import COMPILED, address, dense_step_many, plan_segments
+from .cpu import COMPILED, address, dense_step_many, plan_segments, work_unit
 
 __all__ = ["apply_dense"]
 
@@ -47,8 +46,8 @@ class _Plan:
             objects.append((p, *bufs))
         self.table = np.array(rows, dtype=np.int64).reshape(-1, 9)
         lengths = np.array(lengths, dtype=np.int64)
-        self.segments, self.units = plan_segments(lengths, config.MANY_TENSOR_UNIT)
         self.total = int(lengths.sum())
+        self.segments, self.units = plan_segments(lengths, work_unit(self.total))
         self.objects = objects          # keeps the arrays alive while the table points at them
 
     def check(self, items, names, step):

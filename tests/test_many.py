@@ -66,7 +66,8 @@ def _assert_same(together, opt, alone, singles, order):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_many_tensors_equal_one_launch_each(name, dtype, loop, monkeypatch):
     monkeypatch.setattr(config, "PARALLEL_THRESHOLD", 16 if loop == "parallel" else 10**9)
-    monkeypatch.setattr(config, "MANY_TENSOR_UNIT", 256)      # large tensors cut into several units
+    monkeypatch.setattr(config, "PARALLEL_MIN_CHUNK", 256)    # large tensors cut into several units
+    monkeypatch.setattr(config, "PARALLEL_CHUNK", 256)
     rng = np.random.default_rng(3)
     params0 = [np.array(rng.standard_normal(s), dtype=dtype) for s in SHAPES]
     calls = []

@@ -48,7 +48,7 @@ def _run(name, dtype, sizes, threads):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_one_and_two_threads_agree_bitwise(name, dtype, layout, monkeypatch):
     monkeypatch.setattr(config, "PARALLEL_THRESHOLD", 64)      # parallel loops on these sizes
-    monkeypatch.setattr(config, "MANY_TENSOR_UNIT", 512)      # several work units per thread
+    monkeypatch.setattr(config, "PARALLEL_MIN_CHUNK", 512)    # several work units per thread
     p1, s1 = _run(name, dtype, SIZES[layout], 1)
     p2, s2 = _run(name, dtype, SIZES[layout], 2)
     for a, b in zip(p1, p2):
