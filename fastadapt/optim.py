@@ -10,6 +10,7 @@ step runs in three phases so that bad input never leaves a half-applied step:
 3. *apply*: the step counters advance and the kernels run, parameter by parameter.
 """
 
+import bisect
 import math
 import numbers
 
@@ -183,6 +184,16 @@ class Optimizer:
             self._params.append(p)
             self.state.append(self._initial_state(group, p))
         self._spans.extend(new_spans)
+        ordered = sorted((s[0], s[1], s[3]) for s in self._spans if s[1] > s[0])
+        self._span_starts = [s[0] for s in ordered]      # parameters never overlap: ends sorted too
+        self._span_order = ordered
+
+    def _gradient_overlap(self, start, end):
+        """Index of a parameter whose memory meets bytes ``start:end`` (a gradient), or None."""
+        i = bisect.bisect_left(self._span_starts, end) - 1
+        if i >= 0 and self._span_order[i][1] > start:
+            return self._span_order[i][2]
+        return None
 
     @staticmethod
     def _check_overlaps(spans):
@@ -288,6 +299,14 @@ class Optimizer:
                     if prepared is None:
                         prepared = prepare_grad(g, p, backend, f"gradient {j}",
                                                 accepts_dense=accepts_dense, optimizer=self)
+                    if type(prepared) is DenseGrad:
+                        g_flat = prepared.g
+                        start = (prepared.address if prepared.address is not None
+                                 else backend.memory_span(g_flat)[0])
+                        other = self._gradient_overlap(start, start + g_flat.nbytes)
+                        if other is not None:
+                            raise ValueError(f"gradient {j} shares memory with parameter {other}, which "
+                                             "this step updates; pass a separate gradient array")
                     work.append((j, group, p, states[j], prepared))
                 j += 1
         return work

@@ -241,6 +241,9 @@ def _bad_grads(ps):
     cases.append(("the parameter itself", with_last(ps[2]), ValueError,
                   "gradient 2 shares memory with its parameter"))
     cases.append(("a view of the parameter", with_last(ps[1][:], 1), ValueError, "gradient 1 shares memory"))
+    alias = ps[0].reshape(-1)[:ps[2].size].reshape(ps[2].shape)   # a view of ANOTHER parameter
+    cases.append(("another parameter's memory", with_last(alias), ValueError,
+                  "gradient 2 shares memory with parameter 0"))
     cases.append(("a list", with_last([0.0]), TypeError, "gradient 2 has unsupported type list"))
     cases.append(("a Python float", with_last(1.0), TypeError, "gradient 2 has unsupported type float"))
     cases.append(("too few", good[:-1], ValueError, "got 2 gradients for 3 parameters"))
