@@ -493,8 +493,8 @@ _DUMMIES = {}
 
 
 def _dummy(backend, p):
-    """A 1-element buffer for rule slots unused with the current options."""
-    key = (backend.name, str(p.dtype))
+    """A 1-element buffer for rule slots unused with the current options (one per device and dtype)."""
+    key = (_device_key(backend, p), str(p.dtype))
     d = _DUMMIES.get(key)
     if d is None:
         d = _DUMMIES[key] = backend.flat(backend.full_like(p.reshape(-1)[:1], 0.0))
