@@ -44,7 +44,7 @@ import numpy as np
 
 from . import config, rules
 from . import sparse as _sparse
-from .cuda import (SIMULATOR, _context_of, _dtype, _interface, _is_numba_array, _shape,
+from .cuda import (SIMULATOR, _context_of, _dtype, _fill, _interface, _is_numba_array, _shape,
                    _stream_of, as_device_array, cuda, device_of, launch_dims)
 
 __all__ = ["DeviceCSR", "CUDASparseKernels", "KERNELS", "ROW_LANES", "row_lanes", "prepare_sparse_grad"]
@@ -150,24 +150,6 @@ def _rows_scan(rows, nrows, stats):
         if t > 0 and rows[t - 1] >= r:
             cuda.atomic.add(stats, 1, 1)
         t += stride
-
-
-@cuda.jit
-def _clear(a):
-    i = cuda.grid(1)
-    stride = cuda.gridsize(1)
-    while i < a.size:
-        a[i] = 0
-        i += stride
-
-
-@cuda.jit
-def _fill_int(a, value):
-    i = cuda.grid(1)
-    stride = cuda.gridsize(1)
-    while i < a.size:
-        a[i] = value
-        i += stride
 
 
 @cuda.jit
@@ -471,7 +453,7 @@ class CUDASparseKernels:
         stamp = cuda.device_array(int(nrows), dtype=np.int64)
         if nrows:
             blocks, tpb = launch_dims(nrows)
-            _fill_int[blocks, tpb](stamp, np.int64(value))
+            _fill[blocks, tpb](stamp, np.int64(value))
             if not SIMULATOR:
                 cuda.default_stream().synchronize()
         return stamp
@@ -529,7 +511,7 @@ def _run_scan(kernel, n, like, *args):
     dev_stats, host_stats = _stats_buffers(like)
     stream = _stream_of(like)
     with _context_of(like):
-        _clear[1, 8, stream](dev_stats)
+        _fill[1, 8, stream](dev_stats, np.int64(0))
         if n > 0:
             blocks, tpb = launch_dims(n)
             kernel[blocks, tpb, stream](*args, dev_stats)
