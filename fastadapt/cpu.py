@@ -46,6 +46,7 @@ rmsprop = _compile_rule(rules.rmsprop_rule)
 adam = _compile_rule(rules.adam_rule)
 sparse_adam = _compile_rule(rules.sparse_adam_rule)
 rmsprop_decay = _compile_rule(rules.rmsprop_decay)
+rmsprop_decay_factor = _compile_rule(rules.rmsprop_decay_factor)
 
 #: rule function of :mod:`fastadapt.rules` -> its CPU-compiled dispatcher
 COMPILED = {
@@ -54,6 +55,7 @@ COMPILED = {
     rules.adam_rule: adam,
     rules.sparse_adam_rule: sparse_adam,
     rules.rmsprop_decay: rmsprop_decay,
+    rules.rmsprop_decay_factor: rmsprop_decay_factor,
 }
 
 

@@ -25,8 +25,12 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import config
+from . import config, rules
 from .cpu import COMPILED
+
+#: the closed-form decay factor (rules.rmsprop_decay_factor), passed to the loops as an
+#: argument like every rule, so that their cached versions follow changes to it
+_FACTOR_OF = COMPILED[rules.rmsprop_decay_factor]
 
 __all__ = ["CPUSparseKernels", "KERNELS"]
 
@@ -224,7 +228,7 @@ def _rows_exact(rule, p, s1, s2, s3, nrows, ncols, rows, vals, zero, k, nchunks)
 # momentum or weight decay: the parameter does not move, square_avg and grad_avg are
 # multiplied by alpha), each row keeps the step up to which it is current (`stamp`);
 # a touched row is first caught up in closed form (`decay` = rules.rmsprop_decay with
-# the factor alpha**gap), then updated by the rule.  Untouched rows cost nothing.
+# the factor `factor_of(alpha, gap)` = rules.rmsprop_decay_factor), then updated by the rule.  Untouched rows cost nothing.
 #
 # Two passes: catch the touched rows up, then run the rule on them (the lazy loop for row
 # gradients).  Measured alternatives were slower: catch-up and rule in one loop per row
@@ -241,7 +245,7 @@ def _decay_row(decay, s1, s3, base, ncols, kd):
 
 
 @njit(inline="always", **_OPTS)
-def _catch_up_range(decay, s1, s3, rows, t0, t1, ncols, stamp, step, alpha, centered):
+def _catch_up_range(decay, factor_of, s1, s3, rows, t0, t1, ncols, stamp, step, alpha, centered):
     """Bring rows[t0:t1] up to ``step - 1`` and stamp them ``step`` (their update follows)."""
     last = -1
     factor = s1.dtype.type(1)
@@ -250,23 +254,22 @@ def _catch_up_range(decay, s1, s3, rows, t0, t1, ncols, stamp, step, alpha, cent
         gap = step - 1 - stamp[row]
         if gap > 0:
             if gap != last:
-                # rules.rmsprop_decay_scalars: alpha**gap in float64, rounded to the dtype
-                factor = s1.dtype.type(alpha ** float(gap))
+                factor = s1.dtype.type(factor_of(alpha, gap))
                 last = gap
             _decay_row(decay, s1, s3, row * ncols, ncols, (centered, factor))
         stamp[row] = step
 
 
 @njit(**_OPTS)
-def _catch_up_serial(decay, s1, s3, rows, ncols, stamp, step, alpha, centered):
-    _catch_up_range(decay, s1, s3, rows, 0, rows.size, ncols, stamp, step, alpha, centered)
+def _catch_up_serial(decay, factor_of, s1, s3, rows, ncols, stamp, step, alpha, centered):
+    _catch_up_range(decay, factor_of, s1, s3, rows, 0, rows.size, ncols, stamp, step, alpha, centered)
 
 
 @njit(parallel=True, **_OPTS)
-def _catch_up_parallel(decay, s1, s3, rows, ncols, stamp, step, alpha, centered, nchunks):
+def _catch_up_parallel(decay, factor_of, s1, s3, rows, ncols, stamp, step, alpha, centered, nchunks):
     chunk = (rows.size + nchunks - 1) // nchunks
     for c in prange(nchunks):
-        _catch_up_range(decay, s1, s3, rows, c * chunk, min(rows.size, c * chunk + chunk), ncols, stamp,
+        _catch_up_range(decay, factor_of, s1, s3, rows, c * chunk, min(rows.size, c * chunk + chunk), ncols, stamp,
                         step, alpha, centered)
 
 
@@ -284,29 +287,29 @@ def _csr_full_rows_parallel(rule, p, s1, s2, s3, rows, indptr, cols, vals, ncols
 
 
 @njit(inline="always", **_OPTS)
-def _settle_range(decay, s1, s3, stamp, r0, r1, step, ncols, alpha, centered):
+def _settle_range(decay, factor_of, s1, s3, stamp, r0, r1, step, ncols, alpha, centered):
     last = -1
     factor = s1.dtype.type(1)
     for row in range(r0, r1):
         gap = step - stamp[row]
         if gap > 0:
             if gap != last:
-                factor = s1.dtype.type(alpha ** float(gap))
+                factor = s1.dtype.type(factor_of(alpha, gap))
                 last = gap
             _decay_row(decay, s1, s3, row * ncols, ncols, (centered, factor))
             stamp[row] = step
 
 
 @njit(**_OPTS)
-def _settle_serial(decay, s1, s3, stamp, step, ncols, alpha, centered):
-    _settle_range(decay, s1, s3, stamp, 0, stamp.size, step, ncols, alpha, centered)
+def _settle_serial(decay, factor_of, s1, s3, stamp, step, ncols, alpha, centered):
+    _settle_range(decay, factor_of, s1, s3, stamp, 0, stamp.size, step, ncols, alpha, centered)
 
 
 @njit(parallel=True, **_OPTS)
-def _settle_parallel(decay, s1, s3, stamp, step, ncols, alpha, centered, nchunks):
+def _settle_parallel(decay, factor_of, s1, s3, stamp, step, ncols, alpha, centered, nchunks):
     chunk = (stamp.size + nchunks - 1) // nchunks
     for c in prange(nchunks):
-        _settle_range(decay, s1, s3, stamp, c * chunk, min(stamp.size, c * chunk + chunk), step, ncols,
+        _settle_range(decay, factor_of, s1, s3, stamp, c * chunk, min(stamp.size, c * chunk + chunk), step, ncols,
                       alpha, centered)
 
 
@@ -616,10 +619,10 @@ class CPUSparseKernels:
     def _catch_up(decay, s1, s3, rows, ncols, stamp, step, alpha, centered):
         s3 = s3 if s3.size == s1.size else s1
         if rows.size * ncols >= config.PARALLEL_THRESHOLD:
-            _catch_up_parallel(COMPILED[decay], s1, s3, rows, ncols, stamp, step, float(alpha), bool(centered),
+            _catch_up_parallel(COMPILED[decay], _FACTOR_OF, s1, s3, rows, ncols, stamp, step, float(alpha), bool(centered),
                                _nchunks(rows.size))
         else:
-            _catch_up_serial(COMPILED[decay], s1, s3, rows, ncols, stamp, step, float(alpha), bool(centered))
+            _catch_up_serial(COMPILED[decay], _FACTOR_OF, s1, s3, rows, ncols, stamp, step, float(alpha), bool(centered))
 
     @staticmethod
     def csr_decay(rule, decay, p, s1, s2, s3, rows, indptr, cols, vals, ncols, k, stamp, step, alpha,
@@ -645,10 +648,10 @@ class CPUSparseKernels:
         """Catch every row up to ``step`` (state about to be read)."""
         s3 = s3 if s3.size == s1.size else s1
         if s1.size >= config.PARALLEL_THRESHOLD:
-            _settle_parallel(COMPILED[decay], s1, s3, stamp, step, ncols, float(alpha), bool(centered),
+            _settle_parallel(COMPILED[decay], _FACTOR_OF, s1, s3, stamp, step, ncols, float(alpha), bool(centered),
                              _nchunks(stamp.size))
         else:
-            _settle_serial(COMPILED[decay], s1, s3, stamp, step, ncols, float(alpha), bool(centered))
+            _settle_serial(COMPILED[decay], _FACTOR_OF, s1, s3, stamp, step, ncols, float(alpha), bool(centered))
 
     @staticmethod
     def new_stamp(nrows, value):

@@ -189,6 +189,7 @@ class _SparseRuleKernels:
     def __init__(self, rule, dtype):
         dev = cuda.jit(device=True)(rule)
         decay = cuda.jit(device=True)(rules.rmsprop_decay)
+        factor_of = cuda.jit(device=True)(rules.rmsprop_decay_factor)
         cast = np.dtype(dtype).type
 
         @cuda.jit
@@ -273,7 +274,7 @@ class _SparseRuleKernels:
                     gap = step - 1 - stamp[r]
                     factor = cast(1.0)
                     if gap > 0:
-                        factor = cast(alpha ** (gap * 1.0))
+                        factor = cast(factor_of(alpha, gap))
                     q = a                                       # columns ascend: the search moves right
                     c = e - t * lanes
                     while c < ncols:
@@ -298,7 +299,7 @@ class _SparseRuleKernels:
                 i = r * ncols + (e - t * ncols)
                 gap = step - 1 - stamp[r]
                 if gap > 0:
-                    decay(s1, s3, i, (centered, cast(alpha ** (gap * 1.0))))
+                    decay(s1, s3, i, (centered, cast(factor_of(alpha, gap))))
                 dev(p, s1, s2, s3, i, vals[e], k)
                 e += stride
 
@@ -309,7 +310,7 @@ class _SparseRuleKernels:
             while i < n:
                 gap = step - stamp[i // ncols]
                 if gap > 0:
-                    decay(s1, s3, i, (centered, cast(alpha ** (gap * 1.0))))
+                    decay(s1, s3, i, (centered, cast(factor_of(alpha, gap))))
                 i += stride
 
         self.csr_lazy, self.rows_lazy = csr_lazy, rows_lazy

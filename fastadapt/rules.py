@@ -40,7 +40,7 @@ import numpy as np
 __all__ = [
     "adagrad_rule", "rmsprop_rule", "adam_rule", "sparse_adam_rule",
     "adagrad_scalars", "rmsprop_scalars", "adam_scalars", "sparse_adam_scalars",
-    "rmsprop_decay_scalars", "rmsprop_decay",
+    "rmsprop_decay_scalars", "rmsprop_decay", "rmsprop_decay_factor",
 ]
 
 
@@ -126,10 +126,19 @@ def rmsprop_decay(s1, s3, i, k):
         s3[i] = s3[i] * factor
 
 
+def rmsprop_decay_factor(alpha, gap):
+    """``alpha**gap`` in float64: the factor of :func:`rmsprop_decay` after ``gap`` steps.
+
+    The exact-mode loops of every backend call it once per row that has decay to catch
+    up, and round the result to the array dtype (as :func:`rmsprop_decay_scalars` does).
+    """
+    return alpha ** (gap * 1.0)
+
+
 def rmsprop_decay_scalars(dtype, alpha, n, centered):
     """``k`` for :func:`rmsprop_decay`: the factor ``alpha**n`` in the array dtype."""
     dt = np.dtype(dtype).type
-    return (bool(centered), dt(float(alpha) ** n))
+    return (bool(centered), dt(rmsprop_decay_factor(float(alpha), n)))
 
 
 # --------------------------------------------------------------------------- Adam / AdamW
