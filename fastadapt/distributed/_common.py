@@ -138,6 +138,26 @@ def _contiguous_block(arrays, dtype):
     return block
 
 
+def slice_state(st, shape, dtype, take, where):
+    """One parameter's saved state restricted to this rank: ``take(array)`` of every buffer.
+
+    ``st`` is a single-process state_dict entry (``{"step": int, name: array}``); each buffer
+    must have the parameter's ``shape`` and ``dtype`` (else ValueError naming ``where``);
+    ``step`` is kept as it is.
+    """
+    piece = {}
+    for name, arr in st.items():
+        if name == "step":
+            piece[name] = arr
+            continue
+        arr = np.asarray(arr)
+        if arr.shape != tuple(shape) or arr.dtype != dtype:
+            raise ValueError(f"{where}: {name!r} has shape {arr.shape} and dtype {arr.dtype}, the parameter "
+                             f"has {tuple(shape)} and {dtype}")
+        piece[name] = take(arr)
+    return piece
+
+
 def _hyper_items(group):
     return sorted((k, v) for k, v in group.items() if k != "params")
 

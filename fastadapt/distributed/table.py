@@ -6,7 +6,7 @@ import numpy as np
 
 from .. import optim as _optim
 from ..cpu import BACKEND as _CPU
-from ._common import _Collective, _checksum, _hyper_items, _mpi_type, shard_bounds
+from ._common import _Collective, _checksum, _hyper_items, _mpi_type, shard_bounds, slice_state
 
 __all__ = ["ShardedTable"]
 
@@ -426,17 +426,8 @@ class ShardedTable(_Collective):
                 for j, st in sd["state"].items():
                     if j != 0:
                         raise ValueError(f"a table's state_dict holds parameter 0 only, got {j!r}")
-                    piece = {}
-                    for name, arr in st.items():
-                        if name == "step":
-                            piece[name] = arr
-                            continue
-                        arr = np.asarray(arr)
-                        if arr.shape != self.shape or arr.dtype != self.dtype:
-                            raise ValueError(f"{name!r} has shape {arr.shape} and dtype {arr.dtype}; the table "
-                                             f"has {self.shape} and {self.dtype}")
-                        piece[name] = arr[self.lo:self.hi]
-                    state[0] = piece
+                    state[0] = slice_state(st, self.shape, self.dtype, lambda a: a[self.lo:self.hi],
+                                           "the table's state")
                 inner_sd = {"state": state, "param_groups": sd["param_groups"]}
             new = self.optimizer_class([dict(self.param_groups[0], params=[self.local])],
                                        nonfinite=self.nonfinite if self._solo else "propagate", **self._hyper)

@@ -8,7 +8,8 @@ from .. import config
 from .. import optim as _optim
 from ..cpu import BACKEND as _CPU
 from ..grads import prepare_grad
-from ._common import _Collective, _checksum, _contiguous_block, _hyper_items, _mpi_type, shard_bounds
+from ._common import (_Collective, _checksum, _contiguous_block, _hyper_items, _mpi_type, shard_bounds,
+                      slice_state)
 
 __all__ = ["ShardedOptimizer"]
 
@@ -537,17 +538,8 @@ class ShardedOptimizer(_Collective):
                 a, e = layout[j]
                 if e == a:
                     continue                    # none of parameter j lives on this rank
-                piece = {}
-                for name, arr in st.items():
-                    if name == "step":
-                        piece[name] = arr
-                        continue
-                    arr = np.asarray(arr)
-                    if arr.shape != p.shape or arr.dtype != p.dtype:
-                        raise ValueError(f"state of parameter {j}: {name!r} has shape {arr.shape} and dtype "
-                                         f"{arr.dtype}, the parameter has {p.shape} and {p.dtype}")
-                    piece[name] = arr.reshape(-1)[a:e]
-                state[j] = piece
+                state[j] = slice_state(st, p.shape, p.dtype, lambda arr, a=a, e=e: arr.reshape(-1)[a:e],
+                                       f"state of parameter {j}")
             inner_sd = {"state": state, "param_groups": sd["param_groups"]}
         groups = [dict(mine, params=list(inner["params"]))
                   for mine, inner in zip(self.param_groups, self._inner.param_groups)]
