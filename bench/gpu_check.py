@@ -433,7 +433,7 @@ def main(argv=None):
         return 3
     import numba
     from fastadapt import config
-    from fastadapt.cuda import SIMULATOR
+    from fastadapt.backends.cuda_arrays import SIMULATOR
     if SIMULATOR:                        # one Python thread per simulated thread: keep the grid small
         config.CUDA_THREADS_PER_BLOCK, config.CUDA_MAX_BLOCKS = 32, 4
     torch = _torch()
@@ -460,7 +460,7 @@ def main(argv=None):
 
 
 def _hint():
-    from fastadapt.cuda import INSTALL_HINT
+    from fastadapt.backends.cuda_arrays import INSTALL_HINT
     return INSTALL_HINT
 
 

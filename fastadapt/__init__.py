@@ -1,4 +1,4 @@
-"""fastadapt: AdaGrad, RMSprop and Adam (with AdamW and SparseAdam) as Numba kernels.
+"""fastadapt: torch.optim's adaptive optimizers as Numba kernels, without torch.
 
 Torch-compatible optimizers over numpy arrays (and CUDA arrays), updated in place::
 
@@ -7,22 +7,27 @@ Torch-compatible optimizers over numpy arrays (and CUDA arrays), updated in plac
     opt = fa.Adam([w], lr=1e-3)
     opt.step([grad])
 
-See the README for the options, the sparse-gradient semantics and the figures.
+One public class per algorithm of :data:`fastadapt.algorithms.REGISTRY` (``Adagrad``,
+``RMSprop``, ``Adam``, ``AdamW``, ``SparseAdam``, ...), generated from its declaration.
+See the README and the docs for the options, the sparse-gradient semantics and the figures.
 """
 
-from .optim import Adagrad, Adam, AdamW, Optimizer, RMSprop, SparseAdam
-from .sparse import RowGrad
-from . import functional
+from . import config, functional
+from .grads.sparse import RowGrad
+from .optim import CLASSES, Optimizer
+
+globals().update(CLASSES)
 
 __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # fastadapt.DeviceCSR (a CSR gradient of device arrays) lives in fastadapt.cuda_sparse, which
+    # fastadapt.DeviceCSR (a CSR gradient of device arrays) lives in fastadapt.grads.device, which
     # imports numba.cuda: imported on first use, so that `import fastadapt` never needs a GPU stack
     if name == "DeviceCSR":
-        from .cuda_sparse import DeviceCSR
+        from .grads.device import DeviceCSR
         return DeviceCSR
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = ["Adagrad", "RMSprop", "Adam", "AdamW", "SparseAdam", "Optimizer", "RowGrad", "functional", "__version__"]
+
+__all__ = [*CLASSES, "Optimizer", "RowGrad", "functional", "config", "__version__"]

@@ -23,7 +23,7 @@ CUDA_MAX_BLOCKS = 4096
 MPI_CHUNK_ELEMENTS = 1 << 22
 
 #: Work units of the parallel loops: a prange over chunks of one parameter, or over units of
-#: many small tensors (fastadapt.many: small tensors share a unit, large ones are cut).  A
+#: many small tensors (fastadapt.optim.many: small tensors share a unit, large ones are cut).  A
 #: step of n elements uses units of n // 16 elements, kept between these two bounds, so that
 #: each thread gets several units (balance) from PARALLEL_THRESHOLD on.
 PARALLEL_CHUNK = 1 << 16

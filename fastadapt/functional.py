@@ -1,8 +1,11 @@
 """Functional layer: one in-place update of a parameter with state kept by the caller.
 
-For users who manage their own state (or their own loop over parameters).  Each
-function checks its arrays and hyper-parameters, then runs the same compiled rule as
-the optimizer classes.  ``step`` is the number of this update, counting from 1 (it is
+For users who manage their own state (or their own loop over parameters).  There is one
+function per registered algorithm that has one (``adagrad``, ``rmsprop``, ``adam``,
+``adamw``, ...), generated from the algorithm's declaration (:mod:`fastadapt.algorithms`):
+the parameter, the gradient and the state buffers in slot order, then ``step`` and the
+hyper-parameters as keywords.  Each function checks its arrays and hyper-parameters, then
+runs the same compiled rule as the optimizer classes.  ``step`` is the number of this update, counting from 1 (it is
 what bias correction and Adagrad's ``lr_decay`` use); the caller keeps and increments
 it.
 
@@ -21,164 +24,112 @@ Example
 array([0.9, 0.9, 0.9, 0.9])
 """
 
+import inspect
 import numbers
 
-import numpy as np
-
-from . import rules
+from .algorithms import REGISTRY
+from .backends import backend_for, unused_slot
 from .grads import prepare_grad
-from .optim import _check_betas, _check_number, backend_for
 
-__all__ = ["adagrad", "rmsprop", "adam", "adamw"]
+__all__ = [a.functional for a in REGISTRY if a.functional]
 
-
-def _dtype_of(backend, a):
-    """``a``'s dtype as a numpy dtype (torch tensors have their own dtype type; the CUDA
-    backend's ``dtype_of`` reads it from the array interface)."""
-    dtype_of = getattr(backend, "dtype_of", None)
-    return np.dtype(a.dtype) if dtype_of is None else dtype_of(a)
-
-
-_DUMMIES = {}
-
-
-def _dummy(backend, param, dtype):
-    """A 1-element buffer of ``dtype`` on ``param``'s device for rule slots that are unused
-    with the given options; made once per (backend, device, dtype), then reused."""
-    device_of = getattr(backend, "device_of", None)
-    key = (backend.name, None if device_of is None else device_of(param), dtype.str)
-    d = _DUMMIES.get(key)
-    if d is None:
-        d = _DUMMIES[key] = backend.flat(backend.full_like(backend.flat(param)[:1], 0.0))
-    return d
+_P = inspect.Parameter
 
 
 def _check_arrays(param, grad, buffers):
-    """Check the arrays of one update; returns (backend, numpy dtype, flat gradient, (s1, s2, s3))."""
+    """Check the arrays of one update; returns (backend, numpy dtype, flat gradient, [s1, s2, s3]).
+
+    ``buffers`` is ``[(name, array or None)]`` in slot order (None: unused slot).
+    """
     backend = backend_for(param)
     backend.check_param(param, "param")
-    dtype = _dtype_of(backend, param)
+    dtype = backend.dtype_of(param)
     prepared = prepare_grad(grad, param, backend, "grad")
     if not hasattr(prepared, "g"):
         raise TypeError("the functional layer takes dense gradients; use an optimizer class for sparse ones")
     flats = []
     for name, buf in buffers:
         if buf is None:
-            flats.append(None)
+            flats.append(unused_slot(backend, param))
             continue
         backend.check_param(buf, name)
-        buf_dtype = _dtype_of(backend, buf)
+        buf_dtype = backend.dtype_of(buf)
         if tuple(buf.shape) != tuple(param.shape) or buf_dtype != dtype:
             raise ValueError(f"{name} has shape {tuple(buf.shape)} and dtype {buf_dtype}; it must match "
                              f"param ({tuple(param.shape)}, {dtype})")
-        check_same_device = getattr(backend, "check_same_device", None)
-        if check_same_device is not None:
-            check_same_device(buf, param, name)
+        backend.check_same_device(buf, param, name)
         flats.append(backend.flat(buf))
-    spans = [("param", backend.memory_span(param))] + [
+    spans = [("param", backend.memory_span(param)), ("grad", backend.memory_span(grad))] + [
         (name, backend.memory_span(buf)) for name, buf in buffers if buf is not None]
     for a in range(len(spans)):
         for b in range(a + 1, len(spans)):
             (na, (a0, a1)), (nb, (b0, b1)) = spans[a], spans[b]
             if a0 < b1 and b0 < a1:
                 raise ValueError(f"{na} and {nb} share memory; each needs its own array")
-    if len(flats) < 3 or any(f is None for f in flats):
-        dummy = _dummy(backend, param, dtype)
-        flats = [f if f is not None else dummy for f in flats]
-        flats += [dummy] * (3 - len(flats))
     return backend, dtype, prepared.g, flats
 
 
 def _check_step(step):
     if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 1:
         raise ValueError(f"step must be the number of this update, an int >= 1; got {step!r}")
+    if step >= 2 ** 63:
+        raise ValueError(f"step must be below 2**63 (the optimizers' int64 counter); got {step!r}")
 
 
-def adagrad(param, grad, state_sum, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10,
-            maximize=False):
-    """One Adagrad update of ``param`` and ``state_sum``, in place.
+def _make(alg):
+    """The functional function of algorithm ``alg``."""
+    names = [s for s in alg.slots if s is not None]
+    required = set(alg.used_buffers(alg.defaults))
+    arg_of = {n: alg.functional_args.get(n, n) for n in names}
+    hypers = [h for h in alg.hypers if h.functional]
+    params = [_P("param", _P.POSITIONAL_OR_KEYWORD), _P("grad", _P.POSITIONAL_OR_KEYWORD)]
+    params += [_P(arg_of[n], _P.POSITIONAL_OR_KEYWORD, **({} if n in required else {"default": None}))
+               for n in names]
+    params.append(_P("step", _P.KEYWORD_ONLY))
+    params += [_P(h.name, _P.KEYWORD_ONLY, default=h.default) for h in hypers]
+    signature = inspect.Signature(params)
+    base = {h.name: h.default for h in alg.hypers}
+    base.update(alg.fixed)
 
-    Parameters
-    ----------
-    param, grad, state_sum : array
-        Same shape and dtype (float32 or float64), C-contiguous; ``param`` and
-        ``state_sum`` are written.
-    step : int
-        Number of this update, from 1.
-    lr, lr_decay, weight_decay, eps, maximize
-        As :class:`fastadapt.Adagrad`.
-    """
-    _check_step(step)
-    for name, value in (("lr", lr), ("lr_decay", lr_decay), ("weight_decay", weight_decay), ("eps", eps)):
-        _check_number(name, value, 0.0)
-    backend, dtype, g, (s1, s2, s3) = _check_arrays(param, grad, [("state_sum", state_sum)])
-    k = rules.adagrad_scalars(dtype, step, lr, lr_decay, weight_decay, eps, maximize)
-    backend.dense_step(rules.adagrad_rule, backend.flat(param), g, s1, s2, s3, k)
+    def update(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        step = a["step"]
+        _check_step(step)
+        h = dict(base)
+        h.update({hp.name: a[hp.name] for hp in hypers})
+        alg.check_group(h)
+        used = alg.used_buffers(h)
+        for n in used:
+            if a[arg_of[n]] is None:
+                on = ", ".join(f"{k}={h[k]!r}" for k in h if k not in base or h[k] != base[k]) or "the defaults"
+                raise ValueError(f"{alg.functional} with {on} needs a {arg_of[n]} array")
+        buffers = [(arg_of[n], a[arg_of[n]]) if (n is not None and n in used) else (n or "unused", None)
+                   for n in alg.slots]
+        backend, dtype, g, (s1, s2, s3) = _check_arrays(a["param"], a["grad"], buffers)
+        k = alg.scalars(dtype, step, h, {})
+        backend.dense_step(alg.rule, backend.flat(a["param"]), g, s1, s2, s3, k)
 
-
-def rmsprop(param, grad, square_avg, momentum_buffer=None, grad_avg=None, *, step, lr=1e-2, alpha=0.99,
-            eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False):
-    """One RMSprop update of ``param`` and its averages, in place.
-
-    Parameters
-    ----------
-    param, grad, square_avg : array
-        Same shape and dtype, C-contiguous.
-    momentum_buffer : array, optional
-        Required when ``momentum > 0``.
-    grad_avg : array, optional
-        Required when ``centered``.
-    step : int
-        Number of this update, from 1 (RMSprop does not use it; kept for symmetry).
-    lr, alpha, eps, weight_decay, momentum, centered, maximize
-        As :class:`fastadapt.RMSprop`.
-    """
-    _check_step(step)
-    for name, value in (("lr", lr), ("alpha", alpha), ("eps", eps), ("weight_decay", weight_decay),
-                        ("momentum", momentum)):
-        _check_number(name, value, 0.0)
-    if momentum > 0 and momentum_buffer is None:
-        raise ValueError("momentum > 0 needs a momentum_buffer array")
-    if centered and grad_avg is None:
-        raise ValueError("centered=True needs a grad_avg array")
-    backend, dtype, g, (s1, s2, s3) = _check_arrays(param, grad, [
-        ("square_avg", square_avg), ("momentum_buffer", momentum_buffer if momentum > 0 else None),
-        ("grad_avg", grad_avg if centered else None)])
-    k = rules.rmsprop_scalars(dtype, step, lr, alpha, eps, weight_decay, momentum, centered, maximize)
-    backend.dense_step(rules.rmsprop_rule, backend.flat(param), g, s1, s2, s3, k)
-
-
-def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3, betas=(0.9, 0.999),
-         eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, decoupled_weight_decay=False):
-    """One Adam (or AdamW) update of ``param`` and its moments, in place.
-
-    Parameters
-    ----------
-    param, grad, exp_avg, exp_avg_sq : array
-        Same shape and dtype, C-contiguous.
-    max_exp_avg_sq : array, optional
-        Required when ``amsgrad``.
-    step : int
-        Number of this update, from 1; bias correction uses it.
-    lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay
-        As :class:`fastadapt.Adam`.
-    """
-    _check_step(step)
-    for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
-        _check_number(name, value, 0.0)
-    _check_betas(betas)
-    if amsgrad and max_exp_avg_sq is None:
-        raise ValueError("amsgrad=True needs a max_exp_avg_sq array")
-    backend, dtype, g, (s1, s2, s3) = _check_arrays(param, grad, [
-        ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq),
-        ("max_exp_avg_sq", max_exp_avg_sq if amsgrad else None)])
-    k = rules.adam_scalars(dtype, step, lr, betas, eps, weight_decay, amsgrad, maximize,
-                           decoupled_weight_decay)
-    backend.dense_step(rules.adam_rule, backend.flat(param), g, s1, s2, s3, k)
+    update.__name__ = update.__qualname__ = alg.functional
+    update.__module__ = __name__
+    update.__signature__ = signature
+    lines = [f"One {alg.name} update of ``param`` and its state, in place.", "", "Parameters", "----------",
+             "param, grad : array",
+             "    Same shape and dtype (float32 or float64), C-contiguous; ``param`` is written."]
+    for n in names:
+        opt = "" if n in required else ", optional"
+        lines += [f"{arg_of[n]} : array{opt}",
+                  f"    The ``{n}`` state (the parameter's shape and dtype), updated in place"
+                  + ("." if n in required else "; needed only when the options use it.")]
+    lines += ["step : int", "    Number of this update, from 1 (bias corrections and schedules use it)."]
+    for hp in hypers:
+        lines += [f"{hp.name} : {hp.kind}, default {hp.default!r}"] + ([f"    As :class:`fastadapt.{alg.name}`."])
+    update.__doc__ = "\n".join(lines)
+    return update
 
 
-def adamw(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3, betas=(0.9, 0.999),
-          eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False):
-    """One AdamW update: :func:`adam` with decoupled weight decay (default 1e-2)."""
-    adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr, betas=betas, eps=eps,
-         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=True)
+for _alg in REGISTRY:
+    if _alg.functional:
+        globals()[_alg.functional] = _make(_alg)
+del _alg

@@ -274,8 +274,7 @@ BAD_GROUP_VALUES = {
     "adamw": [("lr", -1.0), ("betas", (0.9, 1.01)), ("decoupled_weight_decay", False)],
 }
 #: what the error message names, where it is not the key itself
-_NAMED = {"betas": "beta", "sparse_mode": "sparse_mode", "decoupled_weight_decay": "decouples weight decay"
-}
+_NAMED = {"betas": "beta", "sparse_mode": "sparse_mode"}
 
 
 @pytest.mark.parametrize("name", sorted(FULL))

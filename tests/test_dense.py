@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import fastadapt as fa
-from fastadapt import config, cpu
+from fastadapt import config
+from fastadapt.backends import cpu
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reference as ref  # noqa: E402
@@ -287,7 +288,7 @@ def test_second_step_compiles_nothing_new(dtype, monkeypatch):
             CLASSES[name]([p0.copy()], nonfinite="skip").step(grads)
             fa.functional.adam(p0.copy(), grads[0], np.zeros_like(p0), np.zeros_like(p0), step=1)
     before = _signature_counts()
-    assert before["fastadapt.cpu._dense_serial"] >= 3 and before["fastadapt.cpu._dense_parallel"] >= 3
+    assert before["fastadapt.backends.cpu._dense_serial"] >= 3 and before["fastadapt.backends.cpu._dense_parallel"] >= 3
     # every option combination, every shape, both loops, the non-finite scan and the functional layer
     for name, hyper, p0, grads in _all_option_runs(dtype):
         opt = CLASSES[name]([p0.copy()], nonfinite="skip", **hyper)

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 import fastadapt as fa
-from fastadapt import config, cpu, many
+from fastadapt import config
+from fastadapt.backends import cpu
+from fastadapt.optim import many
 
 CASES = {
     "adagrad": (fa.Adagrad, dict(lr=0.1, lr_decay=0.01, weight_decay=0.1, initial_accumulator_value=0.2)),

@@ -19,10 +19,19 @@ import pytest
 import scipy.sparse as sp
 
 import fastadapt as fa
-from fastadapt import config, cpu_sparse, sparse
+from fastadapt import config
+from fastadapt.backends import cpu_sparse
+from fastadapt.algorithms import Decay
+from fastadapt.grads import sparse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reference as ref  # noqa: E402
+
+
+def exact_strategy(opt):
+    """"lazy", "decay" or "fused": how the optimizer's first group runs sparse_mode="exact"."""
+    plan = opt.algorithm.exact(opt.param_groups[0])
+    return "decay" if isinstance(plan, Decay) else plan
 
 DTYPES = [np.float64, np.float32]
 DTYPE_IDS = ["f64", "f32"]
@@ -274,7 +283,7 @@ def test_exact_equals_dense_step_on_toarray(case, dtype):
     grads = [to_csr(SHAPE, r, c, v, dtype) for r, c, v in coos]
     opt_s, p_s = run_fastadapt(CLASSES[name], hyper, p0, grads, "exact")
     opt_d, p_d = run_fastadapt(CLASSES[name], hyper, p0, [g.toarray() for g in grads])
-    strategy = opt_s._exact_strategy(opt_s.param_groups[0])
+    strategy = exact_strategy(opt_s)
     st_s, st_d = opt_s.state_of(p_s), opt_d.state_of(p_d)
     if strategy == "decay":
         assert name == "rmsprop"
@@ -315,10 +324,9 @@ def test_csr_with_whole_rows(name, hyper, mode):
 
 
 def test_exact_strategies():
-    """Which optimizer configurations take the O(nnz) paths (SPEC Part A.7)."""
+    """Which optimizer configurations take the O(nnz) paths (the spec, "Sparse gradients")."""
     def strategy(cls, **hyper):
-        opt = cls([np.zeros(3)], sparse_mode="exact", **hyper)
-        return opt._exact_strategy(opt.param_groups[0])
+        return exact_strategy(cls([np.zeros(3)], sparse_mode="exact", **hyper))
     assert strategy(fa.Adagrad) == "lazy"
     assert strategy(fa.Adagrad, lr_decay=0.5, initial_accumulator_value=1.0, maximize=True) == "lazy"
     assert strategy(fa.Adagrad, weight_decay=0.1) == "fused"
@@ -521,7 +529,7 @@ def test_state_dict_round_trip_with_pending_decay(dtype):
     opt = fa.RMSprop([p], sparse_mode="exact", **hyper)
     for g in grads[:6]:
         opt.step([g])
-    assert opt.state[0]["_decay"][3]                   # decay pending on untouched rows
+    assert opt.state[0]["_decay"].pending              # decay pending on untouched rows
     sd = opt.state_dict()
     assert "_decay" not in sd["state"][0]
     q = p.copy()

@@ -1,8 +1,8 @@
-"""The dense loops vectorise, for every rule and both dtypes, and float32 stays float32.
+"""The dense loops vectorise, for every registered algorithm and both dtypes, and float32 stays float32.
 
 Checked in the machine code numba generates (``inspect_asm``), compiled afresh in a subprocess
 with an empty numba cache (cached code cannot be inspected): the inner loop of the shared
-``fastadapt.cpu._run`` must use packed square roots and divisions, and a float32 loop must not
+``fastadapt.backends.cpu._run`` must use packed square roots and divisions, and a float32 loop must not
 convert to float64 (``cvtss2sd``).  Each check here once failed: RMSprop's loop ran scalar
 (reference counts left in the loop) until the loops built their arrays from raw addresses.
 """
@@ -17,32 +17,51 @@ import textwrap
 
 import pytest
 
+from fastadapt.algorithms import REGISTRY
+
 SCRIPT = textwrap.dedent("""
-    import json, re
+    import inspect, json, re
     import numpy as np
-    from fastadapt import cpu, rules
-    cases = {
-        "adam": (cpu.adam, lambda dt: rules.adam_scalars(dt, 2, 1e-3, (0.9, 0.999), 1e-8, 0.1, True, True, True)),
-        "rmsprop": (cpu.rmsprop, lambda dt: rules.rmsprop_scalars(dt, 2, 1e-2, 0.99, 1e-8, 0.1, 0.9, True, True)),
-        "adagrad": (cpu.adagrad, lambda dt: rules.adagrad_scalars(dt, 2, 1e-2, 0.1, 0.1, 1e-10, True)),
-    }
+    from fastadapt.algorithms import REGISTRY
+    from fastadapt.backends import cpu
     out = {}
-    for name, (rule, scalars) in cases.items():
+    seen = set()
+    by_rule = {}
+    for alg in REGISTRY:
+        if alg.rule in by_rule:             # a variant (AdamW): the same loop as its parent's
+            for dt in ("float32", "float64"):
+                out[f"{alg.name}-{dt}"] = out[f"{by_rule[alg.rule]}-{dt}"]
+            continue
+        by_rule[alg.rule] = alg.name
+        # every option that adds work switched on (flags True, numbers non-zero)
+        h = dict(alg.defaults)
+        for hp in alg.hypers:
+            if hp.kind == "bool":
+                h[hp.name] = True
+            elif hp.kind == "float" and h[hp.name] == 0 and hp.name != "lr_decay":
+                h[hp.name] = 0.1
+        try:
+            alg.check_group(h)
+        except ValueError:                  # combinations the algorithm refuses: defaults then
+            h = dict(alg.defaults)
+        rule = cpu.compiled(alg.rule)
         for dt in (np.float32, np.float64):
             a = [np.ones(64, dt) for _ in range(5)]
-            cpu._dense_serial(rule, *a, scalars(dt))
-    for sig, asm in cpu._run.inspect_asm().items():
-        rule = re.search(r"function (\\w+)_rule", str(sig[0])).group(1)
-        suffix = "s" if str(sig[1].dtype) == "float32" else "d"
-        out[f"{rule}-{sig[1].dtype}"] = {
-            "packed_sqrt": len(re.findall(rf"\\bv?sqrtp{suffix}\\b", asm)),
-            "packed_div": len(re.findall(rf"\\bv?divp{suffix}\\b", asm)),
-            "to_float64": len(re.findall(r"\\bv?cvtss2sd\\b", asm)),
-            "calls_in_kernel": len(re.findall(r"NRT_incref", asm)),
-        }
+            cpu._dense_serial(rule, *a, alg.scalars(dt, 2, h, {n: v for n, v in alg.carry}))
+            new = [(sig, asm) for sig, asm in cpu._run.inspect_asm().items() if sig not in seen]
+            assert len(new) == 1, len(new)
+            sig, asm = new[0]
+            seen.add(sig)
+            suffix = "s" if dt == np.float32 else "d"
+            out[f"{alg.name}-{np.dtype(dt).name}"] = {
+                "uses_sqrt": "math.sqrt" in inspect.getsource(alg.rule),
+                "packed_sqrt": len(re.findall(rf"\\bv?sqrtp{suffix}\\b", asm)),
+                "packed_div": len(re.findall(rf"\\bv?divp{suffix}\\b", asm)),
+                "to_float64": len(re.findall(r"\\bv?cvtss2sd\\b", asm)),
+                "calls_in_kernel": len(re.findall(r"NRT_incref", asm)),
+            }
     print(json.dumps(out))
 """)
-
 
 @pytest.fixture(scope="module")
 def asm_counts(tmp_path_factory):
@@ -56,10 +75,11 @@ def asm_counts(tmp_path_factory):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("rule", ["adam", "rmsprop", "adagrad"])
-def test_dense_loop_is_vectorised(asm_counts, rule, dtype):
-    counts = asm_counts[f"{rule}-{dtype}"]
-    assert counts["packed_sqrt"] > 0, counts
+@pytest.mark.parametrize("name", [a.name for a in REGISTRY])
+def test_dense_loop_is_vectorised(asm_counts, name, dtype):
+    counts = asm_counts[f"{name}-{dtype}"]
+    if counts["uses_sqrt"]:
+        assert counts["packed_sqrt"] > 0, counts
     assert counts["packed_div"] > 0, counts
     assert counts["calls_in_kernel"] == 0, counts            # no reference counting left in the loop
     if dtype == "float32":

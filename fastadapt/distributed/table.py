@@ -5,7 +5,7 @@ import time
 import numpy as np
 
 from .. import optim as _optim
-from ..cpu import BACKEND as _CPU
+from ..backends.cpu import BACKEND as _CPU
 from ._common import _Collective, _checksum, _hyper_items, _mpi_type, shard_bounds, slice_state
 
 __all__ = ["ShardedTable"]
@@ -115,8 +115,8 @@ class ShardedTable(_Collective):
         if self.dtype not in (np.float32, np.float64):
             raise TypeError(f"dtype must be float32 or float64, got {self.dtype}")
         self.nonfinite = hyper.pop("nonfinite", "propagate")
-        if self.nonfinite not in _optim._NONFINITE:
-            raise ValueError(f"nonfinite must be one of {_optim._NONFINITE}, got {self.nonfinite!r}")
+        if self.nonfinite not in _optim.NONFINITE:
+            raise ValueError(f"nonfinite must be one of {_optim.NONFINITE}, got {self.nonfinite!r}")
         self.shape = shape
         self.row_shape = shape[1:]
         self._ncols = int(np.prod(self.row_shape, dtype=np.int64))
@@ -220,7 +220,7 @@ class ShardedTable(_Collective):
         FloatingPointError
             With ``nonfinite="raise"``: on every rank, nothing changed.
         """
-        from ..sparse import RowGrad, canonical_rows
+        from ..grads.sparse import RowGrad, canonical_rows
         if self._solo:
             return self._solo_step(grad)
         MPI = self._MPI

@@ -6,7 +6,8 @@ import numpy as np
 
 from .. import config
 from .. import optim as _optim
-from ..cpu import BACKEND as _CPU
+from ..backends import is_device_array
+from ..backends.cpu import BACKEND as _CPU
 from ..grads import prepare_grad
 from ._common import (_Collective, _checksum, _contiguous_block, _hyper_items, _mpi_type, shard_bounds,
                       slice_state)
@@ -173,11 +174,11 @@ class ShardedOptimizer(_Collective):
             raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
         self.reduce = reduce
         self.nonfinite = hyper.pop("nonfinite", "propagate")
-        if self.nonfinite not in _optim._NONFINITE:
-            raise ValueError(f"nonfinite must be one of {_optim._NONFINITE}, got {self.nonfinite!r}")
+        if self.nonfinite not in _optim.NONFINITE:
+            raise ValueError(f"nonfinite must be one of {_optim.NONFINITE}, got {self.nonfinite!r}")
         self.skipped_steps = 0
         self.optimizer_class = optimizer_class
-        if isinstance(params, np.ndarray) or hasattr(params, "__cuda_array_interface__"):
+        if isinstance(params, np.ndarray) or is_device_array(params):
             raise TypeError("params must be a list of arrays or of param-group dicts: write "
                             "ShardedOptimizer(cls, [w]) rather than ShardedOptimizer(cls, w)")
         params = list(params)

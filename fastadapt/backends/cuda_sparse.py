@@ -1,8 +1,9 @@
-"""Sparse gradients on the GPU: device-side validation and the grid-stride sparse loops.
+"""Sparse gradients on the GPU: the device-side validation scans and the grid-stride sparse loops.
 
-The twin of :mod:`fastadapt.cpu_sparse` for :mod:`fastadapt.cuda`: :class:`CUDASparseKernels`
-has the same methods as :class:`fastadapt.cpu_sparse.CPUSparseKernels`, and its kernels call
-the same rules of :mod:`fastadapt.rules` (compiled with ``numba.cuda.jit(device=True)``).
+The twin of :mod:`fastadapt.backends.cpu_sparse`: :class:`CUDASparseKernels` has the same
+methods as :class:`fastadapt.backends.cpu_sparse.CPUSparseKernels`, and its kernels call the
+same rules of :mod:`fastadapt.algorithms` (compiled with ``numba.cuda.jit(device=True)``).
+The device gradient formats that use the scans live in :mod:`fastadapt.grads.device`.
 
 Gradients on the device
 -----------------------
@@ -26,7 +27,7 @@ is written (numba does not bounds-check, and a wrong index on a GPU corrupts mem
   its row by binary search), so no touched-rows array is built and nothing is allocated.
 * Anything else (duplicates or unsorted indices to sort and sum, values of another dtype,
   non-contiguous arrays, and every error message) goes through the CPU canonicaliser of
-  :mod:`fastadapt.sparse`: the gradient is copied to the host, canonicalised, and the
+  :mod:`fastadapt.grads.sparse`: the gradient is copied to the host, canonicalised, and the
   canonical arrays (O(nnz)) are copied back.  numba.cuda has no device sort; sort and sum
   duplicates on the device first (``g.sum_duplicates()`` in CuPy) to stay on the fast path.
 
@@ -42,41 +43,13 @@ written by a second kernel, after every thread has read them.
 
 import numpy as np
 
-from . import config, rules
-from . import sparse as _sparse
-from .cuda import (SIMULATOR, _context_of, _dtype, _fill, _interface, _is_numba_array, _shape,
-                   _stream_of, as_device_array, cuda, device_of, launch_dims)
+from ..algorithms import decay_factor, scale_slots
+from .cuda_arrays import (SIMULATOR, _context_of, _fill, _shape, _stream_of, as_device_array, cuda, device_of,
+                          launch_dims)
 
-__all__ = ["DeviceCSR", "CUDASparseKernels", "KERNELS", "ROW_LANES", "row_lanes", "prepare_sparse_grad"]
+__all__ = ["CUDASparseKernels", "KERNELS", "ROW_LANES", "row_lanes", "scan_csr", "scan_rows", "to_host",
+           "upload"]
 
-
-class DeviceCSR:
-    """A CSR gradient held in device arrays (CuPy, torch CUDA, numba): ``(data, indices, indptr)``.
-
-    Parameters
-    ----------
-    arg : tuple
-        ``(data, indices, indptr)``, device arrays in scipy's layout (row ``r`` holds
-        ``indices[indptr[r]:indptr[r + 1]]``); nothing is copied.
-    shape : (int, int)
-        The parameter's shape (``(1, n)`` for a 1-D parameter of ``n`` elements).
-
-    Examples
-    --------
-    >>> opt.step([fastadapt.DeviceCSR((data, indices, indptr), shape=E.shape)])  # doctest: +SKIP
-    """
-
-    format = "csr"
-
-    def __init__(self, arg, shape):
-        self.data, self.indices, self.indptr = arg
-        self.shape = tuple(int(s) for s in shape)
-
-    def __repr__(self):
-        return f"DeviceCSR(shape={self.shape}, {_shape(self.data)[0]} stored entries)"
-
-
-# =========================================================================== device helpers
 
 @cuda.jit(device=True)
 def _upper_bound(a, lo, hi, x):
@@ -182,15 +155,12 @@ class _SparseRuleKernels:
     """The sparse grid-stride kernels of one rule and dtype.
 
     ``cast`` (``np.float32`` / ``np.float64``) rounds the float64 decay factor to the
-    parameter dtype inside the kernel, as :func:`fastadapt.rules.rmsprop_decay_scalars` does
-    on the host.
+    parameter dtype inside the kernel, as the CPU loops do.
     """
 
     def __init__(self, rule, dtype):
         dev = cuda.jit(device=True)(rule)
-        decay = cuda.jit(device=True)(rules.rmsprop_decay)
-        factor_of = cuda.jit(device=True)(rules.rmsprop_decay_factor)
-        cast = np.dtype(dtype).type
+        decay, factor_of, cast = _decay_functions(dtype)
 
         @cuda.jit
         def csr_lazy(p, s1, s2, s3, rows, identity, indptr, cols, vals, nnz, ncols, k):
@@ -255,7 +225,7 @@ class _SparseRuleKernels:
 
         @cuda.jit
         def csr_decay(p, s1, s2, s3, rows, identity, indptr, cols, vals, nwalk, ncols, lanes, zero, k,
-                      stamp, step, alpha, centered):
+                      stamp, step, decay_base, u1, u2, u3):
             # ``lanes`` consecutive threads per walked row (a power of two <= 32, so a group
             # never straddles a warp): an untouched row costs its group two indptr reads
             # (one broadcast), a touched one is walked column by column, lane by lane.
@@ -274,13 +244,13 @@ class _SparseRuleKernels:
                     gap = step - 1 - stamp[r]
                     factor = cast(1.0)
                     if gap > 0:
-                        factor = cast(factor_of(alpha, gap))
+                        factor = cast(factor_of(decay_base, gap))
                     q = a                                       # columns ascend: the search moves right
                     c = e - t * lanes
                     while c < ncols:
                         i = base + c
                         if gap > 0:
-                            decay(s1, s3, i, (centered, factor))
+                            decay(s1, s2, s3, i, (u1, u2, u3, factor))
                         g = zero
                         q = _lower_bound(cols, q, b, c)
                         if q < b and cols[q] == c:
@@ -290,7 +260,7 @@ class _SparseRuleKernels:
                 e += stride
 
         @cuda.jit
-        def rows_decay(p, s1, s2, s3, rows, vals, n, ncols, k, stamp, step, alpha, centered):
+        def rows_decay(p, s1, s2, s3, rows, vals, n, ncols, k, stamp, step, base, u1, u2, u3):
             e = cuda.grid(1)
             stride = cuda.gridsize(1)
             while e < n:
@@ -299,23 +269,51 @@ class _SparseRuleKernels:
                 i = r * ncols + (e - t * ncols)
                 gap = step - 1 - stamp[r]
                 if gap > 0:
-                    decay(s1, s3, i, (centered, cast(factor_of(alpha, gap))))
+                    decay(s1, s2, s3, i, (u1, u2, u3, cast(factor_of(base, gap))))
                 dev(p, s1, s2, s3, i, vals[e], k)
                 e += stride
 
+        self.csr_lazy, self.rows_lazy = csr_lazy, rows_lazy
+        self.csr_exact, self.rows_exact = csr_exact, rows_exact
+        self.csr_decay, self.rows_decay = csr_decay, rows_decay
+
+
+_DECAY = {}
+
+
+def _decay_functions(dtype):
+    """The closed-form catch-up (algorithms.scale_slots, decay_factor) as device functions,
+    and the cast of the factor to ``dtype``."""
+    key = np.dtype(dtype).str
+    fns = _DECAY.get(key)
+    if fns is None:
+        fns = _DECAY[key] = (cuda.jit(device=True)(scale_slots), cuda.jit(device=True)(decay_factor),
+                             np.dtype(dtype).type)
+    return fns
+
+
+_SETTLE = {}
+
+
+def _settle_kernel(dtype):
+    """Catch every element up to ``step`` (state about to be read); one kernel per dtype."""
+    key = np.dtype(dtype).str
+    kernel = _SETTLE.get(key)
+    if kernel is None:
+        decay, factor_of, cast = _decay_functions(dtype)
+
         @cuda.jit
-        def settle(s1, s3, stamp, step, n, ncols, alpha, centered):
+        def settle(s1, s2, s3, stamp, step, n, ncols, base, u1, u2, u3):
             i = cuda.grid(1)
             stride = cuda.gridsize(1)
             while i < n:
                 gap = step - stamp[i // ncols]
                 if gap > 0:
-                    decay(s1, s3, i, (centered, cast(factor_of(alpha, gap))))
+                    decay(s1, s2, s3, i, (u1, u2, u3, cast(factor_of(base, gap))))
                 i += stride
 
-        self.csr_lazy, self.rows_lazy = csr_lazy, rows_lazy
-        self.csr_exact, self.rows_exact = csr_exact, rows_exact
-        self.csr_decay, self.rows_decay, self.settle = csr_decay, rows_decay, settle
+        kernel = _SETTLE[key] = settle
+    return kernel
 
 
 _KERNELS = {}
@@ -365,7 +363,7 @@ def _no_rows(like):
 class CUDASparseKernels:
     """The sparse-step interface of the CUDA backend (what :mod:`fastadapt.sparse` calls).
 
-    Same methods as :class:`fastadapt.cpu_sparse.CPUSparseKernels`, plus one convention:
+    Same methods as :class:`fastadapt.backends.cpu_sparse.CPUSparseKernels`, plus one convention:
     ``rows=None`` with a CSR means ``indptr`` is the gradient's full ``indptr``
     (``nrows + 1`` entries) rather than the touched rows' one.
     """
@@ -401,9 +399,9 @@ class CUDASparseKernels:
         _launch(ks.rows_exact, p.size, p, p, s1, s2, s3, rows, vals, p.dtype.type(0), ncols, k)
 
     @staticmethod
-    def csr_decay(rule, decay, p, s1, s2, s3, rows, indptr, cols, vals, ncols, k, stamp, step, alpha,
-                  centered):
-        """Catch the touched rows up (``decay``), run ``rule`` on them whole, stamp them ``step``.
+    def csr_decay(rule, p, s1, s2, s3, rows, indptr, cols, vals, ncols, k, stamp, step, base, slots):
+        """Catch the touched rows up (``base ** gap`` on the flagged ``slots``), run ``rule`` on
+        them whole, stamp them ``step``.
 
         A group of :func:`row_lanes` threads walks each row of ``indptr``: with ``rows``
         given (the touched rows), O(touched rows) threads; with ``rows=None`` (the full
@@ -412,8 +410,6 @@ class CUDASparseKernels:
         (the device twin of the CPU path's ``indptr`` scan).  The work on touched rows is
         O(touched rows x ncols) either way.
         """
-        if decay is not rules.rmsprop_decay:
-            raise ValueError("the CUDA backend knows one decay rule, rules.rmsprop_decay")
         if vals.size == 0:
             return                                      # no row touched: nothing to catch up or stamp
         ks = _kernels(rule, p.dtype)
@@ -422,24 +418,22 @@ class CUDASparseKernels:
         nwalk = indptr.size - 1
         lanes = row_lanes(ncols)
         _launch(ks.csr_decay, nwalk * lanes, p, p, s1, s2, s3, rows_, identity, indptr, cols, vals, nwalk,
-                ncols, lanes, p.dtype.type(0), k, stamp, step, float(alpha), bool(centered))
+                ncols, lanes, p.dtype.type(0), k, stamp, step, float(base), *(bool(u) for u in slots))
         _launch(_stamp_rows, nwalk, p, rows_, identity, indptr, nwalk, stamp, step)
 
     @staticmethod
-    def rows_decay(rule, decay, p, s1, s2, s3, rows, vals, ncols, k, stamp, step, alpha, centered):
+    def rows_decay(rule, p, s1, s2, s3, rows, vals, ncols, k, stamp, step, base, slots):
         """Row-gradient twin of :meth:`csr_decay`."""
-        if decay is not rules.rmsprop_decay:
-            raise ValueError("the CUDA backend knows one decay rule, rules.rmsprop_decay")
         ks = _kernels(rule, p.dtype)
         _launch(ks.rows_decay, vals.size, p, p, s1, s2, s3, rows, vals, vals.size, ncols, k, stamp, step,
-                float(alpha), bool(centered))
+                float(base), *(bool(u) for u in slots))
         _launch(_stamp_rows, rows.size, p, rows, False, rows, rows.size, stamp, step)
 
     @staticmethod
-    def settle(decay, s1, s3, stamp, step, ncols, alpha, centered):
+    def settle(s1, s2, s3, stamp, step, ncols, base, slots):
         """Catch every row up to ``step`` (state about to be read)."""
-        ks = _kernels(rules.rmsprop_rule, s1.dtype)
-        _launch(ks.settle, s1.size, s1, s1, s3, stamp, step, s1.size, ncols, float(alpha), bool(centered))
+        _launch(_settle_kernel(s1.dtype), s1.size, s1, s1, s2, s3, stamp, step, s1.size, ncols, float(base),
+                *(bool(u) for u in slots))
         _launch(_stamp_all, stamp.size, s1, stamp, step)
 
     @staticmethod
@@ -463,37 +457,7 @@ class CUDASparseKernels:
 KERNELS = CUDASparseKernels()
 
 
-# =========================================================================== preparing a device gradient
-
-class _DeviceStep:
-    """Mixin: run :class:`fastadapt.sparse` steps with the parameter's numba view, in its device context.
-
-    ``sparse._Prepared.apply`` reads ``p.dtype`` as a numpy dtype; torch tensors have
-    their own, so the flat numba view (same memory, numpy dtype) is passed instead.  The
-    step runs with the parameter's device current, so state it creates (the exact-decay
-    stamps, :meth:`CUDASparseKernels.new_stamp`) is allocated there, whatever device was
-    current before.
-    """
-
-    __slots__ = ()
-
-    def apply(self, opt, group, p, state):
-        view = self.backend.flat(p)
-        with _context_of(view):
-            super().apply(opt, group, view, state)
-
-
-class DeviceCSRGrad(_DeviceStep, _sparse.CSRGrad):
-    """A validated device CSR; ``rows=None`` means the full ``indptr`` (zero-copy)."""
-
-    __slots__ = ()
-
-
-class DeviceRowsGrad(_DeviceStep, _sparse.RowsGrad):
-    """A validated device row gradient (rows form)."""
-
-    __slots__ = ()
-
+# =========================================================================== validation scans, transfers
 
 _STATS = {}
 
@@ -522,134 +486,26 @@ def _run_scan(kernel, n, like, *args):
     return host_stats.copy()
 
 
-def _to_host(a):
+def scan_rows(rows, nrows, like):
+    """Counters of a device row-id array: ``[0]`` ids out of ``[0, nrows)``, ``[1]`` not
+    strictly ascending (one host synchronisation)."""
+    return _run_scan(_rows_scan, rows.size, like, rows, nrows)
+
+
+def scan_csr(indptr, indices, nrows, ncols, like):
+    """Counters of a device CSR (see ``_csr_scan``): ``[1..4]`` problems, ``[5]`` nnz."""
+    return _run_scan(_csr_scan, nrows, like, indptr, indices, ncols)
+
+
+def to_host(a):
+    """A host copy of device array ``a``."""
     view = as_device_array(a)
     if not SIMULATOR:
         cuda.synchronize()
     return np.array(view.copy_to_host(), copy=True).reshape(_shape(view))
 
 
-def _upload(a, like):
+def upload(a, like):
+    """Host array ``a`` copied to ``like``'s device."""
     with _context_of(like):
         return cuda.to_device(np.ascontiguousarray(a))
-
-
-def _require_device(arrays, p, where, backend):
-    for name, a in arrays:
-        if isinstance(a, np.ndarray) or not backend.owns(a):
-            raise TypeError(f"{where}: its {name} is a {type(a).__name__}, not a device array, but the "
-                            "parameter lives on the GPU; keep parameter and gradient on one device")
-        backend.check_same_device(a, p, f"{where} ({name})")
-
-
-def _is_int(dtype):
-    return dtype.kind in "iu" and dtype != np.bool_
-
-
-def prepare_sparse_grad(backend, g, p, where, optimizer=None):
-    """Check a device sparse gradient of device parameter ``p``; nothing is written.
-
-    Returns a :class:`DeviceCSRGrad` or :class:`DeviceRowsGrad` (see the module docstring
-    for the zero-copy fast path and the host fallback).
-    """
-    dtype = _dtype(p)
-    nrows, ncols = _sparse.row_view(_shape(p))
-    module = type(g).__module__ or ""
-    if module.startswith("scipy.sparse"):
-        raise TypeError(f"{where} is a host scipy sparse matrix but the parameter lives on the GPU; "
-                        "move it to the device (cupyx.scipy.sparse.csr_matrix(g)) or pass a "
-                        "fastadapt.RowGrad of device arrays")
-    if type(g).__name__ == "RowGrad":
-        return _prepare_rows(backend, g, p, where, dtype, nrows, ncols)
-    if getattr(g, "format", None) != "csr":
-        raise TypeError(f"{where} is a {module}.{type(g).__name__} (format {getattr(g, 'format', None)!r}); "
-                        "device sparse gradients must be CSR: convert it with g.tocsr(), or pass a "
-                        "fastadapt.RowGrad")
-    return _prepare_csr(backend, g, p, where, dtype, nrows, ncols)
-
-
-def _prepare_rows(backend, g, p, where, dtype, nrows, ncols):
-    rows, values = g.rows, g.values
-    _require_device([("rows", rows), ("values", values)], p, where, backend)
-    vshape = _shape(values)
-    pshape = _shape(p)
-    k = _shape(rows)[0]
-    if not (len(pshape) >= 2 and vshape[1:] == pshape[1:]
-            or len(pshape) == 1 and (vshape == (k,) or vshape == (k, 1))):
-        raise ValueError(f"{where}: RowGrad values have shape {vshape}; for a parameter of shape {pshape} "
-                         f"they must have shape (k,) + {pshape[1:]}")
-    rdt, vdt = _dtype(rows), _dtype(values)
-    if not _is_int(rdt):
-        raise TypeError(f"{where}: the row ids must be an integer array, got dtype {rdt}")
-    rows_d = as_device_array(rows)
-    values_d = as_device_array(values)
-    fast = (rdt == np.int64 and vdt == dtype and rows_d.is_c_contiguous()
-            and values_d.is_c_contiguous())
-    if fast:
-        stats = _run_scan(_rows_scan, k, p, rows_d, nrows)
-        fast = stats[0] == 0 and stats[1] == 0
-    if not fast:                                   # errors, sorting, summing, casting: on the host
-        rows_h, vals_h = _sparse.canonical_rows(_to_host(rows), _to_host(values).reshape(k, ncols),
-                                                nrows, ncols, dtype, where)
-        rows_d, values_d = _upload(rows_h, p), _upload(vals_h, p)
-    values_2d = values_d.reshape(rows_d.size, ncols) if rows_d.size else values_d
-    _no_overlap(backend, values_d, p, where)
-    return DeviceRowsGrad(rows_d, values_2d, nrows, ncols, backend, KERNELS)
-
-
-def _prepare_csr(backend, g, p, where, dtype, nrows, ncols):
-    pshape = _shape(p)
-    if len(pshape) > 2:
-        raise ValueError(f"{where}: a CSR gradient needs a 1-D or 2-D parameter, this one has shape "
-                         f"{pshape}; use fastadapt.RowGrad for row updates of it")
-    shape2d = (1, nrows) if len(pshape) == 1 else (nrows, ncols)
-    shape = tuple(int(s) for s in getattr(g, "shape", ()))
-    if shape != shape2d:
-        raise ValueError(f"{where} has shape {shape}; it must have shape {shape2d}"
-                         + (" (a 1-D parameter of n elements takes a (1, n) CSR)" if len(pshape) == 1 else ""))
-    indptr, indices, data = g.indptr, g.indices, g.data
-    _require_device([("indptr", indptr), ("indices", indices), ("data", data)], p, where, backend)
-    ip, ix, dv = as_device_array(indptr), as_device_array(indices), as_device_array(data)
-    for name, a in (("indptr", ip), ("indices", ix), ("data", dv)):
-        if len(a.shape) != 1:
-            raise ValueError(f"{where}: its {name} must be 1-D, got shape {_shape(a)}")
-    if not (_is_int(ip.dtype) and _is_int(ix.dtype)):
-        raise TypeError(f"{where}: indptr and indices must be integer arrays, got {ip.dtype} and {ix.dtype}")
-    fast = (ip.dtype == ix.dtype and ip.dtype in (np.int32, np.int64) and dv.dtype == dtype
-            and ip.size == shape2d[0] + 1 and ix.size == dv.size
-            and ip.is_c_contiguous() and ix.is_c_contiguous() and dv.is_c_contiguous())
-    if fast:
-        stats = _run_scan(_csr_scan, shape2d[0], p, ip, ix, shape2d[1])
-        nnz = int(stats[5])
-        fast = stats[1] == 0 and stats[2] == 0 and stats[3] == 0 and stats[4] == 0
-    if not fast:                                   # errors, sorting, summing, casting: on the host
-        host = _HostCSR(_to_host(data), _to_host(indices), _to_host(indptr), shape)
-        rows_h, cptr_h, cols_h, vals_h = _sparse.canonical_csr(host, shape2d, dtype, where)
-        _no_overlap(backend, dv, p, where)
-        if len(pshape) == 1:
-            return DeviceRowsGrad(_upload(cols_h.astype(np.int64), p), _upload(vals_h.reshape(-1, 1), p),
-                                  nrows, 1, backend, KERNELS)
-        return DeviceCSRGrad(_upload(rows_h, p), _upload(cptr_h, p), _upload(cols_h, p), _upload(vals_h, p),
-                             nrows, ncols, backend, KERNELS)
-    cols, vals = ix[:nnz], dv[:nnz]
-    _no_overlap(backend, vals, p, where)
-    if len(pshape) == 1:
-        # the elements are the rows: the row ids are the (ascending, unique) columns of row 0
-        if cols.dtype != np.int64:
-            cols = _upload(_to_host(cols).astype(np.int64), p)
-        return DeviceRowsGrad(cols, vals.reshape(nnz, 1) if nnz else vals, nrows, 1, backend, KERNELS)
-    return DeviceCSRGrad(None, ip, cols, vals, nrows, ncols, backend, KERNELS)
-
-
-class _HostCSR:
-    format = "csr"
-
-    def __init__(self, data, indices, indptr, shape):
-        self.data, self.indices, self.indptr, self.shape = data, indices, indptr, shape
-
-
-def _no_overlap(backend, values, p, where):
-    a0, a1 = backend.memory_span(values)
-    b0, b1 = backend.memory_span(p)
-    if a0 < b1 and b0 < a1:
-        raise ValueError(f"{where}: its values share memory with the parameter; pass a separate array")

@@ -1,13 +1,13 @@
-"""CPU loops for sparse gradients: they walk touched rows and call the rules of :mod:`fastadapt.rules`.
+"""CPU loops for sparse gradients: they walk touched rows and call the rules of :mod:`fastadapt.algorithms`.
 
-Like :func:`fastadapt.cpu._dense_parallel`, every update loop takes the compiled rule
-(``cpu.adam``, ``cpu.rmsprop``, ...) as its first argument, so each loop is specialised
+Like :func:`fastadapt.backends.cpu._dense_parallel`, every update loop takes the compiled
+rule (:func:`fastadapt.backends.cpu.compiled`) as its first argument, so each loop is specialised
 once per rule and dtype, the rule is inlined, and the result is cached on disk.  The
 loops know nothing about any optimizer; the math stays in the rules.
 
 A parameter is seen as a table ``(nrows, ncols)`` in C order (element ``(r, c)`` is
 flat index ``r * ncols + c``; see :func:`fastadapt.sparse.row_view`), and gradients
-arrive in the canonical forms of :mod:`fastadapt.sparse`, which validated them: the
+arrive in the canonical forms of :mod:`fastadapt.grads.sparse`, which validated them: the
 loops trust their input and check nothing.  Because the touched rows are unique, the
 rows a ``prange`` hands to different threads never overlap, so there are no races.
 
@@ -16,7 +16,8 @@ given rows only, the exact loops walk the parameter once, and the canonicalisati
 helpers allocate in proportion to the gradient.
 
 :data:`KERNELS` (a :class:`CPUSparseKernels`) is the interface :mod:`fastadapt.sparse`
-calls; a device backend provides an object with the same methods.
+calls (:class:`fastadapt.backends.protocols.SparseKernels`); the CUDA backend provides an
+object with the same methods.
 """
 
 import numba
@@ -25,12 +26,15 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import config, rules
-from .cpu import COMPILED
+from .. import config
+from ..algorithms import decay_factor, scale_slots
+from .cpu import compiled
 
-#: the closed-form decay factor (rules.rmsprop_decay_factor), passed to the loops as an
-#: argument like every rule, so that their cached versions follow changes to it
-_FACTOR_OF = COMPILED[rules.rmsprop_decay_factor]
+#: the closed-form catch-up of a Decay algorithm (algorithms.scale_slots, factor
+#: algorithms.decay_factor), passed to the loops as arguments like every rule, so that their
+#: cached versions follow changes to them
+_SCALE = compiled(scale_slots)
+_FACTOR_OF = compiled(decay_factor)
 
 __all__ = ["CPUSparseKernels", "KERNELS"]
 
@@ -224,11 +228,12 @@ def _rows_exact(rule, p, s1, s2, s3, nrows, ncols, rows, vals, zero, k, nchunks)
 
 
 # =========================================================================== exact: decay catch-up
-# For rules whose zero-gradient step only decays state geometrically (RMSprop without
-# momentum or weight decay: the parameter does not move, square_avg and grad_avg are
-# multiplied by alpha), each row keeps the step up to which it is current (`stamp`);
-# a touched row is first caught up in closed form (`decay` = rules.rmsprop_decay with
-# the factor `factor_of(alpha, gap)` = rules.rmsprop_decay_factor), then updated by the rule.  Untouched rows cost nothing.
+# For algorithms whose zero-gradient step only decays state geometrically (a Decay exact
+# plan: RMSprop without momentum or weight decay, Adadelta: the parameter does not move and
+# the flagged slots are multiplied by `base`), each row keeps the step up to which it is
+# current (`stamp`); a touched row is first caught up in closed form (`decay` =
+# algorithms.scale_slots with the factor `factor_of(base, gap)` = algorithms.decay_factor),
+# then updated by the rule.  Untouched rows cost nothing.
 #
 # Two passes: catch the touched rows up, then run the rule on them (the lazy loop for row
 # gradients).  Measured alternatives were slower: catch-up and rule in one loop per row
@@ -238,14 +243,14 @@ def _rows_exact(rule, p, s1, s2, s3, nrows, ncols, rows, vals, zero, k, nchunks)
 
 
 @njit(inline="always", **_OPTS)
-def _decay_row(decay, s1, s3, base, ncols, kd):
+def _decay_row(decay, s1, s2, s3, base, ncols, kd):
     if base >= 0:
         for c in range(ncols):
-            decay(_borrowed(s1), _borrowed(s3), base + c, kd)
+            decay(_borrowed(s1), _borrowed(s2), _borrowed(s3), base + c, kd)
 
 
 @njit(inline="always", **_OPTS)
-def _catch_up_range(decay, factor_of, s1, s3, rows, t0, t1, ncols, stamp, step, alpha, centered):
+def _catch_up_range(decay, factor_of, s1, s2, s3, rows, t0, t1, ncols, stamp, step, base, u1, u2, u3):
     """Bring rows[t0:t1] up to ``step - 1`` and stamp them ``step`` (their update follows)."""
     last = -1
     factor = s1.dtype.type(1)
@@ -254,23 +259,23 @@ def _catch_up_range(decay, factor_of, s1, s3, rows, t0, t1, ncols, stamp, step, 
         gap = step - 1 - stamp[row]
         if gap > 0:
             if gap != last:
-                factor = s1.dtype.type(factor_of(alpha, gap))
+                factor = s1.dtype.type(factor_of(base, gap))
                 last = gap
-            _decay_row(decay, s1, s3, row * ncols, ncols, (centered, factor))
+            _decay_row(decay, s1, s2, s3, row * ncols, ncols, (u1, u2, u3, factor))
         stamp[row] = step
 
 
 @njit(**_OPTS)
-def _catch_up_serial(decay, factor_of, s1, s3, rows, ncols, stamp, step, alpha, centered):
-    _catch_up_range(decay, factor_of, s1, s3, rows, 0, rows.size, ncols, stamp, step, alpha, centered)
+def _catch_up_serial(decay, factor_of, s1, s2, s3, rows, ncols, stamp, step, base, u1, u2, u3):
+    _catch_up_range(decay, factor_of, s1, s2, s3, rows, 0, rows.size, ncols, stamp, step, base, u1, u2, u3)
 
 
 @njit(parallel=True, **_OPTS)
-def _catch_up_parallel(decay, factor_of, s1, s3, rows, ncols, stamp, step, alpha, centered, nchunks):
+def _catch_up_parallel(decay, factor_of, s1, s2, s3, rows, ncols, stamp, step, base, u1, u2, u3, nchunks):
     chunk = (rows.size + nchunks - 1) // nchunks
     for c in prange(nchunks):
-        _catch_up_range(decay, factor_of, s1, s3, rows, c * chunk, min(rows.size, c * chunk + chunk), ncols, stamp,
-                        step, alpha, centered)
+        _catch_up_range(decay, factor_of, s1, s2, s3, rows, c * chunk, min(rows.size, c * chunk + chunk), ncols,
+                        stamp, step, base, u1, u2, u3)
 
 
 @njit(**_OPTS)
@@ -287,30 +292,30 @@ def _csr_full_rows_parallel(rule, p, s1, s2, s3, rows, indptr, cols, vals, ncols
 
 
 @njit(inline="always", **_OPTS)
-def _settle_range(decay, factor_of, s1, s3, stamp, r0, r1, step, ncols, alpha, centered):
+def _settle_range(decay, factor_of, s1, s2, s3, stamp, r0, r1, step, ncols, base, u1, u2, u3):
     last = -1
     factor = s1.dtype.type(1)
     for row in range(r0, r1):
         gap = step - stamp[row]
         if gap > 0:
             if gap != last:
-                factor = s1.dtype.type(factor_of(alpha, gap))
+                factor = s1.dtype.type(factor_of(base, gap))
                 last = gap
-            _decay_row(decay, s1, s3, row * ncols, ncols, (centered, factor))
+            _decay_row(decay, s1, s2, s3, row * ncols, ncols, (u1, u2, u3, factor))
             stamp[row] = step
 
 
 @njit(**_OPTS)
-def _settle_serial(decay, factor_of, s1, s3, stamp, step, ncols, alpha, centered):
-    _settle_range(decay, factor_of, s1, s3, stamp, 0, stamp.size, step, ncols, alpha, centered)
+def _settle_serial(decay, factor_of, s1, s2, s3, stamp, step, ncols, base, u1, u2, u3):
+    _settle_range(decay, factor_of, s1, s2, s3, stamp, 0, stamp.size, step, ncols, base, u1, u2, u3)
 
 
 @njit(parallel=True, **_OPTS)
-def _settle_parallel(decay, factor_of, s1, s3, stamp, step, ncols, alpha, centered, nchunks):
+def _settle_parallel(decay, factor_of, s1, s2, s3, stamp, step, ncols, base, u1, u2, u3, nchunks):
     chunk = (stamp.size + nchunks - 1) // nchunks
     for c in prange(nchunks):
-        _settle_range(decay, factor_of, s1, s3, stamp, c * chunk, min(stamp.size, c * chunk + chunk), step, ncols,
-                      alpha, centered)
+        _settle_range(decay, factor_of, s1, s2, s3, stamp, c * chunk, min(stamp.size, c * chunk + chunk), step,
+                      ncols, base, u1, u2, u3)
 
 
 # =========================================================================== canonicalisation helpers
@@ -567,12 +572,20 @@ def rows_sum_duplicates(rows, values, nrows):
 
 # =========================================================================== interface
 
-class CPUSparseKernels:
-    """The sparse-step interface of the CPU backend (what :mod:`fastadapt.sparse` calls).
+def _decay_slots(s1, s2, s3):
+    """The catch-up's slots: an unused one (a 1-element dummy) replaced by ``s1`` (never
+    written: its flag is off; see :func:`_slots` for why not the dummy)."""
+    n = s1.size
+    return s1, (s2 if s2.size == n else s1), (s3 if s3.size == n else s1)
 
-    ``rule`` and ``decay`` are the Python rule functions of :mod:`fastadapt.rules`;
-    they are mapped to their compiled dispatchers here.  Arrays are the flat parameter
-    and state buffers and the canonical gradient arrays (see :mod:`fastadapt.sparse`).
+
+class CPUSparseKernels:
+    """The sparse-step interface of the CPU backend (what :mod:`fastadapt.grads.sparse` calls;
+    :class:`fastadapt.backends.protocols.SparseKernels`).
+
+    ``rule`` is a rule function of :mod:`fastadapt.algorithms`; it is compiled on first use
+    (:func:`fastadapt.backends.cpu.compiled`).  Arrays are the flat parameter and state
+    buffers and the canonical gradient arrays (see :mod:`fastadapt.grads.sparse`).
     """
 
     name = "cpu"
@@ -584,13 +597,13 @@ class CPUSparseKernels:
             CPUSparseKernels.rows_lazy(rule, p, s1, s2, s3, rows, vals, ncols, k)
             return
         loop = _csr_lazy_parallel if vals.size >= config.PARALLEL_THRESHOLD else _csr_lazy_serial
-        loop(COMPILED[rule], p, *_slots(p, s1, s2, s3), rows, indptr, cols, vals, ncols, k)
+        loop(compiled(rule), p, *_slots(p, s1, s2, s3), rows, indptr, cols, vals, ncols, k)
 
     @staticmethod
     def rows_lazy(rule, p, s1, s2, s3, rows, vals, ncols, k):
         """Run ``rule`` on every element of the given rows; ``vals`` flat (k * ncols)."""
         loop = _rows_lazy_parallel if vals.size >= config.PARALLEL_THRESHOLD else _rows_lazy_serial
-        loop(COMPILED[rule], p, *_slots(p, s1, s2, s3), rows, vals, ncols, k)
+        loop(compiled(rule), p, *_slots(p, s1, s2, s3), rows, vals, ncols, k)
 
     @staticmethod
     def csr_exact(rule, p, s1, s2, s3, nrows, ncols, rows, indptr, cols, vals, k):
@@ -599,59 +612,60 @@ class CPUSparseKernels:
             CPUSparseKernels.rows_exact(rule, p, s1, s2, s3, nrows, ncols, rows, vals, k)
             return
         if p.size >= config.PARALLEL_THRESHOLD:
-            _csr_exact(COMPILED[rule], p, *_slots(p, s1, s2, s3), nrows, ncols, rows, indptr, cols, vals,
+            _csr_exact(compiled(rule), p, *_slots(p, s1, s2, s3), nrows, ncols, rows, indptr, cols, vals,
                        p.dtype.type(0), k, _nchunks(nrows))
         else:
-            _csr_exact_serial(COMPILED[rule], p, *_slots(p, s1, s2, s3), nrows, ncols, rows, indptr, cols,
+            _csr_exact_serial(compiled(rule), p, *_slots(p, s1, s2, s3), nrows, ncols, rows, indptr, cols,
                               vals, p.dtype.type(0), k)
 
     @staticmethod
     def rows_exact(rule, p, s1, s2, s3, nrows, ncols, rows, vals, k):
         """Run ``rule`` on every element: the given rows with their values, others with 0."""
         if p.size >= config.PARALLEL_THRESHOLD:
-            _rows_exact(COMPILED[rule], p, *_slots(p, s1, s2, s3), nrows, ncols, rows, vals, p.dtype.type(0),
+            _rows_exact(compiled(rule), p, *_slots(p, s1, s2, s3), nrows, ncols, rows, vals, p.dtype.type(0),
                         k, _nchunks(nrows))
         else:
-            _rows_exact_serial(COMPILED[rule], p, *_slots(p, s1, s2, s3), nrows, ncols, rows, vals,
+            _rows_exact_serial(compiled(rule), p, *_slots(p, s1, s2, s3), nrows, ncols, rows, vals,
                                p.dtype.type(0), k)
 
     @staticmethod
-    def _catch_up(decay, s1, s3, rows, ncols, stamp, step, alpha, centered):
-        s3 = s3 if s3.size == s1.size else s1
+    def _catch_up(s1, s2, s3, rows, ncols, stamp, step, base, slots):
+        u1, u2, u3 = (bool(u) for u in slots)
         if rows.size * ncols >= config.PARALLEL_THRESHOLD:
-            _catch_up_parallel(COMPILED[decay], _FACTOR_OF, s1, s3, rows, ncols, stamp, step, float(alpha), bool(centered),
-                               _nchunks(rows.size))
+            _catch_up_parallel(_SCALE, _FACTOR_OF, *_decay_slots(s1, s2, s3), rows, ncols, stamp, step,
+                               float(base), u1, u2, u3, _nchunks(rows.size))
         else:
-            _catch_up_serial(COMPILED[decay], _FACTOR_OF, s1, s3, rows, ncols, stamp, step, float(alpha), bool(centered))
+            _catch_up_serial(_SCALE, _FACTOR_OF, *_decay_slots(s1, s2, s3), rows, ncols, stamp, step,
+                             float(base), u1, u2, u3)
 
     @staticmethod
-    def csr_decay(rule, decay, p, s1, s2, s3, rows, indptr, cols, vals, ncols, k, stamp, step, alpha,
-                  centered):
-        """Catch the touched rows up (``decay``), stamp them ``step``, run ``rule`` on them whole."""
+    def csr_decay(rule, p, s1, s2, s3, rows, indptr, cols, vals, ncols, k, stamp, step, base, slots):
+        """Catch the touched rows up (``base ** gap`` on the flagged ``slots``), stamp them
+        ``step``, run ``rule`` on them whole."""
         if vals.size == rows.size * ncols:
-            CPUSparseKernels.rows_decay(rule, decay, p, s1, s2, s3, rows, vals, ncols, k, stamp, step, alpha,
-                                        centered)
+            CPUSparseKernels.rows_decay(rule, p, s1, s2, s3, rows, vals, ncols, k, stamp, step, base, slots)
             return
-        CPUSparseKernels._catch_up(decay, s1, s3, rows, ncols, stamp, step, alpha, centered)
+        CPUSparseKernels._catch_up(s1, s2, s3, rows, ncols, stamp, step, base, slots)
         loop = (_csr_full_rows_parallel if rows.size * ncols >= config.PARALLEL_THRESHOLD
                 else _csr_full_rows_serial)
-        loop(COMPILED[rule], p, *_slots(p, s1, s2, s3), rows, indptr, cols, vals, ncols, p.dtype.type(0), k)
+        loop(compiled(rule), p, *_slots(p, s1, s2, s3), rows, indptr, cols, vals, ncols, p.dtype.type(0), k)
 
     @staticmethod
-    def rows_decay(rule, decay, p, s1, s2, s3, rows, vals, ncols, k, stamp, step, alpha, centered):
+    def rows_decay(rule, p, s1, s2, s3, rows, vals, ncols, k, stamp, step, base, slots):
         """Row-gradient twin of :meth:`csr_decay` (whole rows: the lazy loop runs the rule)."""
-        CPUSparseKernels._catch_up(decay, s1, s3, rows, ncols, stamp, step, alpha, centered)
+        CPUSparseKernels._catch_up(s1, s2, s3, rows, ncols, stamp, step, base, slots)
         CPUSparseKernels.rows_lazy(rule, p, s1, s2, s3, rows, vals, ncols, k)
 
     @staticmethod
-    def settle(decay, s1, s3, stamp, step, ncols, alpha, centered):
+    def settle(s1, s2, s3, stamp, step, ncols, base, slots):
         """Catch every row up to ``step`` (state about to be read)."""
-        s3 = s3 if s3.size == s1.size else s1
+        u1, u2, u3 = (bool(u) for u in slots)
         if s1.size >= config.PARALLEL_THRESHOLD:
-            _settle_parallel(COMPILED[decay], _FACTOR_OF, s1, s3, stamp, step, ncols, float(alpha), bool(centered),
-                             _nchunks(stamp.size))
+            _settle_parallel(_SCALE, _FACTOR_OF, *_decay_slots(s1, s2, s3), stamp, step, ncols, float(base),
+                             u1, u2, u3, _nchunks(stamp.size))
         else:
-            _settle_serial(COMPILED[decay], _FACTOR_OF, s1, s3, stamp, step, ncols, float(alpha), bool(centered))
+            _settle_serial(_SCALE, _FACTOR_OF, *_decay_slots(s1, s2, s3), stamp, step, ncols, float(base),
+                           u1, u2, u3)
 
     @staticmethod
     def new_stamp(nrows, value):

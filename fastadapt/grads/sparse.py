@@ -1,7 +1,7 @@
 """Sparse gradients: the formats, their canonical forms, validation, and the prepared sparse steps.
 
-Formats :meth:`fastadapt.Optimizer.step` accepts (SPEC.md Part A.7)
-------------------------------------------------------------------
+Formats :meth:`fastadapt.Optimizer.step` accepts (the spec, "Sparse gradients")
+-----------------------------------------------------------------------------
 * a scipy ``csr_matrix`` or ``csr_array`` of the parameter's 2-D shape, or ``(1, n)`` for a
   1-D parameter of ``n`` elements;
 * :class:`RowGrad` ``(rows, values)``: ``values[t]`` is the gradient of row ``rows[t]`` of the
@@ -19,8 +19,8 @@ elements are its rows.  So a CSR gradient ``(1, n)`` of a 1-D parameter is turne
 form below with ``rows`` = its column ids and ``ncols = 1``, which gives exact mode per-element
 stamps.
 
-Canonical forms (what the loops of :mod:`fastadapt.cpu_sparse` and a device backend receive)
--------------------------------------------------------------------------------------------
+Canonical forms (what the loops of :mod:`fastadapt.backends.cpu_sparse` and the CUDA backend receive)
+----------------------------------------------------------------------------------------------------
 *Touched-rows CSR* ``(rows, indptr, cols, vals)`` of a 2-D table ``(nrows, ncols)``:
 
 * ``rows``: int64 ``(k,)``, strictly ascending, in ``[0, nrows)``: the rows with at least one
@@ -42,40 +42,35 @@ O(nrows + nnz) pass checks the structure and every index.
 
 Public functions: :func:`row_view`, :func:`canonical_csr`, :func:`canonical_rows`,
 :func:`prepare_sparse_grad`, :func:`settle`.  :class:`CSRGrad` and :class:`RowsGrad` are the
-prepared steps; they call a backend's sparse kernels, an object with the methods of
-:class:`fastadapt.cpu_sparse.CPUSparseKernels` (found as ``backend.sparse_kernels`` on a
-non-CPU backend; a backend may instead provide its own ``prepare_sparse_grad(g, p, where,
-optimizer=...)``).
+prepared steps; they call the backend's sparse kernels
+(:class:`fastadapt.backends.protocols.SparseKernels`).  CUDA parameters take the device formats
+of :mod:`fastadapt.grads.device`, which end in the same prepared steps.
 
 Exact mode (``sparse_mode="exact"``) -- the result equals the dense step on the densified
-gradient.  The optimizer names a strategy (:meth:`fastadapt.Optimizer._exact_strategy`):
+gradient.  The algorithm declares how (``Algorithm.exact``, :mod:`fastadapt.algorithms`):
 
-* ``"lazy"``: a zero gradient changes nothing (Adagrad without weight decay), so the lazy loop is
+* ``LAZY``: a zero gradient changes nothing (Adagrad without weight decay), so the lazy loop is
   already exact: O(nnz);
-* ``"decay"``: a zero gradient only decays state geometrically (RMSprop without momentum or
-  weight decay).  Each row keeps the step up to which it is current (``state["_decay"]``); a
-  touched row is caught up in closed form (``rules.rmsprop_decay``, factor ``alpha**gap``) and
-  then updated; every row is caught up (:func:`settle`) before the state is read or saved, or
-  before any other kind of step: O(rows touched x ncols);
-* ``"fused"``: one pass over the whole parameter running the rule with ``g = 0`` on untouched
+* a :class:`~fastadapt.algorithms.Decay`: a zero gradient only decays some state slots
+  geometrically by ``base`` (RMSprop without momentum or weight decay, Adadelta).  Each row
+  keeps the step up to which it is current (a :class:`PendingDecay` in ``state["_decay"]``); a
+  touched row is caught up in closed form (``base ** gap``) and then updated; every row is
+  caught up (:func:`settle`) before the state is read or saved, or before any other kind of
+  step: O(rows touched x ncols);
+* ``FUSED``: one pass over the whole parameter running the rule with ``g = 0`` on untouched
   entries, never building a dense gradient.
 """
 
 import numpy as np
 
-from . import rules
+from ..algorithms import LAZY, Decay
+from ..backends import backend_for, is_device_array, unused_slot
 
 __all__ = ["RowGrad", "row_view", "canonical_csr", "canonical_rows", "prepare_sparse_grad",
-           "CSRGrad", "RowsGrad", "settle", "settle_unless_continued", "kernels"]
+           "CSRGrad", "RowsGrad", "PendingDecay", "settle", "settle_unless_continued"]
 
 
 # =========================================================================== RowGrad
-
-def _on_device(a):
-    """True for CUDA arrays: ``__cuda_array_interface__`` (CuPy, torch CUDA tensors, numba device
-    arrays) or numba's simulated device arrays (``NUMBA_ENABLE_CUDASIM=1``), which have none."""
-    return hasattr(a, "__cuda_array_interface__") or bool(getattr(a, "__cuda_ndarray__", False))
-
 
 class RowGrad:
     """A row-indexed sparse gradient, e.g. of an embedding table.
@@ -110,9 +105,9 @@ class RowGrad:
     __slots__ = ("rows", "values")
 
     def __init__(self, rows, values):
-        if not _on_device(rows):             # device arrays (CuPy, torch CUDA, numba) are kept as they are
+        if not is_device_array(rows):             # device arrays (CuPy, torch CUDA, numba) are kept as they are
             rows = np.asarray(rows)
-        if not _on_device(values):
+        if not is_device_array(values):
             values = np.asarray(values)
         if len(rows.shape) != 1:
             raise ValueError(f"RowGrad rows must be 1-D (one row id per row of values), got shape "
@@ -196,7 +191,7 @@ def canonical_csr(g, shape2d, dtype, where="gradient"):
     IndexError
         A column index outside ``[0, ncols)``.
     """
-    from . import cpu_sparse
+    from ..backends import cpu_sparse
 
     fmt = getattr(g, "format", None)
     if fmt != "csr":
@@ -290,7 +285,7 @@ def canonical_rows(rows, values, nrows, ncols, dtype, where="gradient"):
         Duplicates summed in their order of appearance.  No copy when the input was
         already canonical.
     """
-    from . import cpu_sparse
+    from ..backends import cpu_sparse
 
     rows = np.asarray(rows)
     values = np.asarray(values)
@@ -324,23 +319,11 @@ def canonical_rows(rows, values, nrows, ncols, dtype, where="gradient"):
 
 # =========================================================================== prepared steps
 
-def kernels(backend):
-    """The sparse-kernel object of ``backend`` (see the module docstring)."""
-    if backend.name == "cpu":
-        from .cpu_sparse import KERNELS
-        return KERNELS
-    found = getattr(backend, "sparse_kernels", None)
-    if found is None:
-        raise NotImplementedError(f"sparse gradients are not implemented on the {backend.name} backend; "
-                                  "use dense gradients there")
-    return found
-
-
-def _how(opt, group):
-    """"lazy", "decay" or "fused": how this group's sparse step runs."""
+def _plan(opt, group):
+    """"lazy" (also sparse_mode="lazy"), "fused", or a Decay: how this group's sparse step runs."""
     if group.get("sparse_mode", "lazy") != "exact":
-        return "lazy"
-    return opt._exact_strategy(group)
+        return LAZY
+    return opt.algorithm.exact(group)
 
 
 def _no_overlap(values, p, backend, where):
@@ -348,6 +331,27 @@ def _no_overlap(values, p, backend, where):
     b0, b1 = backend.memory_span(p)
     if a0 < b1 and b0 < a1:
         raise ValueError(f"{where}: its values share memory with the parameter; pass a separate array")
+
+
+class PendingDecay:
+    """Exact-mode catch-up still owed to the rows of one parameter (``state["_decay"]``).
+
+    Attributes
+    ----------
+    stamp : array of int64, (nrows,)
+        The step up to which each row is current, on the parameter's device.
+    plan : Decay
+        What a zero-gradient step does (``base`` and the decayed slots).
+    names : tuple
+        The algorithm's slot names (where :func:`settle` finds the buffers).
+    pending : bool
+        Whether some row may be behind ``state["step"]``.
+    """
+
+    __slots__ = ("stamp", "plan", "names", "pending")
+
+    def __init__(self, stamp, plan, names):
+        self.stamp, self.plan, self.names, self.pending = stamp, plan, tuple(names), False
 
 
 class _Prepared:
@@ -366,25 +370,23 @@ class _Prepared:
     def apply(self, opt, group, p, state):
         """Run the step (``state["step"]`` already advanced by the optimizer)."""
         backend = self.backend
-        s1, s2, s3 = opt._slot_arrays(group, p, state, backend.flat)
-        step = state["step"]
-        k = opt._scalars(group, step, p.dtype)
-        pf = backend.flat(p)
-        how = _how(opt, group)
-        if how == "lazy":
-            self._lazy(opt.rule, pf, s1, s2, s3, k)
-        elif how == "fused":
-            self._exact(opt.rule, pf, s1, s2, s3, k)
-        elif how == "decay":
-            dec = state.get("_decay")
-            if dec is None:
-                # [stamp per row, alpha, centered, pending]: every row is current up to step - 1
-                dec = state["_decay"] = [self.kernels.new_stamp(self.nrows, step - 1),
-                                         float(group["alpha"]), bool(group["centered"]), False]
-            self._decay(opt.rule, rules.rmsprop_decay, pf, s1, s2, s3, k, dec[0], step, dec[1], dec[2])
-            dec[3] = True
-        else:
-            raise ValueError(f"unknown exact strategy {how!r} of {type(opt).__name__}")
+        with backend.context(p):
+            s1, s2, s3 = opt._slot_arrays(group, p, state, backend.flat)
+            step = state["step"]
+            k = opt._scalars(group, state, backend.dtype_of(p))
+            pf = backend.flat(p)
+            plan = _plan(opt, group)
+            if plan == LAZY:
+                self._lazy(opt.rule, pf, s1, s2, s3, k)
+            elif isinstance(plan, Decay):
+                dec = state.get("_decay")
+                if dec is None:              # every row is current up to step - 1
+                    dec = state["_decay"] = PendingDecay(self.kernels.new_stamp(self.nrows, step - 1), plan,
+                                                         opt.algorithm.slots)
+                self._decay(opt.rule, pf, s1, s2, s3, k, dec.stamp, step, plan.base, plan.slots)
+                dec.pending = True
+            else:
+                self._exact(opt.rule, pf, s1, s2, s3, k)
 
 
 class CSRGrad(_Prepared):
@@ -396,18 +398,17 @@ class CSRGrad(_Prepared):
         The canonical form (:func:`canonical_csr`), on ``backend``'s device.
     nrows, ncols : int
         The parameter's shape.
-    backend : backend object
-    kernels : object, optional
-        The backend's sparse kernels (default: :func:`kernels` (backend)).
+    backend : Backend
+        Runs the step with its sparse kernels.
     """
 
     __slots__ = ("indptr", "cols", "vals")
 
-    def __init__(self, rows, indptr, cols, vals, nrows, ncols, backend, kernels_=None):
+    def __init__(self, rows, indptr, cols, vals, nrows, ncols, backend):
         self.rows, self.indptr, self.cols, self.vals = rows, indptr, cols, vals
         self.nrows, self.ncols = int(nrows), int(ncols)
         self.backend = backend
-        self.kernels = kernels_ if kernels_ is not None else kernels(backend)
+        self.kernels = backend.sparse_kernels
 
     def _lazy(self, rule, p, s1, s2, s3, k):
         self.kernels.csr_lazy(rule, p, s1, s2, s3, self.rows, self.indptr, self.cols, self.vals,
@@ -417,9 +418,9 @@ class CSRGrad(_Prepared):
         self.kernels.csr_exact(rule, p, s1, s2, s3, self.nrows, self.ncols, self.rows, self.indptr,
                                self.cols, self.vals, k)
 
-    def _decay(self, rule, decay, p, s1, s2, s3, k, stamp, step, alpha, centered):
-        self.kernels.csr_decay(rule, decay, p, s1, s2, s3, self.rows, self.indptr, self.cols, self.vals,
-                               self.ncols, k, stamp, step, alpha, centered)
+    def _decay(self, rule, p, s1, s2, s3, k, stamp, step, base, slots):
+        self.kernels.csr_decay(rule, p, s1, s2, s3, self.rows, self.indptr, self.cols, self.vals, self.ncols, k,
+                               stamp, step, base, slots)
 
 
 class RowsGrad(_Prepared):
@@ -431,18 +432,17 @@ class RowsGrad(_Prepared):
     values : array (k, ncols), C-contiguous, the parameter's dtype
     nrows, ncols : int
         The table (:func:`row_view`).
-    backend : backend object
-    kernels : object, optional
+    backend : Backend
     """
 
     __slots__ = ("vals",)
 
-    def __init__(self, rows, values, nrows, ncols, backend, kernels_=None):
+    def __init__(self, rows, values, nrows, ncols, backend):
         self.rows = rows
         self.vals = values.reshape(-1)
         self.nrows, self.ncols = int(nrows), int(ncols)
         self.backend = backend
-        self.kernels = kernels_ if kernels_ is not None else kernels(backend)
+        self.kernels = backend.sparse_kernels
 
     def _lazy(self, rule, p, s1, s2, s3, k):
         self.kernels.rows_lazy(rule, p, s1, s2, s3, self.rows, self.vals, self.ncols, k)
@@ -450,12 +450,12 @@ class RowsGrad(_Prepared):
     def _exact(self, rule, p, s1, s2, s3, k):
         self.kernels.rows_exact(rule, p, s1, s2, s3, self.nrows, self.ncols, self.rows, self.vals, k)
 
-    def _decay(self, rule, decay, p, s1, s2, s3, k, stamp, step, alpha, centered):
-        self.kernels.rows_decay(rule, decay, p, s1, s2, s3, self.rows, self.vals, self.ncols, k, stamp,
-                                step, alpha, centered)
+    def _decay(self, rule, p, s1, s2, s3, k, stamp, step, base, slots):
+        self.kernels.rows_decay(rule, p, s1, s2, s3, self.rows, self.vals, self.ncols, k, stamp, step, base,
+                                slots)
 
 
-def prepare_sparse_grad(g, p, backend, where, *, optimizer=None):
+def prepare_sparse_grad(g, p, backend, where):
     """Check a sparse gradient of ``p`` and canonicalise it; nothing is written.
 
     Parameters
@@ -463,28 +463,23 @@ def prepare_sparse_grad(g, p, backend, where, *, optimizer=None):
     g : scipy CSR matrix/array or RowGrad
     p : array
         The parameter (1-D or 2-D for CSR; any ``ndim >= 1`` for RowGrad).
-    backend : backend object
+    backend : Backend
         ``p``'s backend.
     where : str
         How to name the gradient in error messages.
-    optimizer : Optimizer, optional
-        Unused on the CPU (the mode is read from the param group when the step runs);
-        passed on to a backend's own ``prepare_sparse_grad``.
 
     Returns
     -------
     CSRGrad or RowsGrad
         With ``all_finite()`` and ``apply(optimizer, group, p, state)``.
     """
-    if backend.name != "cpu":
-        hook = getattr(backend, "prepare_sparse_grad", None)
-        if hook is not None:
-            return hook(g, p, where, optimizer=optimizer)
-        kernels(backend)                                   # raises NotImplementedError
+    if is_device_array(p):                   # CUDA parameters take device formats
+        from .device import prepare_device_sparse_grad
+        return prepare_device_sparse_grad(g, p, backend, where)
     nrows, ncols = row_view(p.shape)
     if type(g).__name__ == "RowGrad":
         values = g.values
-        if _on_device(values) or _on_device(g.rows):
+        if is_device_array(values) or is_device_array(g.rows):
             raise TypeError(f"{where}: RowGrad holds device arrays but its parameter is a host array; "
                             "keep parameter and gradient on one device")
         values = np.asarray(values)
@@ -523,14 +518,14 @@ def settle(p, state, forget=False):
     dec = state.get("_decay")
     if dec is None:
         return
-    if dec[3]:
-        from .optim import _dummy, backend_for
+    if dec.pending:
         backend = backend_for(p)
         _, ncols = row_view(p.shape)
-        s1 = backend.flat(state["square_avg"])
-        s3 = backend.flat(state["grad_avg"]) if dec[2] else _dummy(backend, p)
-        kernels(backend).settle(rules.rmsprop_decay, s1, s3, dec[0], state["step"], ncols, dec[1], dec[2])
-        dec[3] = False
+        bufs = [backend.flat(state[name]) if (name is not None and name in state) else unused_slot(backend, p)
+                for name in dec.names]
+        with backend.context(p):
+            backend.sparse_kernels.settle(*bufs, dec.stamp, state["step"], ncols, dec.plan.base, dec.plan.slots)
+        dec.pending = False
     if forget:
         del state["_decay"]
 
@@ -538,15 +533,13 @@ def settle(p, state, forget=False):
 def settle_unless_continued(opt, group, p, state, g):
     """Before a step with prepared gradient ``g``: settle pending decay unless ``g`` continues it.
 
-    A step continues the pending decay when it is a sparse step in exact mode with the
-    ``"decay"`` strategy and the same ``alpha`` and ``centered``; any other step (dense,
-    lazy, fused, or changed hyper-parameters) first catches every row up and drops the
-    stamps.
+    A step continues the pending decay when it is a sparse step in exact mode with the same
+    :class:`~fastadapt.algorithms.Decay` plan (same base, same slots); any other step (dense,
+    lazy, fused, or changed hyper-parameters) first catches every row up and drops the stamps.
     """
     dec = state.get("_decay")
     if dec is None:
         return
-    if (isinstance(g, _Prepared) and _how(opt, group) == "decay"
-            and dec[1] == float(group["alpha"]) and dec[2] == bool(group["centered"])):
+    if isinstance(g, _Prepared) and _plan(opt, group) == dec.plan:
         return
     settle(p, state, forget=True)

@@ -1,8 +1,10 @@
-"""The optimizer API: param groups, state, ``state_dict``, validation, backend dispatch.
+"""The optimizer base: param groups, state, ``state_dict``, the three-phase step.
 
-Each algorithm is a short class naming its rule (:mod:`fastadapt.rules`), its state
-buffers and how its per-step scalars are made; :class:`Optimizer` does the rest.  A
-step runs in three phases so that bad input never leaves a half-applied step:
+An optimizer class is generated from an :class:`~fastadapt.algorithms.Algorithm`
+(:mod:`fastadapt.optim.classes`); :class:`Optimizer` reads everything it needs from
+``self.algorithm`` -- the rule, the state slots, the per-step scalars, the hyper-parameter
+checks, the exact sparse strategy.  A step runs in three phases so that bad input never
+leaves a half-applied step:
 
 1. *prepare*: every hyper-parameter, parameter and gradient of the step is checked,
    sparse gradients are canonicalised; nothing is written;
@@ -11,68 +13,20 @@ step runs in three phases so that bad input never leaves a half-applied step:
 """
 
 import bisect
-import math
 import numbers
 
 import numpy as np
 
-from . import rules
-from .grads import DenseGrad, dense_host_grad, prepare_grad
+from ..algorithms import Algorithm
+from ..backends import backend_for, device_key, is_device_array, unused_slot
+from ..grads import DenseGrad, dense_host_grad, prepare_grad
+from ..grads.sparse import settle, settle_unless_continued
+from .many import apply_dense
 
-__all__ = ["Optimizer", "Adagrad", "RMSprop", "Adam", "AdamW", "SparseAdam"]
+__all__ = ["Optimizer", "NONFINITE"]
 
-_NONFINITE = ("propagate", "skip", "raise")
-_SPARSE_MODES = ("lazy", "exact")
-
-
-def _is_device_array(a):
-    """True for CUDA arrays: ``__cuda_array_interface__``, or numba's (simulated) device arrays."""
-    return hasattr(a, "__cuda_array_interface__") or bool(getattr(a, "__cuda_ndarray__", False))
-
-
-def _device_key(backend, p):
-    """Where ``p`` lives, for the one-device check: "cpu", or "cuda:N"."""
-    device_of = getattr(backend, "device_of", None)
-    return backend.name if device_of is None else f"{backend.name}:{device_of(p)}"
-
-
-_CPU = []
-
-
-def backend_for(p):
-    """The backend that owns array ``p``: :mod:`fastadapt.cpu` or :mod:`fastadapt.cuda`."""
-    if isinstance(p, np.ndarray):
-        if _CPU:
-            return _CPU[0]
-        from .cpu import BACKEND       # imported on first use (an import statement costs ~1 us per call)
-        _CPU.append(BACKEND)
-        return BACKEND
-    if _is_device_array(p):
-        from .cuda import backend      # imported only when a CUDA array is seen
-        return backend()
-    raise TypeError(f"parameters must be numpy arrays or CUDA arrays (CuPy, torch CUDA tensors, "
-                    f"numba device arrays), got {type(p).__name__}")
-
-
-def _check_number(name, value, low=None, high=None, low_inclusive=True, high_inclusive=False):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
-    if math.isnan(value):
-        raise ValueError(f"{name} must not be NaN")
-    if low is not None and (value < low or (value == low and not low_inclusive)):
-        op = ">=" if low_inclusive else ">"
-        raise ValueError(f"invalid {name}: {value!r}; it must be {op} {low}")
-    if high is not None and (value > high or (value == high and not high_inclusive)):
-        op = "<=" if high_inclusive else "<"
-        raise ValueError(f"invalid {name}: {value!r}; it must be {op} {high}")
-
-
-def _check_betas(betas):
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    for j, b in enumerate(betas):
-        _check_number(f"beta{j + 1} (betas[{j}])", b, 0.0, 1.0)
+#: the values of the ``nonfinite`` option
+NONFINITE = ("propagate", "skip", "raise")
 
 
 class Optimizer:
@@ -104,16 +58,18 @@ class Optimizer:
         How many steps ``nonfinite="skip"`` skipped.
     """
 
-    #: the rule of :mod:`fastadapt.rules` that this optimizer runs
+    #: the declaration this optimizer runs (set by :func:`fastadapt.optim.classes.optimizer_class`)
+    algorithm: Algorithm
+    #: ``algorithm.rule``
     rule = None
-    #: state buffer names, in the rule's slot order (s1, s2, s3); None: unused slot
+    #: ``algorithm.slots``: state buffer names in the rule's slot order (s1, s2, s3); None: unused slot
     slots = (None, None, None)
-    #: whether gradients may be dense arrays (SparseAdam: no)
+    #: ``algorithm.accepts_dense``: whether gradients may be dense arrays (SparseAdam: no)
     accepts_dense = True
 
     def __init__(self, params, defaults, *, nonfinite="propagate"):
-        if nonfinite not in _NONFINITE:
-            raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         self.defaults = dict(defaults)
         self.nonfinite = nonfinite
         self.skipped_steps = 0
@@ -121,7 +77,7 @@ class Optimizer:
         self.state = []
         self._params = []          # flat list of parameters, in group order
         self._spans = []           # their memory spans, for overlap checks
-        if isinstance(params, np.ndarray) or _is_device_array(params):
+        if isinstance(params, np.ndarray) or is_device_array(params):
             raise TypeError("params must be a list of arrays or of param-group dicts, not an array "
                             f"itself: write {type(self).__name__}([w]) rather than "
                             f"{type(self).__name__}(w)")
@@ -136,10 +92,8 @@ class Optimizer:
     # ------------------------------------------------------------------ groups
 
     def _validate_group(self, group):
-        """Check a group's hyper-parameters (subclasses extend); raise on bad values."""
-        mode = group.get("sparse_mode", "lazy")
-        if mode not in _SPARSE_MODES:
-            raise ValueError(f"sparse_mode must be one of {_SPARSE_MODES}, got {mode!r}")
+        """Check a group's hyper-parameters (the algorithm's checks); raise on bad values."""
+        self.algorithm.check_group(group)
 
     def add_param_group(self, param_group):
         """Add a group of parameters, with hyper-parameters overriding the defaults.
@@ -156,7 +110,7 @@ class Optimizer:
         params = group.get("params")
         if params is None:
             raise ValueError("a param group needs a 'params' entry")
-        if isinstance(params, np.ndarray) or _is_device_array(params):
+        if isinstance(params, np.ndarray) or is_device_array(params):
             params = [params]
         params = list(params)
         unknown = set(group) - set(self.defaults) - {"params"}
@@ -166,13 +120,13 @@ class Optimizer:
         for key, value in self.defaults.items():
             group.setdefault(key, value)
         self._validate_group(group)
-        backends = {_device_key(backend_for(q), q) for q in self._params}
+        backends = {device_key(backend_for(q), q) for q in self._params}
         new_spans = []
         for j, p in enumerate(params):
             where = f"parameter {len(self._params) + j}"
             backend = backend_for(p)
             backend.check_param(p, where)
-            backends.add(_device_key(backend, p))
+            backends.add(device_key(backend, p))
             new_spans.append(backend.memory_span(p) + (backend.name, len(self._params) + j))
         if len(backends) > 1:
             raise ValueError("all parameters of one optimizer must live on the same device "
@@ -204,39 +158,37 @@ class Optimizer:
                                  "twice, or overlapping views); each element may be optimised once")
 
     def _initial_state(self, group, p):
-        """State created when a parameter is added (Adagrad's is eager; others: lazy)."""
-        return {}
+        """State created when a parameter is added: eager for algorithms that say so (Adagrad)."""
+        if not self.algorithm.eager_state:
+            return {}
+        state = {}
+        self._ensure_state(group, p, state)
+        return state
 
     def _ensure_state(self, group, p, state):
-        """Create the buffers the group's current options need (lazily, on first use)."""
+        """Create the step count, carried scalars and the buffers the group's current options
+        need (lazily, on first use)."""
         backend = backend_for(p)
         if "step" not in state:
             state["step"] = 0
-        for name in self._buffer_names(group):
+            for name, value in self.algorithm.carry:
+                state[name] = value
+        fill = self.algorithm.fill
+        for name in self.algorithm.used_buffers(group):
             if name not in state:
-                state[name] = backend.full_like(p, self._buffer_fill(group, name))
+                state[name] = backend.full_like(p, fill(group, name))
 
     def _buffer_names(self, group):
-        """Names of the state buffers this group's options use (subclasses narrow)."""
-        return [s for s in self.slots if s is not None]
-
-    def _buffer_fill(self, group, name):
-        return 0.0
+        """Names of the state buffers this group's options use, in slot order."""
+        return self.algorithm.used_buffers(group)
 
     # ------------------------------------------------------------------ the step
 
-    def _scalars(self, group, step, dtype):
-        """The rule's per-step scalars (a tuple, numbers in ``dtype``)."""
-        raise NotImplementedError
-
-    def _exact_strategy(self, group):
-        """How ``sparse_mode="exact"`` runs a sparse step for this group (see fastadapt.sparse).
-
-        ``"lazy"``: a zero gradient changes nothing, so the lazy loop is exact (O(nnz));
-        ``"decay"``: a zero gradient only decays the state geometrically (RMSprop's closed-form
-        catch-up with per-row stamps); ``"fused"`` (default): one pass over the whole parameter.
-        """
-        return "fused"
+    def _scalars(self, group, state, dtype):
+        """The rule's per-step scalars for a parameter whose ``state`` was just advanced."""
+        alg = self.algorithm
+        carry = {name: state[name] for name, _ in alg.carry}
+        return alg.scalars(dtype, state["step"], group, carry)
 
     def step(self, grads):
         """Apply one optimisation step.
@@ -278,7 +230,7 @@ class Optimizer:
         return True
 
     def _prepare(self, grads):
-        if isinstance(grads, np.ndarray) or _is_device_array(grads):
+        if isinstance(grads, np.ndarray) or is_device_array(grads):
             raise TypeError("step() takes a sequence of gradients, one per parameter: "
                             "write opt.step([g]) rather than opt.step(g)")
         grads = list(grads)
@@ -298,7 +250,8 @@ class Optimizer:
                     prepared = dense_host_grad(g, p, backend, spans[j]) if accepts_dense else None
                     if prepared is None:
                         prepared = prepare_grad(g, p, backend, f"gradient {j}",
-                                                accepts_dense=accepts_dense, optimizer=self)
+                                                accepts_dense=accepts_dense,
+                                                optimizer_name=type(self).__name__)
                     if type(prepared) is DenseGrad:
                         g_flat = prepared.g
                         start = (prepared.address if prepared.address is not None
@@ -312,26 +265,33 @@ class Optimizer:
         return work
 
     def _apply(self, group, p, state, g):
-        if "_decay" in state:          # pending exact-mode decay (fastadapt.sparse): settle unless continued
-            from .sparse import settle_unless_continued
+        if "_decay" in state:          # pending exact-mode decay (grads.sparse): settle unless continued
             settle_unless_continued(self, group, p, state, g)
         self._ensure_state(group, p, state)
         state["step"] += 1
+        self._advance_carry(group, state)
         g.apply(self, group, p, state)
+
+    def _advance_carry(self, group, state):
+        """Update the carried scalars (NAdam's ``mu_product``) for the step just counted."""
+        advance = self.algorithm.advance
+        if advance is not None:
+            carry = {name: state[name] for name, _ in self.algorithm.carry}
+            state.update(advance(state["step"], group, carry))
 
     def _apply_work(self, work):
         """Phase 3: apply every prepared gradient.  Two or more dense CPU gradients are
         applied together by :mod:`fastadapt.many` (one kernel call per param group, step
         count and dtype, not one per parameter); the results are the same."""
         dense = []
+        batchable = not self.algorithm.carry     # per-parameter carried scalars: one call each
         for item in work:
             j, group, p, state, g = item
-            if type(g) is DenseGrad and g.address is not None and "_decay" not in state:   # host arrays
-                dense.append(item)
+            if type(g) is DenseGrad and g.address is not None and "_decay" not in state and batchable:
+                dense.append(item)                                                    # host arrays
             else:
                 self._apply(group, p, state, g)
         if len(dense) > 1:
-            from .many import apply_dense
             apply_dense(self, dense)
         else:
             for j, group, p, state, g in dense:
@@ -340,13 +300,13 @@ class Optimizer:
     def _slot_arrays(self, group, p, state, flat):
         """The rule's (s1, s2, s3): flat state buffers, dummies for unused slots."""
         backend = backend_for(p)
-        names = self._buffer_names(group)
+        names = self.algorithm.used_buffers(group)
         out = []
         for name in self.slots:
             if name is not None and name in names:
                 out.append(flat(state[name]))
             else:
-                out.append(_dummy(backend, p))
+                out.append(unused_slot(backend, p))
         return out
 
     # ------------------------------------------------------------------ state_dict
@@ -354,7 +314,6 @@ class Optimizer:
     def _read_state(self, j):
         """Hook: bring parameter ``j``'s state up to date before it is read."""
         if "_decay" in self.state[j]:  # exact-mode decay still pending on untouched rows
-            from .sparse import settle
             settle(self._params[j], self.state[j])
 
     def state_dict(self):
@@ -418,7 +377,8 @@ class Optimizer:
                 group["betas"] = tuple(group["betas"])
             self._validate_group(group)
             new_groups.append(group)
-        known = {s for s in self.slots if s is not None} | {"step"}
+        carried = {n for n, _ in self.algorithm.carry}
+        known = {s for s in self.slots if s is not None} | {"step"} | carried
         position = {}
         for group, saved in zip(new_groups, groups):
             for idx, p in zip(saved["params"], group["params"]):
@@ -435,10 +395,10 @@ class Optimizer:
             if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
                 raise ValueError(f"state of parameter {idx}: 'step' must be a non-negative int, got {step!r}")
             for name, arr in st.items():
-                if name == "step":
+                if name == "step" or name in carried:
                     continue
                 arr = np.asarray(arr)
-                p_dtype = getattr(backend_for(p), "dtype_of", lambda a: a.dtype)(p)
+                p_dtype = backend_for(p).dtype_of(p)
                 if arr.shape != tuple(p.shape) or arr.dtype != p_dtype:
                     raise ValueError(f"state of parameter {idx}: {name!r} has shape {arr.shape} and dtype "
                                      f"{arr.dtype}, the parameter has {tuple(p.shape)} and {p_dtype}")
@@ -455,6 +415,9 @@ class Optimizer:
             new = {"step": int(st["step"])}
             for name, arr in st.items():
                 if name == "step":
+                    continue
+                if name in carried:
+                    new[name] = float(arr)
                     continue
                 buf = backend.full_like(p, 0.0)
                 backend.copy_into(buf, np.asarray(arr))
@@ -487,254 +450,3 @@ class Optimizer:
                 lines.append(f"    {key}: {group[key]}")
         lines.append(")")
         return "\n".join(lines)
-
-
-_DUMMIES = {}
-
-
-def _dummy(backend, p):
-    """A 1-element buffer for rule slots unused with the current options (one per device and dtype)."""
-    key = (_device_key(backend, p), str(p.dtype))
-    d = _DUMMIES.get(key)
-    if d is None:
-        d = _DUMMIES[key] = backend.flat(backend.full_like(p.reshape(-1)[:1], 0.0))
-    return d
-
-
-# =========================================================================== algorithms
-
-class Adagrad(Optimizer):
-    """Adagrad (Duchi et al.), with torch.optim.Adagrad's arguments and defaults.
-
-    Accumulates squared gradients forever, so the step size of a dense, frequently
-    updated coordinate decays like 1/sqrt(t): suited to sparse features.
-
-    Parameters
-    ----------
-    params : iterable
-        Arrays or param groups (see :class:`Optimizer`).
-    lr : float, default 1e-2
-    lr_decay : float, default 0
-        Inverse-time decay: the step ``t`` uses ``lr / (1 + (t - 1) * lr_decay)``.
-    weight_decay : float, default 0
-        L2 penalty, added to the gradient.
-    initial_accumulator_value : float, default 0
-        Initial value of the ``sum`` state.  Unlike torch, a per-group value is
-        honoured (SPEC.md Part A.5).
-    eps : float, default 1e-10
-        Added to ``sqrt(sum)``.
-    maximize : bool, default False
-    sparse_mode : {"lazy", "exact"}, default "lazy"
-        For sparse gradients; see the README.  Without weight decay both are equal.
-    nonfinite : {"propagate", "skip", "raise"}, default "propagate"
-    """
-
-    rule = staticmethod(rules.adagrad_rule)
-    slots = ("sum", None, None)
-
-    def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
-                 eps=1e-10, *, maximize=False, sparse_mode="lazy", nonfinite="propagate"):
-        defaults = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
-                        initial_accumulator_value=initial_accumulator_value, eps=eps,
-                        maximize=maximize, sparse_mode=sparse_mode)
-        super().__init__(params, defaults, nonfinite=nonfinite)
-
-    def _validate_group(self, group):
-        super()._validate_group(group)
-        for name in ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"):
-            _check_number(name, group[name], 0.0)
-
-    def _initial_state(self, group, p):
-        return {"step": 0, "sum": backend_for(p).full_like(p, group["initial_accumulator_value"])}
-
-    def _buffer_fill(self, group, name):
-        return group["initial_accumulator_value"]
-
-    def _scalars(self, group, step, dtype):
-        return rules.adagrad_scalars(dtype, step, group["lr"], group["lr_decay"], group["weight_decay"],
-                                     group["eps"], group["maximize"])
-
-    def _exact_strategy(self, group):
-        # without weight decay a zero gradient leaves sum and p unchanged (eps > 0 keeps 0/0 out)
-        if group["weight_decay"] == 0 and group["eps"] > 0 and math.isfinite(group["lr"]):
-            return "lazy"
-        return "fused"
-
-
-class RMSprop(Optimizer):
-    """RMSprop (Hinton), with torch.optim.RMSprop's arguments and defaults.
-
-    Divides by the root of a decaying average of squared gradients.  Note the default
-    ``alpha=0.99`` (torch); Keras and the original lecture use 0.9.
-
-    Parameters
-    ----------
-    params : iterable
-    lr : float, default 1e-2
-    alpha : float, default 0.99
-        Decay of the squared-gradient average.
-    eps : float, default 1e-8
-        Added after the square root.
-    weight_decay : float, default 0
-        L2 penalty, added to the gradient.
-    momentum : float, default 0
-        Momentum of ``g / (sqrt(v) + eps)`` (the learning rate stays outside the buffer).
-    centered : bool, default False
-        Divide by an estimate of the variance instead of the raw second moment;
-        ``v - mean(g)**2`` is clamped at 0 (torch lets rounding make it negative and
-        returns NaN: SPEC.md Part A.4).
-    maximize : bool, default False
-    sparse_mode : {"lazy", "exact"}, default "lazy"
-    nonfinite : {"propagate", "skip", "raise"}, default "propagate"
-    """
-
-    rule = staticmethod(rules.rmsprop_rule)
-    slots = ("square_avg", "momentum_buffer", "grad_avg")
-
-    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
-                 centered=False, *, maximize=False, sparse_mode="lazy", nonfinite="propagate"):
-        defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
-                        centered=centered, maximize=maximize, sparse_mode=sparse_mode)
-        super().__init__(params, defaults, nonfinite=nonfinite)
-
-    def _validate_group(self, group):
-        super()._validate_group(group)
-        for name in ("lr", "eps", "momentum", "weight_decay", "alpha"):
-            _check_number(name, group[name], 0.0)
-
-    def _buffer_names(self, group):
-        names = ["square_avg"]
-        if group["momentum"] > 0:
-            names.append("momentum_buffer")
-        if group["centered"]:
-            names.append("grad_avg")
-        return names
-
-    def _scalars(self, group, step, dtype):
-        return rules.rmsprop_scalars(dtype, step, group["lr"], group["alpha"], group["eps"],
-                                     group["weight_decay"], group["momentum"], group["centered"],
-                                     group["maximize"])
-
-    def _exact_strategy(self, group):
-        # without momentum or weight decay a zero gradient leaves p alone and multiplies the
-        # averages by alpha (rules.rmsprop_decay): caught up per row in closed form
-        if (group["momentum"] == 0 and group["weight_decay"] == 0 and group["eps"] > 0
-                and group["alpha"] <= 1 and math.isfinite(group["lr"])):
-            return "decay"
-        return "fused"
-
-
-class Adam(Optimizer):
-    """Adam (Kingma & Ba), with torch.optim.Adam's arguments and defaults.
-
-    Momentum plus a per-coordinate scale, both bias-corrected with the parameter's own
-    step count ``t`` (counted across the whole run, never reset per epoch).
-
-    Parameters
-    ----------
-    params : iterable
-    lr : float, default 1e-3
-    betas : (float, float), default (0.9, 0.999)
-        Decays of the first and second moments, each in [0, 1).
-    eps : float, default 1e-8
-        Added after the bias-corrected square root (Algorithm 1, as torch; not the
-        "epsilon-hat" form of Keras/TF and of :class:`SparseAdam`).
-    weight_decay : float, default 0
-        L2 penalty added to the gradient, or, with ``decoupled_weight_decay=True``,
-        AdamW's decay ``p *= 1 - lr * weight_decay``.
-    amsgrad : bool, default False
-        Use the running maximum of the (raw) second moment.
-    maximize : bool, default False
-    decoupled_weight_decay : bool, default False
-    sparse_mode : {"lazy", "exact"}, default "lazy"
-    nonfinite : {"propagate", "skip", "raise"}, default "propagate"
-    """
-
-    rule = staticmethod(rules.adam_rule)
-    slots = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
-                 *, maximize=False, decoupled_weight_decay=False, sparse_mode="lazy",
-                 nonfinite="propagate"):
-        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
-                        weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                        decoupled_weight_decay=decoupled_weight_decay, sparse_mode=sparse_mode)
-        super().__init__(params, defaults, nonfinite=nonfinite)
-
-    def _validate_group(self, group):
-        super()._validate_group(group)
-        for name in ("lr", "eps", "weight_decay"):
-            _check_number(name, group[name], 0.0)
-        _check_betas(group["betas"])
-
-    def _buffer_names(self, group):
-        names = ["exp_avg", "exp_avg_sq"]
-        if group["amsgrad"]:
-            names.append("max_exp_avg_sq")
-        return names
-
-    def _scalars(self, group, step, dtype):
-        return rules.adam_scalars(dtype, step, group["lr"], group["betas"], group["eps"],
-                                  group["weight_decay"], group["amsgrad"], group["maximize"],
-                                  group["decoupled_weight_decay"])
-
-
-class AdamW(Adam):
-    """AdamW (Loshchilov & Hutter): :class:`Adam` with decoupled weight decay.
-
-    ``p *= 1 - lr * weight_decay`` before the moments are updated; the decay follows
-    lr schedules and never enters the moments.  Same arguments as :class:`Adam` but
-    ``weight_decay`` defaults to 1e-2 and there is no ``decoupled_weight_decay``.
-    """
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
-                 *, maximize=False, sparse_mode="lazy", nonfinite="propagate"):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                         maximize=maximize, decoupled_weight_decay=True, sparse_mode=sparse_mode,
-                         nonfinite=nonfinite)
-
-    def _validate_group(self, group):
-        super()._validate_group(group)
-        if not group["decoupled_weight_decay"]:
-            raise ValueError("AdamW always decouples weight decay; use Adam for the L2 form")
-
-
-class SparseAdam(Optimizer):
-    """torch.optim.SparseAdam: lazy Adam for sparse gradients (CSR or :class:`RowGrad`).
-
-    Only touched entries change (parameter and moments); the step count advances at
-    every step, also when a gradient is empty, and bias-corrects every entry.  Epsilon
-    is in the "epsilon-hat" form ``lr*sqrt(bc2)/bc1 * m / (sqrt(v) + eps)``, so even a
-    gradient holding every entry differs from :class:`Adam` (use ``Adam`` with
-    ``sparse_mode="lazy"`` for Adam's own epsilon).  Dense gradients are refused.
-
-    Parameters
-    ----------
-    params : iterable
-    lr : float, default 1e-3
-        Must be > 0.
-    betas : (float, float), default (0.9, 0.999)
-    eps : float, default 1e-8
-        Must be > 0.
-    maximize : bool, default False
-    nonfinite : {"propagate", "skip", "raise"}, default "propagate"
-    """
-
-    rule = staticmethod(rules.sparse_adam_rule)
-    slots = ("exp_avg", "exp_avg_sq", None)
-    accepts_dense = False
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False, *,
-                 nonfinite="propagate"):
-        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
-                        maximize=maximize)
-        super().__init__(params, defaults, nonfinite=nonfinite)
-
-    def _validate_group(self, group):
-        _check_number("lr", group["lr"], 0.0, low_inclusive=False)
-        _check_number("eps", group["eps"], 0.0, low_inclusive=False)
-        _check_betas(group["betas"])
-
-    def _scalars(self, group, step, dtype):
-        return rules.sparse_adam_scalars(dtype, step, group["lr"], group["betas"], group["eps"],
-                                         group["maximize"])

@@ -1,11 +1,12 @@
-"""CPU backend: numba loops that walk memory and call the rules of :mod:`fastadapt.rules`.
+"""CPU backend: numba loops that walk memory and call the rules of :mod:`fastadapt.algorithms`.
 
 The loops know nothing about any optimizer.  A rule is passed in as a first-class
-function (a numba dispatcher compiled from :mod:`fastadapt.rules` with
-``inline="always"``), so each loop is specialised once per rule and dtype, inlined and
-vectorised, and cached on disk (``cache=True``).
+function (a numba dispatcher made from the algorithm's Python rule by :func:`compiled`,
+on first use, with ``inline="always"``), so each loop is specialised once per rule and
+dtype, inlined and vectorised, and cached on disk (``cache=True``).
 """
 
+import contextlib
 import hashlib
 
 import numpy as np
@@ -13,20 +14,21 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 from numba.np.arrayobj import populate_array
 
-from . import config, rules
+from .. import config
 
 _OPTS = config.NJIT_OPTIONS
 
 
 def _compile_rule(fn):
-    """Compile a rule of :mod:`fastadapt.rules` for inlining into the CPU loops.
+    """Compile a rule (or any scalar helper) of :mod:`fastadapt.algorithms` for inlining
+    into the CPU loops.
 
     The loops take the rule as an argument, so the rule's numba type is part of each
     loop's signature, and numba's on-disk cache can only find a cached loop again if
     the rule dispatcher unpickles to the same object in a new process.  Numba
     identifies a dispatcher across pickling by its uuid, random by default; here it
-    is derived from the rule's name and bytecode, which makes the cache work across
-    processes and invalidates it whenever a rule changes.
+    is derived from the rule's module, name and bytecode, which makes the cache work
+    across processes and invalidates it whenever a rule changes.
     """
     # forceinline: LLVM's cost model declines to inline the larger rules (RMSprop) and
     # left a call per element.  cache=False: the loops that inline a rule are cached
@@ -36,27 +38,19 @@ def _compile_rule(fn):
     dispatcher = njit(inline="always", forceinline=True, **dict(_OPTS, cache=False))(fn)
     code = fn.__code__
     digest = hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()[:16]
-    dispatcher._set_uuid(f"fastadapt.cpu.{fn.__name__}.{digest}")
+    dispatcher._set_uuid(f"fastadapt.cpu.{fn.__module__}.{fn.__qualname__}.{digest}")
     return dispatcher
 
 
-# The rules, compiled for the CPU.  The Python functions in `rules` stay the source.
-adagrad = _compile_rule(rules.adagrad_rule)
-rmsprop = _compile_rule(rules.rmsprop_rule)
-adam = _compile_rule(rules.adam_rule)
-sparse_adam = _compile_rule(rules.sparse_adam_rule)
-rmsprop_decay = _compile_rule(rules.rmsprop_decay)
-rmsprop_decay_factor = _compile_rule(rules.rmsprop_decay_factor)
+_COMPILED = {}
 
-#: rule function of :mod:`fastadapt.rules` -> its CPU-compiled dispatcher
-COMPILED = {
-    rules.adagrad_rule: adagrad,
-    rules.rmsprop_rule: rmsprop,
-    rules.adam_rule: adam,
-    rules.sparse_adam_rule: sparse_adam,
-    rules.rmsprop_decay: rmsprop_decay,
-    rules.rmsprop_decay_factor: rmsprop_decay_factor,
-}
+
+def compiled(fn):
+    """The CPU dispatcher of rule ``fn`` (any plain-Python rule), compiled on first use."""
+    d = _COMPILED.get(fn)
+    if d is None:
+        d = _COMPILED[fn] = _compile_rule(fn)
+    return d
 
 
 # --------------------------------------------------------------------------- dense
@@ -152,7 +146,7 @@ def dense_step(rule, p, g, s1, s2, s3, k):
     Parameters
     ----------
     rule : numba dispatcher
-        A compiled rule from this module (``adam``, ``adagrad``, ``rmsprop``).
+        A compiled rule (:func:`compiled`).
     p, g : ndarray
         1-D, C-contiguous, same length and dtype; ``p`` is updated in place.
     s1, s2, s3 : ndarray
@@ -256,7 +250,7 @@ def dense_step_many(rule, proto, table, segments, units, k, total):
     Parameters
     ----------
     rule : numba dispatcher
-        A compiled rule from this module.
+        A compiled rule (:func:`compiled`).
     proto : ndarray
         Any 1-D C array of the tensors' dtype (it gives the loops their type).
     table : ndarray of int64, shape (n_tensors, 9)
@@ -308,12 +302,10 @@ def all_finite(a):
 # --------------------------------------------------------------------------- backend
 
 class CPUBackend:
-    """Host numpy arrays: the loops above, run in the calling thread's numba pool."""
+    """Host numpy arrays: the loops above, run in the calling thread's numba pool
+    (implements :class:`fastadapt.backends.protocols.Backend`)."""
 
     name = "cpu"
-
-    #: compiled rules, looked up by the rule functions of :mod:`fastadapt.rules`
-    compiled = COMPILED
 
     @staticmethod
     def owns(a):
@@ -332,6 +324,22 @@ class CPUBackend:
         if not p.flags.writeable:
             raise ValueError(f"{where} is read-only; fastadapt updates parameters in place "
                              f"(pass a writeable array, e.g. p.copy())")
+
+    @staticmethod
+    def dtype_of(a):
+        return a.dtype
+
+    @staticmethod
+    def device_of(a):
+        return None
+
+    @staticmethod
+    def check_same_device(a, p, where):
+        return None
+
+    @staticmethod
+    def context(p):
+        return contextlib.nullcontext()
 
     @staticmethod
     def full_like(p, value):
@@ -363,11 +371,17 @@ class CPUBackend:
 
     @staticmethod
     def dense_step(rule, p, g, s1, s2, s3, k):
-        dense_step(COMPILED[rule], p, g, s1, s2, s3, k)
+        dense_step(compiled(rule), p, g, s1, s2, s3, k)
 
     @staticmethod
     def all_finite(a):
         return all_finite(a)
+
+    @property
+    def sparse_kernels(self):
+        """:data:`fastadapt.backends.cpu_sparse.KERNELS`."""
+        from .cpu_sparse import KERNELS
+        return KERNELS
 
 
 BACKEND = CPUBackend()

@@ -1,21 +1,22 @@
 """Dense CPU steps of many parameters in one kernel call.
 
-:meth:`Optimizer.step <fastadapt.optim.Optimizer.step>` hands its dense CPU gradients
+:meth:`Optimizer.step <fastadapt.Optimizer.step>` hands its dense CPU gradients
 here (phase 3, after everything was validated).  Parameters that share a param group,
 a step count and a dtype share the rule's per-step scalars, so they are updated by one
-call of :func:`fastadapt.cpu.dense_step_many` over a table of addresses, instead of one
+call of :func:`fastadapt.backends.cpu.dense_step_many` over a table of addresses, instead of one
 kernel launch each: a launch costs ~5 us of dispatch, which for 200 small tensors is
 more than torch's fused multi-tensor kernels spend in total.
 
 The table of a set of parameters is built once and kept (per optimizer); a step only
 checks that the parameter and its state buffers are still the same arrays and writes
 the gradients' addresses.  The math is the rules' (:mod:`fastadapt.rules`), element by
-element, so the result is bit-identical to one launch per parameter.
+element, so the result is bit-identical to one launch per parameter.  (Algorithms with
+carried per-parameter scalars, such as NAdam's ``mu_product``, step one parameter at a time.)
 """
 
 import numpy as np
 
-from .cpu import COMPILED, address, dense_step_many, plan_segments, work_unit
+from ..backends.cpu import address, compiled, dense_step_many, plan_segments, work_unit
 
 __all__ = ["apply_dense"]
 
@@ -128,5 +129,5 @@ def apply_dense(opt, items):
             plan = plans[key] = _Plan(batch, names, proto)
             addresses = plan.check(batch, names, step)
         plan.table[:, 1] = addresses
-        k = opt._scalars(group, step, dtype)
-        dense_step_many(COMPILED[opt.rule], proto, plan.table, plan.segments, plan.units, k, plan.total)
+        k = opt._scalars(group, batch[0][3], dtype)
+        dense_step_many(compiled(opt.rule), proto, plan.table, plan.segments, plan.units, k, plan.total)
