@@ -2,7 +2,7 @@
 
 Prints medians of interleaved rounds (in each round every candidate runs one untimed settling
 call and three timed ones, the order rotating, so that a change of machine load hits all alike
-and each is timed in its own steady state; see fastadapt.benchmark.interleaved):
+and each is timed in its own steady state; see fastadapt.apps.benchmark.interleaved):
 
 1. one 10M-element float32 parameter, per optimizer: fastadapt, torch ``fused=True`` and
    ``foreach=True`` (when torch is installed), the seed-style numpy code (bench/seed_numpy.py)
@@ -35,7 +35,8 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 import fastadapt as fa  # noqa: E402
-from fastadapt import benchmark as B  # noqa: E402
+from fastadapt.apps import benchmark as B  # noqa: E402
+from fastadapt.apps.cli import HelpFormatter  # noqa: E402
 from seed_numpy import seed_case, seed_many_case  # noqa: E402
 
 NAMES = ["adagrad", "rmsprop", "adam", "adamw"]
@@ -169,11 +170,12 @@ def threads_identical():
 
 
 def _load():
-    """The 1-minute load average (other processes competing for the cores), or '?'."""
+    """The 1-minute load average (other processes competing for the cores) as text: "1.33", or
+    "unknown" where the system has none."""
     try:
-        return os.getloadavg()[0]
-    except OSError:
-        return "?"
+        return f"{os.getloadavg()[0]:.2f}"
+    except (AttributeError, OSError):
+        return "unknown"
 
 
 def fmt(x, spec=".2f"):
@@ -181,9 +183,10 @@ def fmt(x, spec=".2f"):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=float, default=1e7)
-    parser.add_argument("--rounds", type=int, default=15)
+    parser = argparse.ArgumentParser(description="fastadapt's speed targets, measured in one run.",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--size", type=float, default="1e7", help="elements of the one-parameter tables")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per table")
     parser.add_argument("--quick", action="store_true", help="1e6 elements, 5 rounds (a smoke run)")
     parser.add_argument("--json", metavar="PATH", help="also write the measurements as JSON")
     parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
@@ -203,9 +206,7 @@ def main(argv=None):
     elapsed = time.perf_counter() - t_start
 
     print(f"python bench/targets.py  ({n:,} float32 elements; medians of {rounds} interleaved rounds; "
-          f"numba {info['numba_threads']} threads, {info['threading_layer']} layer, "
-          f"OMP_WAIT_POLICY={info['omp_wait_policy']}; torch {info['torch_version']} "
-          f"{info['torch_threads']} threads; numpy {np.__version__}; {elapsed:.0f} s; "
+          f"{B.describe_threads(info)}; numpy {np.__version__}; {elapsed:.0f} s; "
           f"1-min load average {load_start} at the start, {_load()} at the end)\n")
 
     print(f"1. One parameter of {n:,} float32 elements: ms per step, and how many times fastadapt is faster")

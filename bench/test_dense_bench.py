@@ -9,7 +9,7 @@ import pytest
 from conftest import run_benchmark
 from seed_numpy import seed_case
 
-from fastadapt import benchmark as B
+from fastadapt.apps import benchmark as B
 
 SIZES = [10_000, 1_000_000, 10_000_000]
 IMPLS = ["fastadapt", "numpy", "torch_fused", "torch_foreach"]

@@ -2,7 +2,7 @@
 
 Times fastadapt's serial and parallel dense loops directly (no Python-side step overhead) on
 one parameter of 2**11 .. 2**19 elements, per rule and dtype, interleaved (see
-fastadapt.benchmark.interleaved), and prints the medians and the smallest size from which the
+fastadapt.apps.benchmark.interleaved), and prints the medians and the smallest size from which the
 parallel loop is faster at every larger size -- the measurement behind
 ``fastadapt.config.PARALLEL_THRESHOLD``.
 """
@@ -16,7 +16,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from fastadapt import benchmark as B  # noqa: E402
+from fastadapt.apps import benchmark as B  # noqa: E402
 from fastadapt import config, cpu, rules  # noqa: E402
 
 RULES = {

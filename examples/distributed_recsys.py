@@ -5,11 +5,11 @@ Run on one machine or many, with any MPI launcher::
     mpiexec -n 2 python examples/distributed_recsys.py --quick
     mpiexec -n 2 python examples/distributed_recsys.py --compare     # also train in one process, compare
 
-Same data, model and batches as :func:`fastadapt.recsys.train` -- BPR on implicit feedback with
+Same data, model and batches as :func:`fastadapt.apps.recsys.train` -- BPR on implicit feedback with
 user and item embedding tables, one sampled negative per interaction -- but the tables are
 :class:`fastadapt.distributed.ShardedTable` s: each rank owns a contiguous block of rows and only
 their optimizer state.  Each global batch is split between the ranks; a rank looks up the rows
-its share needs from their owners, computes the BPR gradients (``fastadapt.recsys.bpr_gradients``),
+its share needs from their owners, computes the BPR gradients (``fastadapt.apps.recsys.bpr_gradients``),
 and steps the tables with a ``RowGrad`` -- the rows travel to their owners, which sum them and run
 fastadapt's sparse kernel in ``--mode`` lazy or exact.  The result is the single-process run's
 up to float rounding (duplicate rows are summed in another order); ``--compare`` measures it.
@@ -24,7 +24,7 @@ import numpy as np
 from mpi4py import MPI
 
 import fastadapt as fa
-from fastadapt import recsys
+from fastadapt.apps import recsys
 from fastadapt.distributed import ShardedTable, shard_bounds
 
 
@@ -46,7 +46,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="5k users, 2k items, 100k interactions, 2 epochs")
     ap.add_argument("--compare", action="store_true",
-                    help="rank 0 then trains the same model in one process (fastadapt.recsys.train) and "
+                    help="rank 0 then trains the same model in one process (fastadapt.apps.recsys.train) and "
                          "reports the largest difference between the tables")
     args = ap.parse_args()
     if args.quick:
@@ -67,7 +67,7 @@ def main():
         test_users, test_items = test_users[pick], test_items[pick]
     n_users, n_items = train_R.shape
 
-    # initial tables as fastadapt.recsys.train draws them; each rank keeps only its rows
+    # initial tables as fastadapt.apps.recsys.train draws them; each rank keeps only its rows
     # (with a table too big for one machine, pass init=lambda lo, hi: ... instead)
     init = np.random.default_rng(args.seed)
     U0 = (init.standard_normal((n_users, args.dim)) * 0.1).astype(np.float32)
@@ -92,7 +92,7 @@ def main():
         f"{args.dim}, {cls.__name__} (sparse_mode={args.mode!r}, lr {lr:g}), global batch {args.batch_size}")
     math_s, steps, train_s = 0.0, 0, []
     for epoch in range(1, args.epochs + 1):
-        rng = np.random.default_rng([args.seed, epoch])             # as fastadapt.recsys.train
+        rng = np.random.default_rng([args.seed, epoch])             # as fastadapt.apps.recsys.train
         order = rng.permutation(n)
         negatives = rng.integers(0, n_items, n)
         total_loss = 0.0
@@ -140,7 +140,7 @@ def main():
                                   mode=args.mode, reg=args.reg, k=args.k, seed=args.seed, log=None,
                                   progress=False)
             d = max(float(np.abs(Uall - single["U"]).max()), float(np.abs(Vall - single["V"]).max()))
-            print(f"one process (fastadapt.recsys.train): recall@{args.k} {single['epochs'][-1]['recall']:.4f}; "
+            print(f"one process (fastadapt.apps.recsys.train): recall@{args.k} {single['epochs'][-1]['recall']:.4f}; "
                   f"largest |difference| between the tables: {d:.2e}")
         else:
             done = comm.Ibarrier()                                # wait without spinning on a core

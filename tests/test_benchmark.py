@@ -1,4 +1,4 @@
-"""``python -m fastadapt bench`` (fastadapt.benchmark) on tiny sizes: its output, not its speed."""
+"""``python -m fastadapt bench`` (fastadapt.apps.benchmark) on tiny sizes: its output, not its speed."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from fastadapt import benchmark as B
-from fastadapt import cli
+from fastadapt.apps import benchmark as B
+from fastadapt.apps import cli
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +46,8 @@ def test_bench_table_with_torch(capsys):
 
 def test_bench_rejects_bad_sizes(capsys):
     assert cli.main(["bench", "--size", "0", "--no-progress"]) == 2
-    assert "positive" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "positive" in err and err.startswith("fastadapt bench: error: ") and len(err.splitlines()) == 1
 
 
 def test_interleaved_rotates_and_counts():
@@ -74,3 +75,77 @@ def test_cases_step_what_they_say():
     assert len(sizes) == 50 and 100 <= min(sizes) and max(sizes) <= 200_000
     assert B.many_case("adam", [3, 4])() is True
     assert B.bytes_per_element("adam", np.float64) == 56 and B.bytes_per_element("stream") == 12
+
+
+def test_per_optimizer_facts_are_derived_from_the_name():
+    """Class, torch counterpart and bytes per element all come from the canonical name."""
+    import fastadapt as fa
+
+    assert set(B.OPTIMIZERS) >= {"adagrad", "rmsprop", "adam", "adamw"}
+    for name, cls in B.OPTIMIZERS.items():
+        canonical = B.canonical_name(name)
+        assert canonical.lower() == name and cls is getattr(fa, canonical) is B.optimizer_class(name.upper())
+        assert B.arrays_touched(name) == 3 + 2 * len(B.state_buffers(name))
+    assert B.state_buffers("adam") == ("exp_avg", "exp_avg_sq") and B.state_buffers("Adagrad") == ("sum",)
+    assert B.bytes_per_element("rmsprop") == 20 and B.bytes_per_element("adamw", np.float64) == 56
+    torch = pytest.importorskip("torch")
+    assert B.torch_class(torch, "rmsprop") is torch.optim.RMSprop
+    with pytest.raises(KeyError):
+        B.canonical_name("sparseadam")                    # sparse gradients only: not benchmarked
+
+
+def test_a_new_optimizer_needs_only_its_name(monkeypatch):
+    """An optimizer fastadapt gains under a name of NAMES (here a stand-in for SGD, keeping no
+    state buffer) is measured with no other change."""
+    import fastadapt as fa
+
+    class SGD(fa.Adagrad):                                # keeps "sum"; stands in for any class
+        pass
+
+    monkeypatch.setattr(fa, "SGD", SGD, raising=False)
+    assert "SGD" in B.NAMES and B.optimizer_class("sgd") is SGD
+    assert B.bytes_per_element("sgd") == 20
+    assert B.dense_case("sgd", 10)() is True
+    result = B.measure_dense(["sgd"], n=500, rounds=1, use_torch=False)
+    assert result["optimizers"][0]["optimizer"] == "sgd"
+    torch = pytest.importorskip("torch")
+    assert B.torch_class(torch, "sgd") is torch.optim.SGD
+
+
+def test_bench_progress_counts_agree_with_the_header(capsys):
+    """Off a terminal: no progress while running, one final line whose counts are the header's."""
+    assert cli.main(["bench", "--size", "1000", "--rounds", "2", "--optimizers", "adam", "adagrad",
+                     "--no-torch"]) == 0
+    out, err = capsys.readouterr()
+    assert "medians of 2 interleaved rounds" in out
+    assert "\r" not in err and err.endswith("\n") and len(err.splitlines()) == 1, repr(err)
+    assert err.startswith("fastadapt bench: 2/2 optimizers x 2 interleaved rounds"), err
+
+
+def test_bench_progress_on_a_terminal(monkeypatch, capsys):
+    """On a terminal the line is redrawn in place and counts each optimizer's rounds."""
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    assert cli.main(["bench", "--size", "1000", "--rounds", "3", "--optimizers", "adam", "--no-torch"]) == 0
+    text = term.getvalue()
+    assert text.startswith("\r") and text.endswith("\n")
+    assert "adam round 3/3 (optimizer 1/1)" in text and "round 4/" not in text
+    assert "medians of 3 interleaved rounds" in capsys.readouterr().out
+
+
+def test_bench_header_names_what_is_unset():
+    info = {"numba_threads": 2, "threading_layer": None, "omp_wait_policy": None, "torch_threads": None,
+            "torch_version": None}
+    text = B.describe_threads(info)
+    assert text == "numba 2 threads, OMP_WAIT_POLICY unset, torch not installed"
+    assert "None" not in text
+    info.update(threading_layer="omp", omp_wait_policy="PASSIVE", torch_threads=4, torch_version="2.13.0")
+    assert B.describe_threads(info) == ("numba 2 threads (omp layer), OMP_WAIT_POLICY=PASSIVE, "
+                                        "torch 2.13.0 with 4 threads")

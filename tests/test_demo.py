@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from fastadapt import cli, demo
+from fastadapt.apps import cli, demo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -176,3 +176,43 @@ def test_python_m_fastadapt_demo():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "AdaGrad" in proc.stdout and "Notes" in proc.stdout
+
+
+def test_apps_use_only_the_public_api():
+    """fastadapt.apps imports `fastadapt` (the public names) and its own modules, nothing internal;
+    `import fastadapt` does not import the apps."""
+    import ast
+
+    import fastadapt.apps
+
+    folder = os.path.dirname(fastadapt.apps.__file__)
+    for filename in sorted(os.listdir(folder)):
+        if not filename.endswith(".py"):
+            continue
+        with open(os.path.join(folder, filename)) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                assert node.level == 1 or not module.startswith("fastadapt") or module.startswith("fastadapt.apps"), \
+                    (filename, module)
+                assert node.level <= 1, (filename, module)             # no `from .. import internals`
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert alias.name == "fastadapt" or not alias.name.startswith("fastadapt"), (filename, alias.name)
+    code = "import sys, fastadapt; print(sorted(m for m in sys.modules if m.startswith('fastadapt.apps')))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_entry_points_and_no_command(capsys):
+    with open(os.path.join(REPO, "pyproject.toml")) as f:
+        assert 'fastadapt = "fastadapt.apps.cli:main"' in f.read()
+    assert cli.main([]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("usage: fastadapt ") and "demo" in out and "recsys" in out and "bench" in out
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    import fastadapt
+    assert capsys.readouterr().out.strip() == f"fastadapt {fastadapt.__version__}"

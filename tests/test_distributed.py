@@ -116,8 +116,8 @@ def test_a_rank_failing_mid_step_aborts_instead_of_hanging():
 
 
 def test_distributed_recsys_example_matches_one_process():
-    if importlib.util.find_spec("fastadapt.recsys") is None:
-        pytest.skip("fastadapt.recsys (the recommender example) is not there")
+    if importlib.util.find_spec("fastadapt.apps.recsys") is None:
+        pytest.skip("fastadapt.apps.recsys (the recommender example) is not there")
     example = os.path.join(ROOT, "examples", "distributed_recsys.py")
     _, out, _, _ = launch(2, example, "--quick", "--epochs", "1", "--compare")
     assert "2 rank(s)" in out and "optimizer state" in out, out

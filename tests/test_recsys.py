@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
+import io
+import os
+import re
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from fastadapt import cli, recsys
+from fastadapt.apps import cli, recsys
+from fastadapt.apps.progress import Progress
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def small_problem(seed=0):
@@ -111,23 +121,19 @@ def test_load_movielens_style_files(tmp_path):
         recsys.load_interactions(bad)
 
 
-def test_cli_quick_run(capsys, monkeypatch):
-    import builtins
-    real_import = builtins.__import__
-
-    def no_tqdm(name, *args, **kwargs):                    # the plain progress line fallback
-        if name == "tqdm":
-            raise ImportError("tqdm hidden by the test")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_tqdm)
+def test_cli_quick_run(capsys):
     rc = cli.main(["recsys", "--quick", "--users", "600", "--items", "200", "--interactions", "8000",
                    "--epochs", "2", "--dim", "8", "--optimizer", "rmsprop", "--mode", "exact"])
     assert rc == 0
     out, err = capsys.readouterr()
+    assert "600 users x 200 items" in out                  # options given explicitly win over --quick
     assert "recall@10" in out and "s per epoch" in out and "dense steps" in out
     assert "exact mode" in out
-    assert "batches" in err                                # the plain progress line
+    # stderr is not a terminal here: no "\r" redraws, one final line per epoch and run, newline-ended
+    assert "\r" not in err and err.endswith("\n"), repr(err)
+    lines = err.splitlines()
+    assert len(lines) == 4 and all("batches" in line for line in lines), lines
+    assert lines[0].startswith("RowGrad epoch 1/2: ") and lines[-1].startswith("dense epoch 2/2: ")
 
 
 def test_cli_with_data_file(tmp_path, capsys):
@@ -140,3 +146,102 @@ def test_cli_with_data_file(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "50 users x 40 items" in out and "sparse steps (csr)" in out
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_off_a_terminal_is_one_final_line():
+    stream = io.StringIO()
+    with Progress(5, "work", "items", stream=stream) as bar:
+        for _ in range(5):
+            bar.update(postfix="x 1")
+        assert stream.getvalue() == ""                     # nothing while it runs
+    assert re.fullmatch(r"work: 5/5 items, x 1, \d+\.\d s\n", stream.getvalue())
+    stream = io.StringIO()
+    Progress(3, "quiet", stream=stream, enabled=False).close()
+    assert stream.getvalue() == ""
+
+
+def test_progress_on_a_terminal_redraws_in_place():
+    term = _Terminal()
+    bar = Progress(4, "work", "items", stream=term, interval=0)
+    for _ in range(4):
+        bar.update()
+    bar.close()
+    text = term.getvalue()
+    assert text.count("\r") >= 5 and text.endswith("\n") and text.count("\n") == 1
+    assert "work: 1/4 items" in text and "left" in text and "work: 4/4 items" in text
+    term = _Terminal()
+    bar = Progress(2, "epoch", stream=term, interval=0, leave=False)
+    bar.update(status="step one of two")
+    bar.close()
+    text = term.getvalue()
+    assert "epoch: step one of two" in text and "\n" not in text and text.endswith("\r")   # cleared
+
+
+def test_help_shows_every_default_and_no_markup(capsys):
+    """Every option of every subcommand has help text, and each one taking a value shows its default."""
+    parser, modules = cli.build_parser()
+    assert set(modules) == {"demo", "recsys", "bench"}
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    assert exc.value.code == 0
+    top = capsys.readouterr().out
+    assert "``" not in top and ":class:" not in top and "COMMAND --help" in top
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name in modules:
+        with pytest.raises(SystemExit):
+            cli.main([name, "--help"])
+        assert "``" not in capsys.readouterr().out
+        sub = commands[name]
+        for action in sub._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            assert action.help, (name, action.dest)
+            if action.nargs != 0:                          # takes a value: its default is shown
+                assert "default" in sub._get_formatter()._expand_help(action), (name, action.dest)
+    with pytest.raises(SystemExit):
+        cli.main(["recsys", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("users of the generated matrix (default: 50000)", "(default: 20000)", "(default: 32)",
+                  "training epochs (default: 3)", "(default: 4096)", "(default: 1e-4)", "(default: 0)",
+                  "(default: adagrad)", "adagrad 0.1, rmsprop 0.003, adam 0.005"):
+        assert shown in text, shown
+
+
+def test_user_errors_are_one_line_and_status_2(tmp_path, capsys):
+    missing = tmp_path / "nonexistent.data"
+    assert cli.main(["recsys", "--data", str(missing), "--no-progress"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"fastadapt recsys: error: cannot read --data {missing}: No such file or directory\n"
+    bad = tmp_path / "bad.txt"
+    bad.write_text("just words here\nand more words\n")
+    assert cli.main(["recsys", "--data", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastadapt recsys: error: --data: ") and len(err.splitlines()) == 1
+    for argv in (["--users", "0"], ["--epochs", "many"], ["--lr", "-1"], ["--reg", "nan"],
+                 ["--optimizer", "sgd"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["recsys", *argv])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"fastadapt recsys: error: argument {argv[0]}") and len(err.splitlines()) == 1, err
+
+
+def test_missing_file_from_the_shell_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fastadapt", "recsys", "--data", str(tmp_path / "none")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("fastadapt recsys: error: cannot read --data ")
+
+
+def test_data_file_without_a_rating_kept(tmp_path, capsys):
+    path = tmp_path / "ratings.csv"
+    path.write_text("1,10,2\n2,11,3\n")
+    assert cli.main(["recsys", "--data", str(path), "--min-rating", "4"]) == 2
+    assert capsys.readouterr().err == f"fastadapt recsys: error: --data: {path}: no rating is >= 4 (--min-rating)\n"

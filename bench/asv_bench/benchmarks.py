@@ -12,14 +12,16 @@ import sys
 
 _ROOT = None
 try:
-    import fastadapt  # noqa: F401   (installed in asv's environment, or the current one)
-except ImportError:                  # `asv run --python=same` from a clone that was not installed
+    import fastadapt.apps  # noqa: F401   (installed in asv's environment, or the current one)
+except ImportError:                  # `asv run --python=same` from a clone that was not installed, or
     _ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-    sys.path.insert(0, _ROOT)
+    sys.path.insert(0, _ROOT)        # whose installed fastadapt predates fastadapt.apps: the clone's
+    for _name in [m for m in sys.modules if m == "fastadapt" or m.startswith("fastadapt.")]:
+        del sys.modules[_name]
 
 import numpy as np  # noqa: E402
 
-from fastadapt import benchmark as B  # noqa: E402
+from fastadapt.apps import benchmark as B  # noqa: E402
 
 OPTIMIZERS = list(B.OPTIMIZERS)
 

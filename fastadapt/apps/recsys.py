@@ -24,22 +24,24 @@ problem for a smoke test.
 
 from __future__ import annotations
 
-import sys
+import argparse
 import time
 
 import numpy as np
 
-from . import optim
-from .sparse import RowGrad
+import fastadapt as fa
 
-__all__ = ["generate_interactions", "load_interactions", "split_leave_one_out", "bpr_gradients",
-           "recall_at_k", "train", "add_arguments", "run"]
+from .progress import Progress
 
-OPTIMIZERS = {
-    "adagrad": (optim.Adagrad, 0.1),
-    "rmsprop": (optim.RMSprop, 3e-3),
-    "adam": (optim.Adam, 5e-3),
-}
+__all__ = ["DEFAULT_LR", "OPTIMIZERS", "generate_interactions", "load_interactions", "split_leave_one_out",
+           "bpr_gradients", "recall_at_k", "train", "add_arguments", "run"]
+
+#: the optimizers offered, by their fastadapt class name, with the learning rate used when
+#: ``--lr`` is not given (tuned on the generated data)
+DEFAULT_LR = {"Adagrad": 0.1, "RMSprop": 3e-3, "Adam": 5e-3}
+
+#: lower-case name -> (fastadapt class, default learning rate), derived from :data:`DEFAULT_LR`
+OPTIMIZERS = {name.lower(): (getattr(fa, name), lr) for name, lr in DEFAULT_LR.items()}
 
 
 # =========================================================================== data
@@ -137,6 +139,8 @@ def load_interactions(path, min_rating=0.0):
         raise ValueError(f"{path}: could not read 'user item rating' numbers ({e})") from None
     if table.shape[1] >= 3:
         table = table[table[:, 2] >= min_rating]
+        if not table.shape[0]:
+            raise ValueError(f"{path}: no rating is >= {min_rating:g} (--min-rating)")
     _, users = np.unique(table[:, 0], return_inverse=True)
     _, items = np.unique(table[:, 1], return_inverse=True)
     R = sp.csr_matrix((np.ones(len(users), np.float32), (users, items)),
@@ -237,45 +241,6 @@ def recall_at_k(U, V, train, users, items, k=10, block=512):
     return hits / max(1, users.size)
 
 
-class _Progress:
-    """tqdm when installed, else a plain progress line on stderr."""
-
-    def __init__(self, total, desc, enabled=True):
-        self.total, self.desc, self.n, self.bar = total, desc, 0, None
-        self.enabled = enabled
-        self.last = 0.0
-        if enabled:
-            try:
-                from tqdm import tqdm
-                self.bar = tqdm(total=total, desc=desc, leave=False, unit="batch", file=sys.stderr)
-            except ImportError:
-                self.bar = None
-
-    def update(self, postfix=""):
-        self.n += 1
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(1)
-            if postfix and (self.n % 20 == 0 or self.n == self.total):
-                self.bar.set_postfix_str(postfix, refresh=False)
-            return
-        now = time.perf_counter()
-        if now - self.last > 0.5 or self.n == self.total:
-            self.last = now
-            sys.stderr.write(f"\r{self.desc}: {self.n}/{self.total} batches {postfix}   ")
-            sys.stderr.flush()
-
-    def close(self):
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.close()
-        else:
-            sys.stderr.write("\r" + " " * (len(self.desc) + 60) + "\r")
-            sys.stderr.flush()
-
-
 def _as_csr(rows, values, shape):
     """A gradient as a scipy CSR (duplicate rows summed by scipy's COO -> CSR)."""
     import scipy.sparse as sp
@@ -346,7 +311,7 @@ def train(R_train, test_users, test_items, *, dim=32, epochs=5, batch_size=8192,
         rng = np.random.default_rng([seed, epoch])
         order = rng.permutation(n)
         negatives = rng.integers(0, n_items, n)
-        bar = _Progress(nbatches, f"{label} epoch {epoch}/{epochs}", progress)
+        bar = Progress(nbatches, f"{label} epoch {epoch}/{epochs}", "batches", enabled=progress, leave=False)
         total_loss = 0.0
         start = time.perf_counter()
         for b in range(nbatches):
@@ -355,13 +320,13 @@ def train(R_train, test_users, test_items, *, dim=32, epochs=5, batch_size=8192,
             loss, gU, item_rows, gV = bpr_gradients(U, V, users, pos, neg, reg)
             total_loss += loss * idx.size
             if grad_format == "rows":
-                grads = [RowGrad(users, gU), RowGrad(item_rows, gV)]
+                grads = [fa.RowGrad(users, gU), fa.RowGrad(item_rows, gV)]
             elif grad_format == "csr":
                 grads = [_as_csr(users, gU, U.shape), _as_csr(item_rows, gV, V.shape)]
             else:
                 grads = [_as_dense(users, gU, U.shape), _as_dense(item_rows, gV, V.shape)]
             opt.step(grads)
-            bar.update(f"loss {loss:.4f}")
+            bar.update(postfix=f"batch loss {loss:.4f}")
         seconds = time.perf_counter() - start
         bar.close()
         recall = recall_at_k(U, V, R_train, test_users, test_items, k)
@@ -374,43 +339,89 @@ def train(R_train, test_users, test_items, *, dim=32, epochs=5, batch_size=8192,
 
 # =========================================================================== CLI
 
+#: what ``--quick`` changes (options given explicitly keep their value)
+QUICK = {"users": 5_000, "items": 2_000, "interactions": 100_000, "epochs": 2, "batch_size": 2048}
+
+
+class _Given(argparse.Action):
+    """Stores the value and records that the option was given (so that ``--quick`` leaves it)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.given = getattr(namespace, "given", frozenset()) | {self.dest}
+
+
 def add_arguments(parser):
-    """Options of ``python -m fastadapt recsys``."""
+    """Options of ``fastadapt recsys`` (defaults are shown by the CLI's help formatter)."""
+    from .cli import non_negative_float, positive_float, positive_int
+
     g = parser.add_argument_group("data")
-    g.add_argument("--data", metavar="PATH", help="MovieLens-style 'user item rating' file "
-                   "(default: a generated matrix)")
-    g.add_argument("--min-rating", type=float, default=0.0, help="ratings >= this are interactions (--data)")
-    g.add_argument("--users", type=int, default=50_000)
-    g.add_argument("--items", type=int, default=20_000)
-    g.add_argument("--interactions", type=int, default=2_000_000)
-    g.add_argument("--topics", type=int, default=50, help="item groups users draw most items from")
+    g.add_argument("--data", metavar="PATH",
+                   help="MovieLens-style file, one 'user item rating [timestamp]' per line, separated by "
+                        "whitespace, tabs, commas or '::' (default: a generated matrix)")
+    g.add_argument("--min-rating", metavar="RATING", type=float, default=0.0,
+                   help="with --data: ratings >= this count as interactions")
+    g.add_argument("--users", metavar="N", type=positive_int, default=50_000, action=_Given,
+                   help="users of the generated matrix")
+    g.add_argument("--items", metavar="N", type=positive_int, default=20_000, action=_Given,
+                   help="items of the generated matrix")
+    g.add_argument("--interactions", metavar="N", type=positive_int, default=2_000_000, action=_Given,
+                   help="interactions (distinct user-item pairs) of the generated matrix")
+    g.add_argument("--topics", metavar="N", type=positive_int, default=50,
+                   help="item groups (tastes) of the generated matrix; a user draws most items from one")
     g = parser.add_argument_group("training")
-    g.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adagrad")
-    g.add_argument("--mode", choices=["lazy", "exact"], default="lazy", help="sparse_mode")
+    g.add_argument("--optimizer", type=str.lower, choices=list(OPTIMIZERS), default="adagrad",
+                   help="the optimizer of both tables")
+    g.add_argument("--mode", choices=["lazy", "exact"], default="lazy",
+                   help="the optimizer's sparse_mode: update only the rows in the batch (lazy) or give "
+                        "the dense step's result (exact)")
     g.add_argument("--grad-format", choices=["rows", "csr"], default="rows",
-                   help="sparse gradients as fastadapt.RowGrad (default) or scipy CSR")
-    g.add_argument("--lr", type=float, default=None, help="default: adagrad 0.1, rmsprop 3e-3, adam 5e-3")
-    g.add_argument("--dim", type=int, default=32)
-    g.add_argument("--epochs", type=int, default=3)
-    g.add_argument("--batch-size", type=int, default=4096)
-    g.add_argument("--reg", type=float, default=1e-4)
-    g.add_argument("--k", type=int, default=10, help="recall@k")
-    g.add_argument("--eval-users", type=int, default=5000, help="held-out users evaluated (sampled)")
-    g.add_argument("--seed", type=int, default=0)
+                   help="sparse gradients as fastadapt.RowGrad (rows) or scipy CSR matrices (csr)")
+    g.add_argument("--lr", metavar="LR", type=positive_float, default=None,
+                   help="learning rate (default: "
+                        + ", ".join(f"{name.lower()} {lr:g}" for name, lr in DEFAULT_LR.items()) + ")")
+    g.add_argument("--dim", metavar="N", type=positive_int, default=32, help="embedding dimension")
+    g.add_argument("--epochs", metavar="N", type=positive_int, default=3, action=_Given, help="training epochs")
+    g.add_argument("--batch-size", metavar="N", type=positive_int, default=4096, action=_Given,
+                   help="interactions per mini-batch (one sparse step each)")
+    g.add_argument("--reg", metavar="X", type=non_negative_float, default="1e-4", help="L2 weight on the rows used")
+    g.add_argument("--k", metavar="K", type=positive_int, default=10, help="the k of recall@k")
+    g.add_argument("--eval-users", metavar="N", type=positive_int, default=5000,
+                   help="held-out users evaluated (sampled when there are more)")
+    g.add_argument("--seed", metavar="SEED", type=int, default=0,
+                   help="seed of the generated data, the split, the initial tables, batches and negatives")
     g.add_argument("--no-dense", action="store_true", help="skip the dense-step comparison")
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress line on stderr (shown live on a terminal, one final line per epoch "
+                        "otherwise)")
     g.add_argument("--quick", action="store_true",
-                   help="a small problem (5k users, 2k items, 100k interactions, 2 epochs)")
+                   help="a small problem for a smoke test: " + ", ".join(
+                       f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()) + " (options given explicitly win)")
+
+
+def _read_data(path, min_rating):
+    """:func:`load_interactions`, with its errors as one-line :class:`~fastadapt.apps.cli.UsageError`."""
+    from .cli import UsageError
+
+    try:
+        return load_interactions(path, min_rating)
+    except OSError as exc:
+        raise UsageError(f"cannot read --data {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise UsageError(f"--data: {exc}") from None
 
 
 def run(args):
-    """Run ``python -m fastadapt recsys``; returns the exit status."""
+    """Run ``fastadapt recsys``; returns the exit status (raises
+    :class:`fastadapt.apps.cli.UsageError` for a data file that cannot be used)."""
     if args.quick:
-        args.users, args.items, args.interactions, args.epochs = 5_000, 2_000, 100_000, 2
-        args.batch_size = min(args.batch_size, 2048)
+        given = getattr(args, "given", frozenset())
+        for dest, value in QUICK.items():
+            if dest not in given:
+                setattr(args, dest, value)
     t0 = time.perf_counter()
     if args.data:
-        R = load_interactions(args.data, args.min_rating)
+        R = _read_data(args.data, args.min_rating)
         source = f"{args.data} (ratings >= {args.min_rating:g})"
     else:
         R = generate_interactions(args.users, args.items, args.interactions, args.topics, seed=args.seed)

@@ -3,11 +3,17 @@ streaming ceiling measured in the same run, and against torch.optim when torch i
 
 The streaming ceiling is the loop ``a[i] = a[i] * s + b[i]`` (numba, ``prange``, 12 bytes per
 float32 element): as fast as this machine moves memory with these threads.  An optimizer step
-moves a fixed number of bytes per element (:data:`ARRAYS_TOUCHED`), so its GB/s divided by the
-ceiling's says how close to the hardware it runs.  Candidates are timed in interleaved rounds
-(:func:`interleaved`: each candidate settles with one untimed call, then three timed ones; the
-order rotates), so a change of machine load hits every candidate alike, and every figure is a
-median.
+moves a fixed number of bytes per element (:func:`bytes_per_element`, counted from the state the
+optimizer keeps), so its GB/s divided by the ceiling's says how close to the hardware it runs.
+Candidates are timed in interleaved rounds (:func:`interleaved`: each candidate settles with one
+untimed call, then three timed ones; the order rotates), so a change of machine load hits every
+candidate alike, and every figure is a median.
+
+The optimizers are named as in fastadapt and torch.optim (:data:`NAMES`); the command line and
+the helpers take them in lower case too.  Everything per optimizer is derived from the name: the
+class is ``getattr(fastadapt, name)``, the torch counterpart ``getattr(torch.optim, name, None)``,
+the bytes per element the state buffers a step creates.  A new dense optimizer needs its name
+added to :data:`NAMES`, nothing else.
 
 The helpers (:func:`dense_case`, :func:`many_case`, :func:`interleaved`, ...) are also what the
 scripts and suites in the repository's ``bench/`` directory measure with.
@@ -15,36 +21,82 @@ scripts and suites in the repository's ``bench/`` directory measure with.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import sys
 import time
 
 import numpy as np
 from numba import njit, prange
 
-from . import optim
+import fastadapt as fa
 
-__all__ = ["OPTIMIZERS", "ARRAYS_TOUCHED", "bytes_per_element", "stream", "stream_case", "dense_case",
+from .progress import Progress
+
+__all__ = ["NAMES", "OPTIMIZERS", "TORCH_MODES", "canonical_name", "optimizer_class", "torch_class",
+           "state_buffers", "arrays_touched", "bytes_per_element", "stream", "stream_case", "dense_case",
            "torch_dense_case", "log_uniform_sizes", "many_case", "torch_many_case", "interleaved", "ratio",
-           "measure_dense", "format_table", "passive_openmp", "add_arguments", "run"]
+           "threads_info", "describe_threads", "measure_dense", "format_table", "passive_openmp",
+           "add_arguments", "run"]
 
-#: optimizer name -> fastadapt class (default hyper-parameters, torch's)
-OPTIMIZERS = {"adagrad": optim.Adagrad, "rmsprop": optim.RMSprop, "adam": optim.Adam, "adamw": optim.AdamW}
+#: the dense optimizers benchmarked, by their class name in fastadapt (and torch.optim), in the
+#: table's order; names fastadapt does not have (yet) are skipped
+NAMES = ("Adagrad", "RMSprop", "Adam", "AdamW", "SGD", "Adadelta", "Adamax", "NAdam", "RAdam")
 
-#: arrays read or written per element by a step with default options: Adam reads g, reads and
-#: writes p, exp_avg and exp_avg_sq (7 accesses: 28 bytes in float32); Adagrad and RMSprop read g,
-#: read and write p and one state buffer (5: 20 bytes); the streaming loop reads b, reads and
-#: writes a (3: 12 bytes)
-ARRAYS_TOUCHED = {"adagrad": 5, "rmsprop": 5, "adam": 7, "adamw": 7, "stream": 3}
+#: lower-case name -> fastadapt class, for the optimizers of :data:`NAMES` this fastadapt has
+#: (default hyper-parameters: torch's)
+OPTIMIZERS = {name.lower(): getattr(fa, name) for name in NAMES if isinstance(getattr(fa, name, None), type)}
 
-#: torch.optim implementations compared; RMSprop has no fused CPU kernel in torch 2.13
+#: torch.optim implementations compared (those torch lacks for an optimizer are skipped)
 TORCH_MODES = ("fused", "foreach")
+
+
+def canonical_name(name):
+    """The class name (``"RMSprop"``) of an optimizer of :data:`NAMES` that fastadapt has, given
+    in any case (``"rmsprop"``)."""
+    for canonical in NAMES:
+        if canonical.lower() == str(name).lower() and isinstance(getattr(fa, canonical, None), type):
+            return canonical
+    raise KeyError(f"no such dense optimizer in fastadapt: {name!r} (have: {', '.join(OPTIMIZERS)})")
+
+
+def optimizer_class(name):
+    """fastadapt's class for ``name`` (any case): ``getattr(fastadapt, canonical_name(name))``."""
+    return getattr(fa, canonical_name(name))
+
+
+def torch_class(torch, name):
+    """torch.optim's class of the same name, or None when torch has none."""
+    return getattr(torch.optim, canonical_name(name), None)
+
+
+def state_buffers(name):
+    """Names of the per-element state buffers a default ``name`` step keeps, found by stepping
+    once on a tiny array (those of the parameter's shape; the step count is not one)."""
+    return _state_buffers(canonical_name(name), optimizer_class(name))
+
+
+@functools.lru_cache(maxsize=None)
+def _state_buffers(name, cls):
+    p = np.zeros(4, np.float32)
+    opt = cls([p])
+    opt.step([np.full(4, 0.01, np.float32)])
+    return tuple(k for k, v in opt.state[0].items()
+                 if isinstance(v, np.ndarray) and v.shape == p.shape)
+
+
+def arrays_touched(name):
+    """Arrays read or written per element by a default step of ``name``: the parameter (read and
+    written), the gradient (read) and each state buffer (read and written) -- 7 for Adam (two
+    buffers), 5 for Adagrad and RMSprop (one), 3 for the streaming loop ``"stream"``."""
+    if name == "stream":
+        return 3                                       # reads b, reads and writes a
+    return 3 + 2 * len(state_buffers(name))
 
 
 def bytes_per_element(name, dtype=np.float32):
     """Bytes a step of ``name`` (an optimizer or ``"stream"``) moves per element."""
-    return ARRAYS_TOUCHED[name] * np.dtype(dtype).itemsize
+    return arrays_touched(name) * np.dtype(dtype).itemsize
 
 
 @njit(parallel=True, cache=True, error_model="numpy", nogil=True)
@@ -71,7 +123,7 @@ def stream_case(n, dtype=np.float32):
 def dense_case(name, n, dtype=np.float32, seed=0):
     """A callable doing one fastadapt step of ``name`` on one parameter of ``n`` elements."""
     p, g = _arrays(n, dtype, seed)
-    opt = OPTIMIZERS[name]([p])
+    opt = optimizer_class(name)([p])
     grads = [g]
     return lambda: opt.step(grads)
 
@@ -82,11 +134,6 @@ def _torch():
     except ImportError:
         return None
     return torch
-
-
-def _torch_class(torch, name):
-    return {"adagrad": torch.optim.Adagrad, "rmsprop": torch.optim.RMSprop,
-            "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
 
 
 def torch_dense_case(name, n, mode, dtype=np.float32, seed=0):
@@ -104,7 +151,7 @@ def log_uniform_sizes(count=200, low=100, high=200_000, seed=0):
 def many_case(name, sizes, dtype=np.float32, seed=0):
     """A callable doing one fastadapt step of ``name`` over one parameter per size."""
     pairs = [_arrays(n, dtype, seed + j) for j, n in enumerate(sizes)]
-    opt = OPTIMIZERS[name]([p for p, _ in pairs])
+    opt = optimizer_class(name)([p for p, _ in pairs])
     grads = [g for _, g in pairs]
     return lambda: opt.step(grads)
 
@@ -112,7 +159,8 @@ def many_case(name, sizes, dtype=np.float32, seed=0):
 def torch_many_case(name, sizes, mode, dtype=np.float32, seed=0):
     """The torch.optim counterpart of :func:`many_case` (``mode``: "fused" or "foreach"), or None."""
     torch = _torch()
-    if torch is None or (mode == "fused" and name == "rmsprop"):
+    cls = None if torch is None else torch_class(torch, name)
+    if cls is None:
         return None
     params = []
     for j, n in enumerate(sizes):
@@ -121,7 +169,7 @@ def torch_many_case(name, sizes, mode, dtype=np.float32, seed=0):
         t.grad = torch.from_numpy(g)
         params.append(t)
     try:
-        opt = _torch_class(torch, name)(params, **{mode: True})
+        opt = cls(params, **{mode: True})
         opt.step()
     except (RuntimeError, TypeError, ValueError):          # no such implementation here
         return None
@@ -189,12 +237,26 @@ def threads_info():
             "torch_version": torch.__version__ if torch is not None else None}
 
 
+def describe_threads(info):
+    """:func:`threads_info`'s figures as text, e.g. ``numba 2 threads (omp layer),
+    OMP_WAIT_POLICY unset, torch 2.13.0 with 2 threads`` (or ``torch not installed``)."""
+    layer = info.get("threading_layer")
+    policy = info.get("omp_wait_policy")
+    text = (f"numba {info['numba_threads']} threads"
+            + (f" ({layer} layer)" if layer else "")
+            + (f", OMP_WAIT_POLICY={policy}" if policy else ", OMP_WAIT_POLICY unset"))
+    if info.get("torch_version"):
+        return text + f", torch {info['torch_version']} with {info['torch_threads']} threads"
+    return text + ", torch not installed"
+
+
 def measure_dense(names=tuple(OPTIMIZERS), n=10_000_000, dtype=np.float32, rounds=10, use_torch=True,
                   progress=None):
     """Medians of interleaved rounds: the streaming ceiling, fastadapt and torch, per optimizer.
 
     The ceiling runs in every optimizer's rounds; each optimizer's fraction of the ceiling uses
-    the ceiling timed in its own rounds.
+    the ceiling timed in its own rounds.  Every optimizer runs ``rounds`` rounds of its own;
+    ``progress``, when given, is called as ``progress(name, done, rounds)`` after each.
 
     Returns
     -------
@@ -206,13 +268,18 @@ def measure_dense(names=tuple(OPTIMIZERS), n=10_000_000, dtype=np.float32, round
     ceiling = stream_case(n, dtype)
     rows, ceiling_times = [], []
     for name in names:
+        name = canonical_name(name).lower()
         cases = {"stream": ceiling, "fastadapt": dense_case(name, n, dtype)}
         if use_torch:
             for mode in TORCH_MODES:
                 case = torch_dense_case(name, n, mode, dtype)
                 if case is not None:
                     cases[f"torch_{mode}"] = case
-        times = interleaved(cases, rounds, progress=progress)
+        tick = None
+        if progress is not None:
+            done = iter(range(1, rounds + 1))
+            tick = (lambda name=name, done=done: progress(name, next(done), rounds))
+        times = interleaved(cases, rounds, progress=tick)
         med = {k: float(np.median(v)) for k, v in times.items()}
         ceiling_times += times["stream"]
         gbps = bytes_per_element(name, dtype) * n / med["fastadapt"] / 1e9
@@ -245,10 +312,7 @@ def format_table(result):
     c = result["ceiling"]
     lines = [
         f"fastadapt bench: {result['n']:,} {result['dtype']} elements, medians of {result['rounds']} "
-        f"interleaved rounds x 3 calls; numba {result['numba_threads']} threads ({result['threading_layer']}, "
-        f"OMP_WAIT_POLICY={result['omp_wait_policy']})"
-        + (f", torch {result['torch_version']} {result['torch_threads']} threads"
-           if result["torch_version"] else ", torch not installed"),
+        f"interleaved rounds x 3 calls per optimizer; {describe_threads(result)}",
         f"streaming ceiling a = a*s + b ({c['bytes_per_element']} B/element): "
         f"{c['ms']:.2f} ms = {c['gbps']:.1f} GB/s",
         "",
@@ -268,50 +332,24 @@ def format_table(result):
     return "\n".join(lines)
 
 
-class _Progress:
-    """A tqdm bar on stderr when tqdm is installed, else a plain counter line."""
-
-    def __init__(self, total, enabled=True):
-        self.total, self.done, self.bar = total, 0, None
-        self.enabled = enabled and total > 0
-        if self.enabled:
-            try:
-                from tqdm import tqdm
-                self.bar = tqdm(total=total, desc="fastadapt bench", unit="round", file=sys.stderr,
-                                leave=False)
-            except ImportError:
-                pass
-
-    def __call__(self):
-        self.done += 1
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(1)
-        else:
-            print(f"\rfastadapt bench: {self.done}/{self.total} rounds", end="", file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-        elif self.enabled:
-            print(file=sys.stderr)
-
-
 def add_arguments(parser):
-    """Options of ``python -m fastadapt bench``."""
-    parser.add_argument("--size", type=float, default=1e7,
-                        help="elements per parameter (default 1e7)")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), default=list(OPTIMIZERS),
-                        metavar="NAME", help="any of " + ", ".join(OPTIMIZERS) + " (default: all)")
-    parser.add_argument("--rounds", type=int, default=10,
-                        help="interleaved rounds, 3 timed calls per optimizer and round (default 10)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="threads for numba and torch (default: numba's default)")
+    """Options of ``fastadapt bench`` (defaults are shown by the CLI's help formatter)."""
+    parser.add_argument("--size", type=float, default="1e7", metavar="N",
+                        help="elements of the parameter each step updates")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                        help="element type of the parameter, gradient and state")
+    parser.add_argument("--optimizers", nargs="+", type=str.lower, choices=list(OPTIMIZERS),
+                        default=list(OPTIMIZERS), metavar="NAME",
+                        help="optimizers to measure, any of: " + ", ".join(OPTIMIZERS))
+    parser.add_argument("--rounds", metavar="N", type=int, default=10,
+                        help="interleaved rounds per optimizer, 3 timed calls of each candidate per round")
+    parser.add_argument("--threads", metavar="N", type=int, default=None,
+                        help="threads for numba and torch (default: numba's default, NUMBA_NUM_THREADS)")
     parser.add_argument("--no-torch", action="store_true", help="do not compare with torch.optim")
     parser.add_argument("--json", action="store_true", help="print the result as JSON (for machines)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress line on stderr (shown live on a terminal, "
+                             "as one final line otherwise)")
     parser.add_argument("--passive-openmp", action="store_true",
                         help="set OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep instead of spinning)")
 
@@ -335,30 +373,40 @@ def passive_openmp():
 
 
 def run(args):
-    """Run the benchmark; print the table (or JSON).  Returns the exit status."""
+    """Run the benchmark; print the table (or JSON).  Returns the exit status; raises
+    :class:`fastadapt.apps.cli.UsageError` on bad options."""
+    from .cli import UsageError
+
     if args.passive_openmp:
         passive_openmp()
-    n = int(args.size)
-    if n < 1 or args.rounds < 1:
-        print("fastadapt bench: --size and --rounds must be positive", file=sys.stderr)
-        return 2
+    n = int(args.size) if np.isfinite(args.size) else 0
+    if n < 1:
+        raise UsageError(f"--size must be a positive number of elements, got {args.size:g}")
+    if args.rounds < 1:
+        raise UsageError(f"--rounds must be positive, got {args.rounds}")
     if args.threads is not None:
         import numba
 
         if not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:
-            print(f"fastadapt bench: --threads must be in 1..{numba.config.NUMBA_NUM_THREADS} "
-                  "(NUMBA_NUM_THREADS)", file=sys.stderr)
-            return 2
+            raise UsageError(f"--threads must be in 1..{numba.config.NUMBA_NUM_THREADS} (NUMBA_NUM_THREADS), "
+                             f"got {args.threads}")
         numba.set_num_threads(args.threads)
         torch = _torch()
         if torch is not None:
             torch.set_num_threads(args.threads)
-    progress = _Progress(len(args.optimizers) * args.rounds, enabled=not args.no_progress)
+    names = list(dict.fromkeys(args.optimizers))             # in the order given, once each
+    progress = Progress(len(names) * args.rounds, "fastadapt bench", "rounds", enabled=not args.no_progress)
+    position = {name: j for j, name in enumerate(names, 1)}
+
+    def on_round(name, done, rounds):
+        progress.update(status=f"{name} round {done}/{rounds} (optimizer {position[name]}/{len(names)})")
+
     try:
-        result = measure_dense(args.optimizers, n, np.dtype(args.dtype), args.rounds,
-                               use_torch=not args.no_torch, progress=progress)
+        result = measure_dense(names, n, np.dtype(args.dtype), args.rounds,
+                               use_torch=not args.no_torch, progress=on_round)
     finally:
-        progress.close()
+        progress.close(f"fastadapt bench: {progress.done // args.rounds}/{len(names)} optimizers x "
+                       f"{args.rounds} interleaved rounds, {time.perf_counter() - progress.start:.1f} s")
     if args.json:
         print(json.dumps(result, indent=2))
     else:

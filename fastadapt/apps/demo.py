@@ -33,7 +33,6 @@ Two defects of the seed code are fixed here (and named in the output):
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -41,7 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .optim import Adagrad, Adam, RMSprop
+import fastadapt as fa
 
 __all__ = ["SEED_OPTIMIZERS", "RunResult", "make_data", "train", "compare", "format_report",
            "save_plot", "add_arguments", "run"]
@@ -50,13 +49,13 @@ __all__ = ["SEED_OPTIMIZERS", "RunResult", "make_data", "train", "compare", "for
 SEED_OPTIMIZERS = [
     ("AdaGrad", "lr=0.1, eps=1e-8",
      "fastadapt.Adagrad(lr=0.1, eps=1e-8)",
-     lambda params: Adagrad(params, lr=0.1, eps=1e-8)),
+     lambda params: fa.Adagrad(params, lr=0.1, eps=1e-8)),
     ("RMSprop", "lr=0.01, beta=0.9, eps=1e-8",
      "fastadapt.RMSprop(lr=0.01, alpha=0.9, eps=1e-8)",
-     lambda params: RMSprop(params, lr=0.01, alpha=0.9, eps=1e-8)),
+     lambda params: fa.RMSprop(params, lr=0.01, alpha=0.9, eps=1e-8)),
     ("Adam", "lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8",
      "fastadapt.Adam(lr=0.01, betas=(0.9, 0.999), eps=1e-8)",
-     lambda params: Adam(params, lr=0.01, betas=(0.9, 0.999), eps=1e-8)),
+     lambda params: fa.Adam(params, lr=0.01, betas=(0.9, 0.999), eps=1e-8)),
 ]
 
 N_SAMPLES, N_FEATURES, NOISE = 1000, 10, 0.5
@@ -307,36 +306,33 @@ def save_plot(results, info, path):
     fig.savefig(path, format="png")
 
 
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def add_arguments(parser):
     """Add the demo's options to ``parser``."""
-    parser.add_argument("--epochs", type=_positive_int, default=50, help="epochs per optimizer (default 50)")
-    parser.add_argument("--seed", type=int, default=42, help="seed of the data and the shuffles (default 42)")
-    parser.add_argument("--batch-size", type=_positive_int, default=32, help="mini-batch size (default 32)")
+    from .cli import positive_int
+
+    parser.add_argument("--epochs", metavar="N", type=positive_int, default=50, help="epochs per optimizer")
+    parser.add_argument("--seed", metavar="SEED", type=int, default=42, help="seed of the data and the shuffles")
+    parser.add_argument("--batch-size", metavar="N", type=positive_int, default=32, help="mini-batch size")
     parser.add_argument("--plot", metavar="PATH", default=None,
-                        help='save the loss curves as a PNG (needs matplotlib: pip install "fastadapt[plot]")')
+                        help='save the loss curves as a PNG (needs matplotlib: pip install "fastadapt[plot]"; '
+                             "default: no plot)")
 
 
 def run(args):
-    """Run the demo with parsed ``args``; print the report; return the exit status."""
+    """Run the demo with parsed ``args``; print the report; return the exit status (raises
+    :class:`fastadapt.apps.cli.UsageError` when ``--plot`` cannot work)."""
+    from .cli import UsageError
+
     if args.plot is not None and not _require_matplotlib():
-        print('fastadapt demo: --plot needs matplotlib, which is not installed; install it with '
-              'pip install "fastadapt[plot]" (or pip install matplotlib), or run without --plot',
-              file=sys.stderr)
-        return 2
+        raise UsageError('--plot needs matplotlib, which is not installed; install it with '
+                         'pip install "fastadapt[plot]" (or pip install matplotlib), or run without --plot')
     results, info = compare(epochs=args.epochs, seed=args.seed, batch_size=args.batch_size)
     print(format_report(results, info))
     if args.plot is not None:
         try:
             save_plot(results, info, args.plot)
         except OSError as exc:
-            print(f"fastadapt demo: could not write {args.plot}: {exc}", file=sys.stderr)
+            print(f"fastadapt demo: error: could not write {args.plot}: {exc}", file=sys.stderr)
             return 1
         print(f"\nLoss curves saved to {args.plot}")
     return 0
