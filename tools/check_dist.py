@@ -103,6 +103,11 @@ def main(argv=None):
     parser.add_argument("--no-isolation", action="store_true",
                         help="build with the installed setuptools instead of an isolated environment")
     args = parser.parse_args(argv)
+    try:
+        import build  # noqa: F401  (the PyPA build frontend)
+    except ImportError:
+        print("check_dist: needs the 'build' package: python -m pip install build")
+        return 2
     problems = []
     with tempfile.TemporaryDirectory() as tmp:
         rc, log = _build(pathlib.Path(tmp), isolation=not args.no_isolation)
