@@ -17,13 +17,19 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from fastadapt.apps import benchmark as B  # noqa: E402
-from fastadapt import config, cpu, rules  # noqa: E402
+from fastadapt import config  # noqa: E402
+from fastadapt.algorithms import BY_NAME  # noqa: E402
+from fastadapt.backends import cpu  # noqa: E402
 
-RULES = {
-    "adam": (cpu.adam, lambda dt: rules.adam_scalars(dt, 3, 1e-3, (0.9, 0.999), 1e-8, 0.0, False, False, False), 2),
-    "adagrad": (cpu.adagrad, lambda dt: rules.adagrad_scalars(dt, 3, 1e-2, 0.0, 0.0, 1e-10, False), 1),
-    "rmsprop": (cpu.rmsprop, lambda dt: rules.rmsprop_scalars(dt, 3, 1e-2, 0.99, 1e-8, 0.0, 0.0, False, False), 1),
-}
+
+def _case(name):
+    """(compiled rule, per-step scalars for a dtype, state buffers used) of an algorithm's defaults."""
+    alg = BY_NAME[name]
+    h = alg.defaults
+    return (cpu.compiled(alg.rule), lambda dt: alg.scalars(dt, 3, h, dict(alg.carry)), len(alg.used_buffers(h)))
+
+
+RULES = {name.lower(): _case(name) for name in ("Adam", "Adagrad", "RMSprop")}
 
 
 def main():
