@@ -81,7 +81,7 @@ _HYPERS = (
           "(float, float)"),
     Hyper("eps", 1e-8, nonneg, "added after the bias-corrected square root (Algorithm 1, as torch)"),
     Hyper("weight_decay", 0.0, nonneg, "L2 penalty added to the gradient, or with "
-          "decoupled_weight_decay=True AdamW's decay p *= 1 - lr * weight_decay"),
+          "``decoupled_weight_decay=True`` AdamW's decay ``p *= 1 - lr * weight_decay``"),
     Hyper("amsgrad", False, flag, "use the running maximum of the (raw) second moment", "bool"),
     Hyper("maximize", False, flag, "maximise the objective instead of minimising it", "bool",
           keyword_only=True),
@@ -110,7 +110,7 @@ ADAMW = ADAM.variant(
     ``p *= 1 - lr * weight_decay`` before the moments are updated; the decay follows lr
     schedules and never enters the moments.  Same arguments as Adam but ``weight_decay``
     defaults to 1e-2 and there is no ``decoupled_weight_decay``.""",
-    hypers=tuple(Hyper(h.name, 1e-2, h.check, "decoupled weight decay: p *= 1 - lr * weight_decay",
+    hypers=tuple(Hyper(h.name, 1e-2, h.check, "decoupled weight decay: ``p *= 1 - lr * weight_decay``",
                        h.kind, h.keyword_only) if h.name == "weight_decay" else h
                  for h in _HYPERS if h.name != "decoupled_weight_decay"),
     fixed={"decoupled_weight_decay": True},

@@ -1,13 +1,13 @@
 """CPU backend: numba loops that walk memory and call the rules of :mod:`fastadapt.algorithms`.
 
 The loops know nothing about any optimizer.  A rule is passed in as a first-class
-function (a numba dispatcher made from the algorithm's Python rule by :func:`compiled`,
+function (a numba dispatcher made from the algorithm's Python rule by
+:func:`fastadapt.backends.cpu_compile.compiled`,
 on first use, with ``inline="always"``), so each loop is specialised once per rule and
 dtype, inlined and vectorised, and cached on disk (``cache=True``).
 """
 
 import contextlib
-import hashlib
 
 import numpy as np
 from numba import njit, prange, types
@@ -15,42 +15,10 @@ from numba.extending import intrinsic
 from numba.np.arrayobj import populate_array
 
 from .. import config
+from .cpu_compile import compiled
+from .cpu_sparse import KERNELS as _SPARSE_KERNELS
 
 _OPTS = config.NJIT_OPTIONS
-
-
-def _compile_rule(fn):
-    """Compile a rule (or any scalar helper) of :mod:`fastadapt.algorithms` for inlining
-    into the CPU loops.
-
-    The loops take the rule as an argument, so the rule's numba type is part of each
-    loop's signature, and numba's on-disk cache can only find a cached loop again if
-    the rule dispatcher unpickles to the same object in a new process.  Numba
-    identifies a dispatcher across pickling by its uuid, random by default; here it
-    is derived from the rule's module, name and bytecode, which makes the cache work
-    across processes and invalidates it whenever a rule changes.
-    """
-    # forceinline: LLVM's cost model declines to inline the larger rules (RMSprop) and
-    # left a call per element.  cache=False: the loops that inline a rule are cached
-    # whole, so a warm start never compiles a rule, and a rule cached on its own would
-    # keep whatever LLVM attributes it was first compiled with (its cache key is its
-    # bytecode only).
-    dispatcher = njit(inline="always", forceinline=True, **dict(_OPTS, cache=False))(fn)
-    code = fn.__code__
-    digest = hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()[:16]
-    dispatcher._set_uuid(f"fastadapt.cpu.{fn.__module__}.{fn.__qualname__}.{digest}")
-    return dispatcher
-
-
-_COMPILED = {}
-
-
-def compiled(fn):
-    """The CPU dispatcher of rule ``fn`` (any plain-Python rule), compiled on first use."""
-    d = _COMPILED.get(fn)
-    if d is None:
-        d = _COMPILED[fn] = _compile_rule(fn)
-    return d
 
 
 # --------------------------------------------------------------------------- dense
@@ -146,7 +114,7 @@ def dense_step(rule, p, g, s1, s2, s3, k):
     Parameters
     ----------
     rule : numba dispatcher
-        A compiled rule (:func:`compiled`).
+        A compiled rule (:func:`~fastadapt.backends.cpu_compile.compiled`).
     p, g : ndarray
         1-D, C-contiguous, same length and dtype; ``p`` is updated in place.
     s1, s2, s3 : ndarray
@@ -250,7 +218,7 @@ def dense_step_many(rule, proto, table, segments, units, k, total):
     Parameters
     ----------
     rule : numba dispatcher
-        A compiled rule (:func:`compiled`).
+        A compiled rule (:func:`~fastadapt.backends.cpu_compile.compiled`).
     proto : ndarray
         Any 1-D C array of the tensors' dtype (it gives the loops their type).
     table : ndarray of int64, shape (n_tensors, 9)
@@ -380,8 +348,7 @@ class CPUBackend:
     @property
     def sparse_kernels(self):
         """:data:`fastadapt.backends.cpu_sparse.KERNELS`."""
-        from .cpu_sparse import KERNELS
-        return KERNELS
+        return _SPARSE_KERNELS
 
 
 BACKEND = CPUBackend()

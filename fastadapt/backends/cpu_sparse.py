@@ -1,7 +1,7 @@
 """CPU loops for sparse gradients: they walk touched rows and call the rules of :mod:`fastadapt.algorithms`.
 
 Like :func:`fastadapt.backends.cpu._dense_parallel`, every update loop takes the compiled
-rule (:func:`fastadapt.backends.cpu.compiled`) as its first argument, so each loop is specialised
+rule (:func:`fastadapt.backends.cpu_compile.compiled`) as its first argument, so each loop is specialised
 once per rule and dtype, the rule is inlined, and the result is cached on disk.  The
 loops know nothing about any optimizer; the math stays in the rules.
 
@@ -28,7 +28,7 @@ from numba.extending import intrinsic
 
 from .. import config
 from ..algorithms import decay_factor, scale_slots
-from .cpu import compiled
+from .cpu_compile import compiled
 
 #: the closed-form catch-up of a Decay algorithm (algorithms.scale_slots, factor
 #: algorithms.decay_factor), passed to the loops as arguments like every rule, so that their
@@ -584,7 +584,7 @@ class CPUSparseKernels:
     :class:`fastadapt.backends.protocols.SparseKernels`).
 
     ``rule`` is a rule function of :mod:`fastadapt.algorithms`; it is compiled on first use
-    (:func:`fastadapt.backends.cpu.compiled`).  Arrays are the flat parameter and state
+    (:func:`fastadapt.backends.cpu_compile.compiled`).  Arrays are the flat parameter and state
     buffers and the canonical gradient arrays (see :mod:`fastadapt.grads.sparse`).
     """
 

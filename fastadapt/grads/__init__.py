@@ -49,6 +49,9 @@ def prepare_grad(g, p, backend, where, *, accepts_dense=True, optimizer_name="th
         if prepared is not None:
             return prepared
     if _is_sparse(g):
+        if is_device_array(p):               # CUDA parameters take the device formats
+            from .device import prepare_device_sparse_grad
+            return prepare_device_sparse_grad(g, p, backend, where)
         return prepare_sparse_grad(g, p, backend, where)
     if backend.owns(g):
         if not accepts_dense:

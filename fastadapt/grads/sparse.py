@@ -456,7 +456,10 @@ class RowsGrad(_Prepared):
 
 
 def prepare_sparse_grad(g, p, backend, where):
-    """Check a sparse gradient of ``p`` and canonicalise it; nothing is written.
+    """Check a sparse gradient of host parameter ``p`` and canonicalise it; nothing is written.
+
+    (A CUDA parameter's sparse gradients are prepared by
+    :func:`fastadapt.grads.device.prepare_device_sparse_grad`.)
 
     Parameters
     ----------
@@ -473,9 +476,6 @@ def prepare_sparse_grad(g, p, backend, where):
     CSRGrad or RowsGrad
         With ``all_finite()`` and ``apply(optimizer, group, p, state)``.
     """
-    if is_device_array(p):                   # CUDA parameters take device formats
-        from .device import prepare_device_sparse_grad
-        return prepare_device_sparse_grad(g, p, backend, where)
     nrows, ncols = row_view(p.shape)
     if type(g).__name__ == "RowGrad":
         values = g.values

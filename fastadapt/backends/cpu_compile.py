@@ -1,0 +1,49 @@
+"""The rules of :mod:`fastadapt.algorithms`, compiled for the CPU loops on first use.
+
+No table of known rules: any plain-Python rule (or scalar helper such as
+:func:`fastadapt.algorithms.scale_slots`) handed to a loop is compiled here once and kept.
+"""
+
+import hashlib
+
+from numba import njit
+
+from .. import config
+
+__all__ = ["compiled"]
+
+_OPTS = config.NJIT_OPTIONS
+
+
+def _compile_rule(fn):
+    """Compile a rule (or any scalar helper) of :mod:`fastadapt.algorithms` for inlining
+    into the CPU loops.
+
+    The loops take the rule as an argument, so the rule's numba type is part of each
+    loop's signature, and numba's on-disk cache can only find a cached loop again if
+    the rule dispatcher unpickles to the same object in a new process.  Numba
+    identifies a dispatcher across pickling by its uuid, random by default; here it
+    is derived from the rule's module, name and bytecode, which makes the cache work
+    across processes and invalidates it whenever a rule changes.
+    """
+    # forceinline: LLVM's cost model declines to inline the larger rules (RMSprop) and
+    # left a call per element.  cache=False: the loops that inline a rule are cached
+    # whole, so a warm start never compiles a rule, and a rule cached on its own would
+    # keep whatever LLVM attributes it was first compiled with (its cache key is its
+    # bytecode only).
+    dispatcher = njit(inline="always", forceinline=True, **dict(_OPTS, cache=False))(fn)
+    code = fn.__code__
+    digest = hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()[:16]
+    dispatcher._set_uuid(f"fastadapt.cpu.{fn.__module__}.{fn.__qualname__}.{digest}")
+    return dispatcher
+
+
+_COMPILED = {}
+
+
+def compiled(fn):
+    """The CPU dispatcher of rule ``fn`` (any plain-Python rule), compiled on first use."""
+    d = _COMPILED.get(fn)
+    if d is None:
+        d = _COMPILED[fn] = _compile_rule(fn)
+    return d
