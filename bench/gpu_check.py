@@ -15,7 +15,7 @@ are optional and add rows)::
    time, and cached on disk by a unit-test run); also a CuPy array and torch CUDA tensors
    (optimizer, functional layer, exact-mode RowGrad) when those libraries are present.  The
    time of the CPU reference is reported.  Pass: for every element
-   ``|gpu - cpu| <= rtol * (|cpu| + rms(cpu))`` with SPEC.md's rtol (1e-5 float32, 1e-12
+   ``|gpu - cpu| <= rtol * (|cpu| + rms(cpu))`` with the spec's rtol (docs/spec.rst) (1e-5 float32, 1e-12
    float64) -- the ``rms`` term admits the rounding of FMA contraction near zero.
 2. Dense speed, float32 on ``--dense-n`` (default 2**28 = 268M) elements: Adam, Adagrad and
    RMSprop steps against a device-to-device copy measured in the same run (bandwidth = bytes

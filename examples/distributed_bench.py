@@ -1,6 +1,6 @@
 """Per-rank state memory and step-time breakdown of fastadapt.distributed.
 
-Run with any number of ranks and compare (the README's figures come from this script)::
+Run with any number of ranks and compare (the figures in docs/distributed.rst come from this script)::
 
     mpiexec -n 1 python examples/distributed_bench.py
     mpiexec -n 2 python examples/distributed_bench.py

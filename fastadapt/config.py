@@ -1,6 +1,6 @@
 """Every tunable of fastadapt in one place.
 
-Values were measured on the project's 2-core machines (see README, "Performance");
+Values were measured on the project's 2-core machines (see docs/performance.rst);
 change them here, never in the kernels.
 """
 
@@ -9,7 +9,7 @@ change them here, never in the kernels.
 PARALLEL_THRESHOLD = 32_768
 
 #: Options every numba CPU kernel is compiled with.  ``error_model="numpy"`` lets
-#: divisions vectorise; ``fastmath`` stays off (SPEC.md Part A.2: no reassociation).
+#: divisions vectorise; ``fastmath`` stays off (docs/spec.rst, "Conventions": no reassociation).
 NJIT_OPTIONS = dict(cache=True, error_model="numpy", nogil=True)
 
 #: Threads per block of the CUDA kernels (grid-stride loops).

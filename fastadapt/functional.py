@@ -10,7 +10,7 @@ what bias correction and Adagrad's ``lr_decay`` use); the caller keeps and incre
 it.
 
 The arrays are numpy arrays, or CUDA arrays on one device (CuPy, torch CUDA tensors,
-numba device arrays; see the README's GPU section); dtypes are compared as numpy dtypes
+numba device arrays; see the GPU guide, docs/gpu.rst); dtypes are compared as numpy dtypes
 whatever the array library, and unused rule slots share one cached 1-element buffer per
 device and dtype (nothing is allocated per call).
 

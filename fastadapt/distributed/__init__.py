@@ -21,7 +21,7 @@ The update math is never written here: each rank calls an ordinary optimizer of
 single process, and a P-rank run gives the parameters that one process would get from
 the summed gradients: bit for bit for the dense path (the ranks' gradients are added in
 rank order, ``((g_0 + g_1) + g_2) + ...``, whatever the MPI library), and for the
-tables whenever the sums of duplicate rows are exact (otherwise within SPEC.md's
+tables whenever the sums of duplicate rows are exact (otherwise within the spec's
 tolerances: each rank first sums its own duplicates).
 
 Faults: every step starts with one small agreement (a max-allreduce) that carries

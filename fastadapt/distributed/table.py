@@ -24,7 +24,7 @@ class ShardedTable(_Collective):
 
     The result is that of one process stepping the whole table with all ranks' row
     gradients concatenated (in rank order): bit for bit when the sums of duplicate
-    rows are exact, otherwise within SPEC.md's tolerances (each rank pre-sums its own
+    rows are exact, otherwise within the spec's tolerances (each rank pre-sums its own
     duplicates, which changes the order of the additions).
 
     Collective: every rank constructs it and calls :meth:`step`, :meth:`lookup`,
