@@ -28,6 +28,7 @@ import inspect
 import numbers
 
 from .algorithms import REGISTRY
+from .algorithms._spec import MAX_STEP, short_repr
 from .backends import backend_for, unused_slot
 from .grads import prepare_grad
 
@@ -72,8 +73,9 @@ def _check_arrays(param, grad, buffers):
 def _check_step(step):
     if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 1:
         raise ValueError(f"step must be the number of this update, an int >= 1; got {step!r}")
-    if step >= 2 ** 63:
-        raise ValueError(f"step must be below 2**63 (the optimizers' int64 counter); got {step!r}")
+    if step >= MAX_STEP:
+        raise ValueError(f"step must be below 2**53 (exact as the float64 that bias corrections use); "
+                         f"got {short_repr(step)}")
 
 
 def _make(alg):

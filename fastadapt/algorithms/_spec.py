@@ -46,13 +46,17 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
-__all__ = ["Algorithm", "Hyper", "Decay", "LAZY", "FUSED", "scale_slots", "decay_factor",
+__all__ = ["Algorithm", "Hyper", "Decay", "LAZY", "FUSED", "scale_slots", "decay_factor", "short_repr", "MAX_STEP",
            "nonneg", "positive", "below_one", "unit_interval", "flag", "betas", "check_number"]
 
 #: exact mode: a zero gradient changes nothing, so the lazy loop is already exact (O(nnz))
 LAZY = "lazy"
 #: exact mode: one pass over the whole parameter, the rule with g = 0 on untouched entries
 FUSED = "fused"
+
+#: step counts stay below this (2**53: every count is exact as the float64 that bias corrections
+#: use); checked where a count comes from outside (load_state_dict, the functional layer)
+MAX_STEP = 2 ** 53
 
 #: the type of ``rule``
 Rule = Callable[..., None]
@@ -98,6 +102,13 @@ def decay_factor(base, gap):
 
 # =========================================================================== hyper-parameters
 
+def short_repr(value: Any) -> str:
+    """``repr(value)``, with integers of more than 20 digits written as ``10**k``-ish."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and abs(int(value)) >= 10 ** 20:
+        return f"{'-' if value < 0 else ''}~10**{len(str(abs(int(value)))) - 1}"
+    return repr(value)
+
+
 def check_number(name: str, value: Any, low: Optional[float] = None, high: Optional[float] = None,
                  low_inclusive: bool = True, high_inclusive: bool = False) -> None:
     """Raise unless ``value`` is a real number (not a bool, not NaN) within the bounds."""
@@ -106,7 +117,7 @@ def check_number(name: str, value: Any, low: Optional[float] = None, high: Optio
     try:
         x = float(value)
     except OverflowError:
-        raise ValueError(f"invalid {name}: {value!r} does not fit in a float64; "
+        raise ValueError(f"invalid {name}: {short_repr(value)} does not fit in a float64; "
                          f"pass a number below 1.8e308") from None
     if math.isnan(x):
         raise ValueError(f"{name} must not be NaN")

@@ -14,19 +14,25 @@ leaves a half-applied step:
 
 import bisect
 import numbers
+import threading
 
 import numpy as np
 
-from ..algorithms import Algorithm
+from ..algorithms import REGISTRY, Algorithm
+from ..algorithms._spec import MAX_STEP, short_repr
 from ..backends import backend_for, device_key, is_device_array, unused_slot
 from ..grads import DenseGrad, dense_host_grad, prepare_grad
 from ..grads.sparse import settle, settle_unless_continued
 from .many import apply_dense
 
-__all__ = ["Optimizer", "NONFINITE"]
+__all__ = ["Optimizer", "NONFINITE", "MAX_STEP"]
 
 #: the values of the ``nonfinite`` option
 NONFINITE = ("propagate", "skip", "raise")
+
+
+_BUSY = ("is being used by another thread (one optimizer is stepped, saved and loaded by one thread "
+         "at a time; separate optimizers may run in separate threads)")
 
 
 class Optimizer:
@@ -77,6 +83,9 @@ class Optimizer:
         self.state = []
         self._params = []          # flat list of parameters, in group order
         self._spans = []           # their memory spans, for overlap checks
+        self._meta = []            # their (shape, dtype), re-checked at every step
+        self._group_sizes = []     # parameters per group, re-checked at every step
+        self._lock = threading.Lock()
         if isinstance(params, np.ndarray) or is_device_array(params):
             raise TypeError("params must be a list of arrays or of param-group dicts, not an array "
                             f"itself: write {type(self).__name__}([w]) rather than "
@@ -104,6 +113,14 @@ class Optimizer:
             ``{"params": [arrays...], "lr": ..., ...}``; missing hyper-parameters take
             the optimizer's defaults.
         """
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError(f"add_param_group: this optimizer {_BUSY}")
+        try:
+            self._add_param_group(param_group)
+        finally:
+            self._lock.release()
+
+    def _add_param_group(self, param_group):
         if not isinstance(param_group, dict):
             raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
         group = dict(param_group)
@@ -134,8 +151,10 @@ class Optimizer:
         self._check_overlaps(self._spans + new_spans)
         group["params"] = params
         self.param_groups.append(group)
+        self._group_sizes.append(len(params))
         for p in params:
             self._params.append(p)
+            self._meta.append((tuple(p.shape), backend_for(p).dtype_of(p)))
             self.state.append(self._initial_state(group, p))
         self._spans.extend(new_spans)
         ordered = sorted((s[0], s[1], s[3]) for s in self._spans if s[1] > s[0])
@@ -216,18 +235,51 @@ class Optimizer:
             With ``nonfinite="raise"``, when a gradient holds NaN or infinity; nothing
             is changed.
         """
-        work = self._prepare(grads)
-        if self.nonfinite != "propagate":
-            bad = [j for (j, _, _, _, g) in work if not g.all_finite()]
-            if bad:
-                if self.nonfinite == "raise":
-                    raise FloatingPointError(
-                        f"non-finite gradient for parameter(s) {bad}; nothing was changed "
-                        "(construct the optimizer with nonfinite='skip' to skip such steps)")
-                self.skipped_steps += 1
-                return False
-        self._apply_work(work)
-        return True
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError(f"step() called while this optimizer {_BUSY}")
+        try:
+            work = self._prepare(grads)
+            if self.nonfinite != "propagate":
+                bad = [j for (j, _, _, _, g) in work if not g.all_finite()]
+                if bad:
+                    if self.nonfinite == "raise":
+                        raise FloatingPointError(
+                            f"non-finite gradient for parameter(s) {bad}; nothing was changed "
+                            "(construct the optimizer with nonfinite='skip' to skip such steps)")
+                    self.skipped_steps += 1
+                    return False
+            self._apply_work(work)
+            return True
+        finally:
+            self._lock.release()
+
+    def _check_structure(self):
+        """The param groups still hold the arrays the optimizer was built with (O(groups))."""
+        groups = self.param_groups
+        if len(groups) != len(self._group_sizes):
+            raise ValueError(f"param_groups has {len(groups)} groups, but this optimizer was built with "
+                             f"{len(self._group_sizes)}: groups were added or removed by hand; add groups "
+                             "with add_param_group (or build a new optimizer)")
+        for gi, (group, n) in enumerate(zip(groups, self._group_sizes)):
+            params = group.get("params") if isinstance(group, dict) else None
+            if not isinstance(params, list) or len(params) != n:
+                raise ValueError(f"param group {gi}'s 'params' was replaced or resized after construction "
+                                 f"(it had {n} parameters); build a new optimizer, or add the arrays with "
+                                 "add_param_group")
+
+    def _changed(self, j, p):
+        """Raise: parameter ``j`` of a group is not the array it was, or no longer fit to update."""
+        if p is not self._params[j]:
+            raise ValueError(f"parameter {j} is not the array this optimizer was built with (it was replaced "
+                             "in param_groups after construction); build a new optimizer, or call "
+                             "add_param_group with the new array")
+        backend = backend_for(p)
+        backend.check_param(p, f"parameter {j}")      # read-only, retyped or non-contiguous: says which
+        shape, dtype = self._meta[j]
+        if tuple(p.shape) != shape or backend.dtype_of(p) != dtype:
+            raise ValueError(f"parameter {j} changed from {shape} {dtype} to {tuple(p.shape)} "
+                             f"{backend.dtype_of(p)} after construction (its state has the old shape); "
+                             "build a new optimizer for the new array")
 
     def _prepare(self, grads):
         if isinstance(grads, np.ndarray) or is_device_array(grads):
@@ -237,14 +289,20 @@ class Optimizer:
         if len(grads) != len(self._params):
             raise ValueError(f"step() got {len(grads)} gradients for {len(self._params)} parameters; "
                              "pass one per parameter in group order (None to skip one)")
+        self._check_structure()
         work = []
         j = 0
         accepts_dense = self.accepts_dense
         backend = backend_for(self._params[0])     # one device per optimizer (add_param_group)
-        spans, states = self._spans, self.state
+        spans, states, params, meta = self._spans, self.state, self._params, self._meta
         for group in self.param_groups:
             self._validate_group(group)
             for p in group["params"]:
+                # the same array, unchanged: identity, shape, dtype and flags (O(1) per parameter)
+                # (device arrays always take the backend's checks)
+                if p is not params[j] or type(p) is not np.ndarray or p.shape != meta[j][0] \
+                        or p.dtype is not meta[j][1] or not p.flags.writeable:
+                    self._changed(j, p)               # raises, unless a device array is fine
                 g = grads[j]
                 if g is not None:
                     prepared = dense_host_grad(g, p, backend, spans[j]) if accepts_dense else None
@@ -260,9 +318,25 @@ class Optimizer:
                         if other is not None:
                             raise ValueError(f"gradient {j} shares memory with parameter {other}, which "
                                              "this step updates; pass a separate gradient array")
+                    else:
+                        self._check_sparse_overlap(j, prepared, backend)
                     work.append((j, group, p, states[j], prepared))
                 j += 1
         return work
+
+    def _check_sparse_overlap(self, j, prepared, backend):
+        """A sparse gradient's arrays (values and indices, as the loops will read them) must not
+        share memory with any parameter of the step: the loops read them while writing."""
+        for name in ("vals", "rows", "indptr", "cols"):
+            a = getattr(prepared, name, None)
+            if a is None or a.size == 0:
+                continue
+            start, end = backend.memory_span(a)
+            other = self._gradient_overlap(start, end)
+            if other is not None:
+                what = "values" if name == "vals" else "indices"
+                raise ValueError(f"gradient {j}: its {what} share memory with parameter {other}, which this "
+                                 "step updates; pass a copy")
 
     def _apply(self, group, p, state, g):
         if "_decay" in state:          # pending exact-mode decay (grads.sparse): settle unless continued
@@ -326,6 +400,14 @@ class Optimizer:
             [{hyper-parameters..., "params": [index, ...]}]}`` -- torch's layout, indexed
             by parameter position; the arrays are copies.
         """
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError(f"state_dict() called while this optimizer {_BUSY}")
+        try:
+            return self._state_dict()
+        finally:
+            self._lock.release()
+
+    def _state_dict(self):
         for j in range(len(self._params)):
             self._read_state(j)
         state = {}
@@ -349,9 +431,41 @@ class Optimizer:
         """Load a :meth:`state_dict`; the optimizer continues bit-exactly from it.
 
         Everything is checked first (group count and sizes, hyper-parameters, buffer
-        names, shapes and dtypes); on any mismatch a ValueError is raised and nothing
-        changes.
+        names, shapes and dtypes, step counts); on any mismatch a ValueError is raised and
+        nothing changes.  A state_dict of another optimizer (another fastadapt class, or
+        torch.optim's) is named as such.
         """
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError(f"load_state_dict() called while this optimizer {_BUSY}")
+        try:
+            self._load_state_dict(state_dict)
+        finally:
+            self._lock.release()
+
+    def _foreign(self, groups, saved_state):
+        """A sentence naming what ``state_dict`` looks like, when it is not this optimizer's; or None."""
+        values = [v for g in groups for v in g.values()] + [v for st in saved_state.values() for v in st.values()]
+        if any(type(v).__module__.split(".")[0] == "torch" for v in values) or any(
+                k in g for g in groups for k in ("foreach", "differentiable", "capturable", "fused")):
+            return ("this looks like a torch.optim state_dict (torch tensors and torch-only options such as "
+                    "'foreach'); fastadapt loads the state_dicts of its own optimizers")
+        keys = set().union(*(set(g) for g in groups)) - {"params"} if groups else set()
+        names = set().union(*(set(st) for st in saved_state.values())) if saved_state else set()
+        mine = self.algorithm
+        for alg in REGISTRY:
+            slots = {s for s in alg.slots if s is not None} | {"step"} | {n for n, _ in alg.carry}
+            if keys != set(alg.defaults) or not names <= slots:
+                continue
+            if any(g.get(k) != v for g in groups for k, v in alg.fixed.items()):
+                continue
+            if alg is mine or (alg.rule is mine.rule and set(alg.defaults) == set(mine.defaults)
+                               and all(g.get(k) == v for g in groups for k, v in mine.fixed.items())):
+                return None                       # ours (or a variant this class can load)
+            article = "an" if alg.name[0] in "AEIOU" else "a"
+            return f"this looks like {article} {alg.name} state_dict; load it into fastadapt.{alg.name}"
+        return None
+
+    def _load_state_dict(self, state_dict):
         try:
             groups, saved_state = state_dict["param_groups"], state_dict["state"]
         except (TypeError, KeyError):
@@ -360,6 +474,9 @@ class Optimizer:
                 or not isinstance(groups, (list, tuple)) or not all(isinstance(g, dict) for g in groups)):
             raise ValueError("not a fastadapt state_dict: 'state' must map parameter indices to dicts and "
                              "'param_groups' must be a list of dicts (as state_dict() returns)")
+        foreign = self._foreign(groups, saved_state)
+        if foreign is not None:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: {foreign}")
         if len(groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(groups)} param groups, this optimizer has "
                              f"{len(self.param_groups)}")
@@ -392,8 +509,13 @@ class Optimizer:
                 raise ValueError(f"state of parameter {idx} has unknown entries {sorted(set(st) - known)}; "
                                  f"{type(self).__name__} keeps {sorted(known)}")
             step = st.get("step")
-            if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
-                raise ValueError(f"state of parameter {idx}: 'step' must be a non-negative int, got {step!r}")
+            if isinstance(step, bool) or not isinstance(step, numbers.Integral) or not 0 <= step < MAX_STEP:
+                raise ValueError(f"state of parameter {idx}: 'step' must be a non-negative int below 2**53, got "
+                                 f"{short_repr(step)}")
+            for name in carried & set(st):
+                value = st[name]
+                if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
+                    raise ValueError(f"state of parameter {idx}: {name!r} must be a real number, got {value!r}")
             for name, arr in st.items():
                 if name == "step" or name in carried:
                     continue
