@@ -10,7 +10,8 @@ before the call.  No input may crash the process.
 The cases run in child processes (``subprocess.run([sys.executable, "-c", ...])``), so that a
 segfault is a failed test here rather than a dead pytest.  To save process starts (~0.5-1 s each
 with numba's cache) the cases run as one batch; when a child dies, the case it was running is
-recorded as crashed (signal, exit code) and the cases after it run again in a new child.
+recorded as crashed (signal, exit code) and the cases after it run again in a new child.  The
+cases known to write out of bounds today (:data:`ISOLATED`) get a child each.
 
 Rows of the issue that fail with today's code are marked ``xfail(strict=True)``: when a fix makes
 one pass, the strict mark turns it into a failure ("XPASS(strict)") -- remove the mark then.
@@ -697,9 +698,17 @@ def _run_cases(names):
     return results
 
 
+#: cases that write out of bounds with today's code: each in its own child, so that the memory it
+#: corrupts cannot make a later case of the batch crash or misbehave
+ISOLATED = ("swap_larger_table_exact_rmsprop_rowgrad", "swap_larger_table_adam_dense")
+
+
 @pytest.fixture(scope="module")
 def results():
-    return _run_cases(list(CASES))
+    out = _run_cases([n for n in CASES if n not in ISOLATED])
+    for name in ISOLATED:
+        out.update(_run_cases([name]))
+    return out
 
 
 def _get(results, name):
