@@ -73,6 +73,38 @@ def lerp(a, b, w):
     return b - (b - a) * (dt(1) - w)
 
 
+def fma(a, w, b):
+    """``a * w + b`` elementwise with one rounding (IEEE fused multiply-add), as torch's CPU kernels
+    compute ``b.add(w, alpha=a)``, ``addcmul`` and ``lerp``.  Evaluated by the hardware instruction
+    (a numba ufunc over ``llvm.fma``), which tests/test_reference.py checks against the exact rational
+    definition, :func:`fastadapt.algorithms.fma`."""
+    a, w, b = np.broadcast_arrays(*(np.asarray(x) for x in (a, w, b)))
+    dtype = np.result_type(b)
+    out = _fma_ufunc()(a.astype(dtype), w.astype(dtype), b.astype(dtype))
+    return out.astype(dtype) if out.ndim else dtype.type(out)
+
+
+_FMA = []
+
+
+def _fma_ufunc():
+    if not _FMA:
+        import numba
+        from fastadapt.algorithms import fma as exact_fma
+        from fastadapt.backends import cpu_compile  # noqa: F401  (compiles fma to llvm.fma)
+        _FMA.append(numba.vectorize(["float32(float32, float32, float32)", "float64(float64, float64, float64)"])(
+            lambda a, w, b: exact_fma(a, w, b)))
+    return _FMA[0]
+
+
+def lerp_fma(a, b, w):
+    """torch's CPU ``lerp`` kernel: :func:`lerp`'s two formulas, each one fused multiply-add."""
+    dt = type(w)
+    if abs(w) < dt(0.5):
+        return fma(w, b - a, a)
+    return fma(-(dt(1) - w), b - a, b)
+
+
 def _buf(state, key, p, fill=0.0):
     """Return state[key], creating it lazily (zeros / fill, shape and dtype of p) like torch does."""
     if key not in state:
@@ -96,7 +128,7 @@ def adagrad(p, g, state, *, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10, 
     if maximize:
         g = -g                                                         # 2
     if weight_decay != 0:
-        g = g + dt(weight_decay) * p                                   # 3
+        g = fma(dt(weight_decay), p, g)                                # 3 (one rounding, as torch)
     clr = lr / (1 + (t - 1) * lr_decay)                                # 4 [py]
     s[...] = s + g * g                                                 # 5  addcmul value=1
     std = np.sqrt(s) + dt(eps)                                         # 6
@@ -113,12 +145,12 @@ def rmsprop(p, g, state, *, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, mom
         g = -g                                                         # 1
     state["step"] = int(state.get("step", 0)) + 1                       # 2
     if weight_decay != 0:
-        g = g + dt(weight_decay) * p                                   # 3
-    v[...] = v * dt(alpha) + (dt(1 - alpha) * g) * g                   # 4  (1-alpha) [py]
+        g = fma(dt(weight_decay), p, g)                                # 3 (one rounding, as torch)
+    v[...] = fma(dt(1 - alpha) * g, g, v * dt(alpha))                  # 4  addcmul: one fma; (1-alpha) [py]
     if centered:
         ga = _buf(state, "grad_avg", p)
-        ga[...] = lerp(ga, g, dt(1 - alpha))                           # 5
-        diff = v + (dt(-1) * ga) * ga                                  #    addcmul value=-1
+        ga[...] = lerp_fma(ga, g, dt(1 - alpha))                       # 5  lerp: one fma
+        diff = fma(-ga, ga, v)                                         #    addcmul value=-1: one fma
         if clamp:
             diff = np.maximum(diff, dt(0))                             #    Part A.4 (propagates NaN)
         d = np.sqrt(diff)
@@ -128,7 +160,7 @@ def rmsprop(p, g, state, *, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, mom
     if momentum > 0:
         b = _buf(state, "momentum_buffer", p)
         b[...] = b * dt(momentum) + g / d                              # 7  addcdiv value=1
-        p[...] = p + dt(-lr) * b                                       #    add alpha=-lr
+        p[...] = fma(dt(-lr), b, p)                                    #    add alpha=-lr: one fma
     else:
         p[...] = p + (dt(-lr) * g) / d                                 #    addcdiv value=-lr
 
@@ -148,7 +180,7 @@ def adam(p, g, state, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
         if decoupled_weight_decay:
             p[...] = p * dt(1 - lr * weight_decay)                     #    [py]
         else:
-            g = g + dt(weight_decay) * p
+            g = fma(dt(weight_decay), p, g)                            # one rounding, as torch
     m[...] = lerp(m, g, dt(1 - beta1))                                 # 4
     v[...] = v * dt(beta2) + (dt(1 - beta2) * g) * g                   # 5
     bc1 = 1 - beta1 ** t                                               # 6 [py]

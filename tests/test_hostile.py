@@ -13,9 +13,8 @@ with numba's cache) the cases run as one batch; when a child dies, the case it w
 recorded as crashed (signal, exit code) and the cases after it run again in a new child.  The
 cases known to write out of bounds today (:data:`ISOLATED`) get a child each.
 
-Rows of the issue that fail with today's code are marked ``xfail(strict=True)``: when a fix makes
-one pass, the strict mark turns it into a failure ("XPASS(strict)") -- remove the mark then.
-The reason of each mark says what happens today.
+Each case records what happened before issue 10 was fixed (the crash, the silent wrong result or
+the half-applied step the case guards against).
 """
 
 from __future__ import annotations
@@ -720,11 +719,7 @@ def _get(results, name):
     return res
 
 
-def _xfail(reason):
-    return pytest.mark.xfail(strict=True, reason=f"issue 10: {reason}")
-
-
-# (case, accepted exception types, regex the message must match, xfail reason or None)
+# (case, accepted exception types, regex the message must match, what happened before the fix or None)
 CLEAR = ("ValueError", "TypeError", "RuntimeError", "OverflowError", "IndexError")
 SWAPPED = r"(?i)add_param_group|new optimizer|replac|swap"
 REFUSALS = [
@@ -786,9 +781,8 @@ REFUSALS = [
 ]
 
 
-def _param(name, kinds, pattern, reason):
-    marks = [_xfail(reason)] if reason else []
-    return pytest.param(name, kinds, pattern, id=name, marks=marks)
+def _param(name, kinds, pattern, before):
+    return pytest.param(name, kinds, pattern, id=name)
 
 
 @pytest.mark.parametrize("name,kinds,pattern", [_param(*r) for r in REFUSALS])
@@ -811,9 +805,8 @@ def test_numpy_bools_are_booleans(results):
     assert res["equal"] == {"maximize": True, "amsgrad": True, "centered": True}
 
 
-@_xfail("two threads stepping one optimizer: torn values, lost step counts, intermittent TypeError in "
-        "many.py; no RuntimeError")
 def test_two_threads_one_optimizer(results):
+    """Before the fix: torn values, lost step counts, an intermittent TypeError in many.py."""
     res = _get(results, "threads_two_steps_on_one_optimizer")
     kinds = {e[0] for e in res["errors"]}
     assert kinds <= {"RuntimeError"}, f"unexpected errors: {res['errors']}"
@@ -823,8 +816,8 @@ def test_two_threads_one_optimizer(results):
     assert res["consistent"], "parameters/state differ from the same number of sequential steps"
 
 
-@_xfail("state_dict() while another thread steps: no RuntimeError, copies of half-applied steps")
 def test_state_dict_during_step(results):
+    """Before the fix: no RuntimeError, copies of half-applied steps."""
     res = _get(results, "threads_state_dict_during_step")
     kinds = {e[1] for e in res["errors"]}
     assert kinds <= {"RuntimeError"}, f"unexpected errors: {res['errors']}"

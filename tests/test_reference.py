@@ -404,7 +404,7 @@ def test_rmsprop_centered_clamp_only_differs_where_negative():
         with np.errstate(invalid="ignore"):
             ref.rmsprop(p_f, g, st_f, clamp=False, **hyper)
         ref.rmsprop(p, g, st, clamp=True, **hyper)
-        neg = (st["square_avg"] + (-1.0 * st["grad_avg"]) * st["grad_avg"]) < 0
+        neg = ref.fma(-st["grad_avg"], st["grad_avg"], st["square_avg"]) < 0    # torch's addcmul: one rounding
         n_neg += int(neg.sum())
         # the states are the same either way; only the parameter can differ
         for k in ("square_avg", "grad_avg"):
@@ -502,3 +502,19 @@ def test_lerp_branches(dtype):
     w = dt(0.7)
     assert not np.array_equal(a + w * (b - a), b - (b - a) * (dt(1) - w))
     assert ref.lerp(a, b, w).dtype == dtype
+
+
+def test_fma_is_one_rounding():
+    """The references' fma (the hardware instruction) is the exact rational definition rounded once,
+    and differs from rounding the product first where a product and an addend nearly cancel."""
+    from fastadapt.algorithms import fma as exact
+    rng = np.random.default_rng(3)
+    for dtype in (np.float32, np.float64):
+        a = rng.standard_normal(400).astype(dtype)
+        b = rng.standard_normal(400).astype(dtype)
+        c = (-(a.astype(np.float64) * b) * (1 + rng.standard_normal(400) * 1e-6)).astype(dtype)
+        fused = ref.fma(a, b, c)
+        assert fused.dtype == dtype
+        assert all(fused[i] == exact(a[i], b[i], c[i]) for i in range(400))
+        assert np.count_nonzero(fused != a * b + c) > 300
+

@@ -9,7 +9,7 @@ module and add it here (see the README, "How to add an optimizer").
 This package imports nothing of fastadapt but itself: it is the bottom layer.
 """
 
-from ._spec import FUSED, LAZY, Algorithm, Decay, Hyper, decay_factor, scale_slots
+from ._spec import FUSED, LAZY, Algorithm, Decay, Hyper, decay_factor, fma, scale_slots
 from .adagrad import ADAGRAD
 from .adam import ADAM, ADAMW
 from .rmsprop import RMSPROP
@@ -21,5 +21,5 @@ REGISTRY = (ADAGRAD, RMSPROP, ADAM, ADAMW, SPARSE_ADAM)
 #: name -> algorithm
 BY_NAME = {a.name: a for a in REGISTRY}
 
-__all__ = ["REGISTRY", "BY_NAME", "Algorithm", "Hyper", "Decay", "LAZY", "FUSED", "scale_slots",
+__all__ = ["REGISTRY", "BY_NAME", "Algorithm", "Hyper", "Decay", "LAZY", "FUSED", "fma", "scale_slots",
            "decay_factor"]

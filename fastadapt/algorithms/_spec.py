@@ -30,8 +30,8 @@ The rule's arguments
     the NamedTuple of per-step scalars: flags as booleans, every number in the parameter
     dtype.
 
-Rules call nothing but ``math`` functions, so that every backend can compile them as they
-are; ATen's ``lerp`` -- ``a + w*(b-a)`` if ``|w| < 0.5`` else ``b - (b-a)*(1-w)`` -- is
+Rules call nothing but ``math`` functions and :func:`fma` (which every backend compiles to its
+fused multiply-add), so that every backend can compile them as they are; ATen's ``lerp`` -- ``a + w*(b-a)`` if ``|w| < 0.5`` else ``b - (b-a)*(1-w)`` -- is
 therefore written out where it is used.  The equations and their evaluation order are the
 project's specification (docs, "Specification").
 """
@@ -42,11 +42,12 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
-__all__ = ["Algorithm", "Hyper", "Decay", "LAZY", "FUSED", "scale_slots", "decay_factor", "short_repr", "MAX_STEP",
+__all__ = ["Algorithm", "Hyper", "Decay", "LAZY", "FUSED", "fma", "scale_slots", "decay_factor", "short_repr", "MAX_STEP",
            "nonneg", "positive", "below_one", "unit_interval", "flag", "betas", "check_number"]
 
 #: exact mode: a zero gradient changes nothing, so the lazy loop is already exact (O(nnz))
@@ -78,6 +79,33 @@ class Decay:
 
 
 ExactPlan = Union[str, Decay]
+
+
+def fma(a, b, c):
+    """``a * b + c`` with one rounding, to the type of ``c``: torch's CPU kernels compute
+    ``g.add(p, alpha=weight_decay)`` this way, and where ``g`` and ``weight_decay * p`` nearly
+    cancel, rounding the product first would differ from torch by far more than an ulp.
+
+    This Python version (used by numba's CUDA simulator and as the definition) is exact:
+    the product and the sum are taken in rational arithmetic and rounded once.  The backends
+    compile calls to it into the hardware instruction (``llvm.fma`` on the CPU, ``fma`` on CUDA).
+    """
+    exact = Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c))
+    return round_to(exact, type(c))
+
+
+def round_to(x, dtype):
+    """The rational ``x`` rounded once (to nearest, ties to even) to float type ``dtype``."""
+    if dtype is float or np.dtype(dtype) == np.float64:
+        return dtype(float(x))                      # Fraction -> float64 is correctly rounded
+    t = np.dtype(dtype).type
+    near = t(float(x))                              # within an ulp of the answer (double rounding)
+    candidates = [near, np.nextafter(near, t(np.inf)), np.nextafter(near, t(-np.inf))]
+    finite = [v for v in candidates if np.isfinite(v)]
+    if not finite:
+        return near
+    best = min(finite, key=lambda v: (abs(Fraction(float(v)) - x), int(v.view(np.uint32)) & 1))
+    return best
 
 
 def scale_slots(s1, s2, s3, i, k):

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._spec import FUSED, LAZY, Algorithm, Hyper, flag, nonneg
+from ._spec import FUSED, LAZY, Algorithm, Hyper, flag, fma, nonneg
 
 
 class Scalars(NamedTuple):
@@ -26,7 +26,7 @@ def rule(p, s1, s2, s3, i, g, k):
         g = -g
     x = p[i]
     if k.weight_decay != 0:
-        g = g + k.weight_decay * x
+        g = fma(k.weight_decay, x, g)               # torch: g.add(p, alpha=wd), one rounding
     s = s1[i] + g * g
     s1[i] = s
     p[i] = x + (k.neg_clr * g) / (math.sqrt(s) + k.eps)

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._spec import Algorithm, Hyper, betas, flag, nonneg
+from ._spec import Algorithm, Hyper, betas, flag, fma, nonneg
 
 
 class Scalars(NamedTuple):
@@ -38,7 +38,7 @@ def rule(p, s1, s2, s3, i, g, k):
         if k.decoupled:
             x = x * k.decay_factor
         else:
-            g = g + k.weight_decay * x
+            g = fma(k.weight_decay, x, g)           # torch: g.add(p, alpha=wd), one rounding
     m = s1[i]
     if k.one_minus_beta1 < 0.5:                                # lerp(m, g, 1 - beta1)
         m = m + k.one_minus_beta1 * (g - m)

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._spec import FUSED, Algorithm, Decay, Hyper, flag, nonneg
+from ._spec import FUSED, Algorithm, Decay, Hyper, flag, fma, nonneg
 
 
 class Scalars(NamedTuple):
@@ -32,17 +32,18 @@ def rule(p, s1, s2, s3, i, g, k):
         g = -g
     x = p[i]
     if k.weight_decay != 0:
-        g = g + k.weight_decay * x
-    v = s1[i] * k.alpha + (k.one_minus_alpha * g) * g
+        g = fma(k.weight_decay, x, g)               # torch: g.add(p, alpha=wd), one rounding
+    # torch's CPU kernels round addcmul, lerp and add(alpha) once each: so do these fma calls
+    v = fma(k.one_minus_alpha * g, g, s1[i] * k.alpha)
     s1[i] = v
     if k.centered:
         ga = s3[i]
         if k.one_minus_alpha < 0.5:                       # lerp(ga, g, 1 - alpha)
-            ga = ga + k.one_minus_alpha * (g - ga)
+            ga = fma(k.one_minus_alpha, g - ga, ga)
         else:
-            ga = g - (g - ga) * k.lerp_one_minus_w
+            ga = fma(-k.lerp_one_minus_w, g - ga, g)
         s3[i] = ga
-        var = v - ga * ga
+        var = fma(-ga, ga, v)
         if var < 0:          # rounding can make it negative; NaN passes through
             var = var - var
         d = math.sqrt(var)
@@ -52,7 +53,7 @@ def rule(p, s1, s2, s3, i, g, k):
     if k.use_momentum:
         b = s2[i] * k.momentum + g / d
         s2[i] = b
-        p[i] = x + k.neg_lr * b
+        p[i] = fma(k.neg_lr, b, x)
     else:
         p[i] = x + (k.neg_lr * g) / d
 

@@ -6,13 +6,39 @@ No table of known rules: any plain-Python rule (or scalar helper such as
 
 import hashlib
 
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
 
 from .. import config
+from ..algorithms import fma
 
 __all__ = ["compiled"]
 
 _OPTS = config.NJIT_OPTIONS
+
+
+@intrinsic
+def _llvm_fma(typingctx, a, b, c):
+    """``llvm.fma``: ``a * b + c`` rounded once, in ``c``'s float type (a vfmadd on x86-64)."""
+    if not all(isinstance(t, types.Float) for t in (a, b, c)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ty = context.get_value_type(c)
+        xs = [context.cast(builder, v, t, c) for v, t in zip(args, (a, b, c))]
+        fn = builder.module.declare_intrinsic("llvm.fma", [ty], ir.FunctionType(ty, [ty, ty, ty]))
+        return builder.call(fn, xs)
+
+    return c(a, b, c), codegen
+
+
+@overload(fma, inline="always")
+def _fma_cpu(a, b, c):
+    """The rules' :func:`fastadapt.algorithms.fma`, compiled for the CPU loops."""
+    if all(isinstance(t, types.Float) for t in (a, b, c)):
+        return lambda a, b, c: _llvm_fma(a, b, c)
+    return None
 
 
 def _compile_rule(fn):

@@ -43,9 +43,24 @@ written by a second kernel, after every thread has read them.
 
 import numpy as np
 
-from ..algorithms import decay_factor, scale_slots
+from ..algorithms import decay_factor, fma, scale_slots
 from .cuda_arrays import (SIMULATOR, _context_of, _fill, _shape, _stream_of, as_device_array, cuda, device_of,
                           launch_dims)
+
+
+
+def _fma_cuda(a, b, c):
+    """The rules' :func:`fastadapt.algorithms.fma` on the device: CUDA's fused multiply-add.
+    (Under numba's simulator device functions run as Python, with the exact Python ``fma``.)"""
+    return cuda.fma(a, b, c)
+
+
+if not SIMULATOR:
+    from numba.core.extending import overload as _overload
+
+    @_overload(fma, target="cuda")
+    def _fma_cuda_overload(a, b, c):
+        return _fma_cuda
 
 __all__ = ["CUDASparseKernels", "KERNELS", "ROW_LANES", "row_lanes", "scan_csr", "scan_rows", "to_host",
            "upload"]
