@@ -127,6 +127,15 @@ OPTIMIZERS = (
         bad=(("lr", 0.0), ("eps", 0.0), ("betas", (1.0, 0.9))),
         dense=False,
     ),
+    OptimizerCase(
+        "SGD", "sgd",
+        options=[dict(lr=1e-2, **o) for o in grid(momentum=[0.0, 0.9], dampening=[0.0, 0.5], weight_decay=[0.0, 0.1],
+                                                 nesterov=[False, True], maximize=[False, True])
+                 if not (o["nesterov"] and (o["momentum"] == 0 or o["dampening"] != 0))],
+        rich=dict(lr=1e-2, momentum=0.9, weight_decay=0.1, nesterov=True, maximize=True),
+        bad=(("lr", -1.0), ("momentum", -0.9), ("weight_decay", -0.1), ("dampening", "0.5"),
+             ("nesterov", True), ("nesterov", np.array([True, False])), ("maximize", np.array([True, False]))),
+    ),
 )
 
 #: name -> case

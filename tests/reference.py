@@ -33,6 +33,7 @@ __all__ = [
     "rmsprop",
     "adam",
     "adamw",
+    "sgd",
     "sparse_adam_rule",
     "sparse_adam",
     "sparse_adagrad_rule",
@@ -171,6 +172,31 @@ def adamw(p, g, state, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e
          maximize=maximize, decoupled_weight_decay=True)
 
 
+def sgd(p, g, state, *, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False):
+    """torch.optim.SGD (docs "Specification", SGD). The momentum buffer of the parameter's first step is the
+    gradient itself (torch's clone); a buffer first used at a later step starts from zeros (fastadapt's
+    decision: torch clones the gradient whenever it creates the buffer)."""
+    dt = _check(p, g)
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+    state["step"] = int(state.get("step", 0)) + 1                       # 1 (fastadapt counts; torch does not)
+    if maximize:
+        g = -g                                                         # 2
+    if weight_decay != 0:
+        g = g + dt(weight_decay) * p                                   # 3  add alpha=weight_decay
+    if momentum != 0:
+        b = _buf(state, "momentum_buffer", p)
+        if state["step"] == 1:
+            b[...] = g                                                 # 4  clone on the first step
+        else:
+            b[...] = b * dt(momentum) + dt(1 - dampening) * g          #    mul_, add_ alpha=1-dampening [py]
+        if nesterov:
+            g = g + dt(momentum) * b                                   # 5  add alpha=momentum
+        else:
+            g = b.copy()
+    p[...] = p + dt(-lr) * g                                           # 6  add alpha=-lr
+
+
 # --------------------------------------------------------------------------------------------------
 # sparse rules (SPEC §5, §6); the *_rule functions are the per-touched-element math, written as dense
 # elementwise rules so that lazy_step can apply them to the gathered touched elements.
@@ -236,7 +262,7 @@ def sparse_adagrad(p, rows, cols, vals, state, *, lr=1e-2, lr_decay=0.0, weight_
               initial_accumulator_value=initial_accumulator_value)
 
 
-DENSE_RULES = {"adagrad": adagrad, "rmsprop": rmsprop, "adam": adam, "adamw": adamw}
+DENSE_RULES = {"adagrad": adagrad, "rmsprop": rmsprop, "adam": adam, "adamw": adamw, "sgd": sgd}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -245,7 +271,7 @@ DENSE_RULES = {"adagrad": adagrad, "rmsprop": rmsprop, "adam": adam, "adamw": ad
 
 
 def init_state(name, p, **hyper):
-    """Initial state dict for optimizer ``name`` ("adagrad", "rmsprop", "adam", "adamw", "sparse_adam",
+    """Initial state dict for optimizer ``name`` (a key of :data:`DENSE_RULES`, "sparse_adam" or
     "sparse_adagrad") and parameter ``p``. Unrelated hyper-parameters are ignored, so the same dict
     of hyper-parameters can be passed here and to the rule.
 
@@ -268,6 +294,8 @@ def init_state(name, p, **hyper):
         return st
     if name == "sparse_adam":
         return {"step": 0, "exp_avg": z(), "exp_avg_sq": z()}
+    if name == "sgd":
+        return {"step": 0, **({"momentum_buffer": z()} if hyper.get("momentum", 0.0) != 0 else {})}
     raise ValueError(f"unknown optimizer {name!r}")
 
 
@@ -380,8 +408,9 @@ def exact_step(fn, p, rows, cols, vals, state, **hyper):
 def torch_run(name, p0, grads, steps=None, *, updates=None, **hyper):
     """Run the real torch.optim on a copy of ``p0`` and return ``(p, state)`` as numpy.
 
-    name: "adagrad", "rmsprop", "adam", "adamw", "sparse_adam", or "sparse_adagrad" (= Adagrad; any
-    gradient given as a tuple is sent as a sparse COO gradient to Adagrad as well).
+    name: a key of :data:`DENSE_RULES` (the torch.optim class of that name, case and underscores
+    ignored: "sgd", "nadam", ...), "sparse_adam", or "sparse_adagrad" (= Adagrad; any gradient given as a
+    tuple is sent as a sparse COO gradient to Adagrad as well).
     grads: list of gradients, each a dense ndarray of p0's shape and dtype, a COO triple
     ``(rows, cols, vals)`` for p0's 2-D shape (``(1, n)`` for a 1-D p0; rows ignored then), or None
     (``.grad = None``: torch skips the parameter, no step counted).
@@ -405,18 +434,11 @@ def torch_run(name, p0, grads, steps=None, *, updates=None, **hyper):
     param = torch.nn.Parameter(torch.from_numpy(np.array(p0, copy=True)))
     dtype = param.dtype
 
-    if name == "adagrad" or name == "sparse_adagrad":
-        opt = torch.optim.Adagrad([param], **hyper)
-    elif name == "rmsprop":
-        opt = torch.optim.RMSprop([param], **hyper)
-    elif name == "adam":
-        opt = torch.optim.Adam([param], **hyper)
-    elif name == "adamw":
-        opt = torch.optim.AdamW([param], **hyper)
-    elif name == "sparse_adam":
-        opt = torch.optim.SparseAdam([param], **hyper)
-    else:
+    classes = {n.lower(): n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type)}
+    cls_name = "Adagrad" if name == "sparse_adagrad" else classes.get(name.replace("_", ""))
+    if cls_name is None:
         raise ValueError(f"unknown optimizer {name!r}")
+    opt = getattr(torch.optim, cls_name)([param], **hyper)
 
     def to_grad(gr):
         if gr is None:

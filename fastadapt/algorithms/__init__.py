@@ -13,10 +13,11 @@ from ._spec import FUSED, LAZY, Algorithm, Decay, Hyper, decay_factor, scale_slo
 from .adagrad import ADAGRAD
 from .adam import ADAM, ADAMW
 from .rmsprop import RMSPROP
+from .sgd import SGD
 from .sparse_adam import SPARSE_ADAM
 
 #: every algorithm, in the order of the public API
-REGISTRY = (ADAGRAD, RMSPROP, ADAM, ADAMW, SPARSE_ADAM)
+REGISTRY = (ADAGRAD, RMSPROP, ADAM, ADAMW, SPARSE_ADAM, SGD)
 
 #: name -> algorithm
 BY_NAME = {a.name: a for a in REGISTRY}
