@@ -136,6 +136,13 @@ OPTIMIZERS = (
         bad=(("lr", -1.0), ("momentum", -0.9), ("weight_decay", -0.1), ("dampening", "0.5"),
              ("nesterov", True), ("nesterov", np.array([True, False])), ("maximize", np.array([True, False]))),
     ),
+    OptimizerCase(
+        "Adadelta", "adadelta",
+        options=grid(rho=[0.9, 0.3], weight_decay=[0.0, 0.1], maximize=[False, True]),
+        rich=dict(rho=0.8, weight_decay=0.1, maximize=True),
+        bad=(("lr", -1.0), ("rho", -0.1), ("rho", 1.5), ("eps", -1e-6), ("weight_decay", -0.1),
+             ("maximize", np.array([True, False]))),
+    ),
 )
 
 #: name -> case

@@ -34,6 +34,7 @@ __all__ = [
     "adam",
     "adamw",
     "sgd",
+    "adadelta",
     "sparse_adam_rule",
     "sparse_adam",
     "sparse_adagrad_rule",
@@ -197,6 +198,23 @@ def sgd(p, g, state, *, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, 
     p[...] = p + dt(-lr) * g                                           # 6  add alpha=-lr
 
 
+def adadelta(p, g, state, *, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False):
+    """torch.optim.Adadelta (Zeiler): eps inside both roots, lr scales the step."""
+    dt = _check(p, g)
+    v = _buf(state, "square_avg", p)
+    u = _buf(state, "acc_delta", p)
+    state["step"] = int(state.get("step", 0)) + 1                       # 1
+    if maximize:
+        g = -g                                                         # 2
+    if weight_decay != 0:
+        g = g + dt(weight_decay) * p                                   # 3
+    v[...] = v * dt(rho) + (dt(1 - rho) * g) * g                       # 4  addcmul value=1-rho [py]
+    std = np.sqrt(v + dt(eps))                                         # 5
+    delta = np.sqrt(u + dt(eps)) / std * g                             # 6  div_(std).mul_(g)
+    u[...] = u * dt(rho) + (dt(1 - rho) * delta) * delta               # 7
+    p[...] = p + dt(-lr) * delta                                       # 8  add alpha=-lr
+
+
 # --------------------------------------------------------------------------------------------------
 # sparse rules (SPEC §5, §6); the *_rule functions are the per-touched-element math, written as dense
 # elementwise rules so that lazy_step can apply them to the gathered touched elements.
@@ -262,7 +280,8 @@ def sparse_adagrad(p, rows, cols, vals, state, *, lr=1e-2, lr_decay=0.0, weight_
               initial_accumulator_value=initial_accumulator_value)
 
 
-DENSE_RULES = {"adagrad": adagrad, "rmsprop": rmsprop, "adam": adam, "adamw": adamw, "sgd": sgd}
+DENSE_RULES = {"adagrad": adagrad, "rmsprop": rmsprop, "adam": adam, "adamw": adamw, "sgd": sgd,
+               "adadelta": adadelta}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -296,6 +315,8 @@ def init_state(name, p, **hyper):
         return {"step": 0, "exp_avg": z(), "exp_avg_sq": z()}
     if name == "sgd":
         return {"step": 0, **({"momentum_buffer": z()} if hyper.get("momentum", 0.0) != 0 else {})}
+    if name == "adadelta":
+        return {"step": 0, "square_avg": z(), "acc_delta": z()}
     raise ValueError(f"unknown optimizer {name!r}")
 
 

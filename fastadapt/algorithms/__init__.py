@@ -10,6 +10,7 @@ This package imports nothing of fastadapt but itself: it is the bottom layer.
 """
 
 from ._spec import FUSED, LAZY, Algorithm, Decay, Hyper, decay_factor, scale_slots
+from .adadelta import ADADELTA
 from .adagrad import ADAGRAD
 from .adam import ADAM, ADAMW
 from .rmsprop import RMSPROP
@@ -17,7 +18,7 @@ from .sgd import SGD
 from .sparse_adam import SPARSE_ADAM
 
 #: every algorithm, in the order of the public API
-REGISTRY = (ADAGRAD, RMSPROP, ADAM, ADAMW, SPARSE_ADAM, SGD)
+REGISTRY = (ADAGRAD, RMSPROP, ADAM, ADAMW, SPARSE_ADAM, SGD, ADADELTA)
 
 #: name -> algorithm
 BY_NAME = {a.name: a for a in REGISTRY}
