@@ -143,6 +143,14 @@ OPTIMIZERS = (
         bad=(("lr", -1.0), ("rho", -0.1), ("rho", 1.5), ("eps", -1e-6), ("weight_decay", -0.1),
              ("maximize", np.array([True, False]))),
     ),
+    OptimizerCase(
+        "Adamax", "adamax",
+        options=[dict(lr=1e-2, **o) for o in grid(betas=[(0.9, 0.999), (0.3, 0.9)], weight_decay=[0.0, 0.1],
+                                                 maximize=[False, True])],
+        rich=dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, maximize=True),
+        bad=(("lr", -1.0), ("eps", -1e-8), ("weight_decay", -0.1), ("betas", (1.0, 0.999)), ("betas", (0.9, 1.0)),
+             ("maximize", np.array([True, False]))),
+    ),
 )
 
 #: name -> case

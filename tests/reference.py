@@ -35,6 +35,7 @@ __all__ = [
     "adamw",
     "sgd",
     "adadelta",
+    "adamax",
     "sparse_adam_rule",
     "sparse_adam",
     "sparse_adagrad_rule",
@@ -215,6 +216,24 @@ def adadelta(p, g, state, *, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximi
     p[...] = p + dt(-lr) * delta                                       # 8  add alpha=-lr
 
 
+def adamax(p, g, state, *, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False):
+    """torch.optim.Adamax (Kingma & Ba, section 7.1): eps inside the running maximum."""
+    dt = _check(p, g)
+    beta1, beta2 = betas
+    m = _buf(state, "exp_avg", p)
+    u = _buf(state, "exp_inf", p)
+    if maximize:
+        g = -g                                                         # 1
+    state["step"] = int(state.get("step", 0)) + 1                       # 2
+    t = float(state["step"])
+    if weight_decay != 0:
+        g = g + dt(weight_decay) * p                                   # 3
+    m[...] = lerp(m, g, dt(1 - beta1))                                 # 4
+    u[...] = np.maximum(u * dt(beta2), np.abs(g) + dt(eps))            # 5  NaN propagates
+    clr = lr / (1 - beta1 ** t)                                        # 6 [py]
+    p[...] = p + (dt(-clr) * m) / u                                    # 7  addcdiv value=-clr
+
+
 # --------------------------------------------------------------------------------------------------
 # sparse rules (SPEC §5, §6); the *_rule functions are the per-touched-element math, written as dense
 # elementwise rules so that lazy_step can apply them to the gathered touched elements.
@@ -281,7 +300,7 @@ def sparse_adagrad(p, rows, cols, vals, state, *, lr=1e-2, lr_decay=0.0, weight_
 
 
 DENSE_RULES = {"adagrad": adagrad, "rmsprop": rmsprop, "adam": adam, "adamw": adamw, "sgd": sgd,
-               "adadelta": adadelta}
+               "adadelta": adadelta, "adamax": adamax}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -317,6 +336,8 @@ def init_state(name, p, **hyper):
         return {"step": 0, **({"momentum_buffer": z()} if hyper.get("momentum", 0.0) != 0 else {})}
     if name == "adadelta":
         return {"step": 0, "square_avg": z(), "acc_delta": z()}
+    if name == "adamax":
+        return {"step": 0, "exp_avg": z(), "exp_inf": z()}
     raise ValueError(f"unknown optimizer {name!r}")
 
 

@@ -13,12 +13,13 @@ from ._spec import FUSED, LAZY, Algorithm, Decay, Hyper, decay_factor, scale_slo
 from .adadelta import ADADELTA
 from .adagrad import ADAGRAD
 from .adam import ADAM, ADAMW
+from .adamax import ADAMAX
 from .rmsprop import RMSPROP
 from .sgd import SGD
 from .sparse_adam import SPARSE_ADAM
 
 #: every algorithm, in the order of the public API
-REGISTRY = (ADAGRAD, RMSPROP, ADAM, ADAMW, SPARSE_ADAM, SGD, ADADELTA)
+REGISTRY = (ADAGRAD, RMSPROP, ADAM, ADAMW, SPARSE_ADAM, SGD, ADADELTA, ADAMAX)
 
 #: name -> algorithm
 BY_NAME = {a.name: a for a in REGISTRY}
