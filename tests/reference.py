@@ -36,6 +36,7 @@ __all__ = [
     "sgd",
     "adadelta",
     "adamax",
+    "nadam",
     "sparse_adam_rule",
     "sparse_adam",
     "sparse_adagrad_rule",
@@ -234,6 +235,37 @@ def adamax(p, g, state, *, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0
     p[...] = p + (dt(-clr) * m) / u                                    # 7  addcdiv value=-clr
 
 
+def nadam(p, g, state, *, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, momentum_decay=4e-3,
+          decoupled_weight_decay=False, maximize=False):
+    """torch.optim.NAdam (Dozat). ``mu_product`` is a Python float (float64) in ``state`` (fastadapt's
+    decision; torch keeps a 0-d tensor of its default dtype)."""
+    dt = _check(p, g)
+    beta1, beta2 = betas
+    m = _buf(state, "exp_avg", p)
+    v = _buf(state, "exp_avg_sq", p)
+    if maximize:
+        g = -g                                                         # 1
+    state["step"] = int(state.get("step", 0)) + 1                       # 2
+    t = float(state["step"])
+    bc2 = 1 - beta2 ** t                                               #   [py]
+    if weight_decay != 0:                                              # 3
+        if decoupled_weight_decay:
+            p[...] = p * dt(1 - lr * weight_decay)                     #   [py]
+        else:
+            g = g + dt(weight_decay) * p
+    mu = beta1 * (1.0 - 0.5 * (0.96 ** (t * momentum_decay)))          # 4 [py]
+    mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((t + 1) * momentum_decay)))
+    mu_product = float(state.get("mu_product", 1.0)) * mu              # 5 [py]
+    state["mu_product"] = mu_product
+    m[...] = lerp(m, g, dt(1 - beta1))                                 # 6
+    v[...] = v * dt(beta2) + (dt(1 - beta2) * g) * g                   # 7
+    denom = np.sqrt(v / dt(bc2)) + dt(eps)                             # 8
+    c1 = -lr * (1.0 - mu) / (1.0 - mu_product)                         # 9 [py]
+    c2 = (-lr * mu_next) / (1.0 - mu_product * mu_next)                #   [py]
+    p[...] = p + (dt(c1) * g) / denom                                  # 10 addcdiv value=c1
+    p[...] = p + (dt(c2) * m) / denom                                  #    addcdiv value=c2
+
+
 # --------------------------------------------------------------------------------------------------
 # sparse rules (SPEC §5, §6); the *_rule functions are the per-touched-element math, written as dense
 # elementwise rules so that lazy_step can apply them to the gathered touched elements.
@@ -300,7 +332,7 @@ def sparse_adagrad(p, rows, cols, vals, state, *, lr=1e-2, lr_decay=0.0, weight_
 
 
 DENSE_RULES = {"adagrad": adagrad, "rmsprop": rmsprop, "adam": adam, "adamw": adamw, "sgd": sgd,
-               "adadelta": adadelta, "adamax": adamax}
+               "adadelta": adadelta, "adamax": adamax, "nadam": nadam}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,6 +370,8 @@ def init_state(name, p, **hyper):
         return {"step": 0, "square_avg": z(), "acc_delta": z()}
     if name == "adamax":
         return {"step": 0, "exp_avg": z(), "exp_inf": z()}
+    if name == "nadam":
+        return {"step": 0, "mu_product": 1.0, "exp_avg": z(), "exp_avg_sq": z()}
     raise ValueError(f"unknown optimizer {name!r}")
 
 
@@ -452,7 +486,9 @@ def torch_run(name, p0, grads, steps=None, *, updates=None, **hyper):
 
     name: a key of :data:`DENSE_RULES` (the torch.optim class of that name, case and underscores
     ignored: "sgd", "nadam", ...), "sparse_adam", or "sparse_adagrad" (= Adagrad; any gradient given as a
-    tuple is sent as a sparse COO gradient to Adagrad as well).
+    tuple is sent as a sparse COO gradient to Adagrad as well).  The run sets torch's default dtype to
+    p0's, so that torch's scalar state tensors (NAdam's ``mu_product``) have the parameter's precision
+    (torch would keep them in float32 for a float64 parameter).
     grads: list of gradients, each a dense ndarray of p0's shape and dtype, a COO triple
     ``(rows, cols, vals)`` for p0's 2-D shape (``(1, n)`` for a 1-D p0; rows ignored then), or None
     (``.grad = None``: torch skips the parameter, no step counted).
@@ -497,13 +533,18 @@ def torch_run(name, p0, grads, steps=None, *, updates=None, **hyper):
             return torch.sparse_coo_tensor(idx, v, tuple(p0.shape), check_invariants=True)
         return torch.from_numpy(np.array(gr, copy=True))
 
-    for i in range(steps):
-        if updates is not None and i < len(updates) and updates[i]:
-            opt.param_groups[0].update(updates[i])
-        param.grad = to_grad(grads[i % len(grads)])
-        with warnings.catch_warnings():  # torch's own _make_sparse warns about invariant checks
-            warnings.filterwarnings("ignore", message="Sparse invariant checks", category=UserWarning)
-            opt.step()
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)     # torch's scalar state (NAdam's mu_product) in p0's dtype
+    try:
+        for i in range(steps):
+            if updates is not None and i < len(updates) and updates[i]:
+                opt.param_groups[0].update(updates[i])
+            param.grad = to_grad(grads[i % len(grads)])
+            with warnings.catch_warnings():  # torch's own _make_sparse warns about invariant checks
+                warnings.filterwarnings("ignore", message="Sparse invariant checks", category=UserWarning)
+                opt.step()
+    finally:
+        torch.set_default_dtype(default_dtype)
 
     st = opt.state[param]
     out = {}
