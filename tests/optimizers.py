@@ -161,6 +161,15 @@ OPTIMIZERS = (
         bad=(("lr", -1.0), ("eps", -1e-8), ("weight_decay", -0.1), ("momentum_decay", -4e-3),
              ("betas", (1.0, 0.999)), ("betas", (0.9, 1.0)), ("decoupled_weight_decay", np.array([True, False]))),
     ),
+    OptimizerCase(
+        "RAdam", "radam",
+        options=[dict(lr=1e-2, **o) for o in grid(betas=[(0.9, 0.999), (0.3, 0.9), (0.5, 0.5)],
+                                                 weight_decay=[0.0, 0.1], decoupled_weight_decay=[False, True],
+                                                 maximize=[False, True])],
+        rich=dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, decoupled_weight_decay=True, maximize=True),
+        bad=(("lr", -1.0), ("eps", -1e-8), ("weight_decay", -0.1), ("betas", (1.0, 0.999)), ("betas", (0.9, 1.0)),
+             ("decoupled_weight_decay", np.array([True, False]))),
+    ),
 )
 
 #: name -> case

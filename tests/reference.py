@@ -37,6 +37,7 @@ __all__ = [
     "adadelta",
     "adamax",
     "nadam",
+    "radam",
     "sparse_adam_rule",
     "sparse_adam",
     "sparse_adagrad_rule",
@@ -266,6 +267,37 @@ def nadam(p, g, state, *, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.
     p[...] = p + (dt(c2) * m) / denom                                  #    addcdiv value=c2
 
 
+def radam(p, g, state, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False,
+          maximize=False):
+    """torch.optim.RAdam (Liu et al.): rectified when rho_t > 5, else the bias-corrected momentum step."""
+    dt = _check(p, g)
+    beta1, beta2 = betas
+    m = _buf(state, "exp_avg", p)
+    v = _buf(state, "exp_avg_sq", p)
+    if maximize:
+        g = -g                                                         # 1
+    state["step"] = int(state.get("step", 0)) + 1                       # 2
+    t = float(state["step"])
+    if weight_decay != 0:                                              # 3
+        if decoupled_weight_decay:
+            p[...] = p * dt(1 - lr * weight_decay)                     #   [py]
+        else:
+            g = g + dt(weight_decay) * p
+    m[...] = lerp(m, g, dt(1 - beta1))                                 # 4
+    v[...] = v * dt(beta2) + (dt(1 - beta2) * g) * g                   # 5
+    bc1 = 1 - beta1 ** t                                               # 6 [py]
+    bc2 = 1 - beta2 ** t
+    mhat = m / dt(bc1)                                                 # 7
+    rho_inf = 2 / (1 - beta2) - 1                                      # 8 [py]
+    rho_t = rho_inf - 2 * t * (beta2 ** t) / bc2
+    if rho_t > 5.0:                                                    # 9
+        rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+        adaptive = (dt(1) / (np.sqrt(v) + dt(eps))) * dt(bc2 ** 0.5)    #   float / tensor = reciprocal * float
+        p[...] = p - ((mhat * dt(lr)) * adaptive) * dt(rect)
+    else:
+        p[...] = p - mhat * dt(lr)
+
+
 # --------------------------------------------------------------------------------------------------
 # sparse rules (SPEC §5, §6); the *_rule functions are the per-touched-element math, written as dense
 # elementwise rules so that lazy_step can apply them to the gathered touched elements.
@@ -332,7 +364,7 @@ def sparse_adagrad(p, rows, cols, vals, state, *, lr=1e-2, lr_decay=0.0, weight_
 
 
 DENSE_RULES = {"adagrad": adagrad, "rmsprop": rmsprop, "adam": adam, "adamw": adamw, "sgd": sgd,
-               "adadelta": adadelta, "adamax": adamax, "nadam": nadam}
+               "adadelta": adadelta, "adamax": adamax, "nadam": nadam, "radam": radam}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -372,6 +404,8 @@ def init_state(name, p, **hyper):
         return {"step": 0, "exp_avg": z(), "exp_inf": z()}
     if name == "nadam":
         return {"step": 0, "mu_product": 1.0, "exp_avg": z(), "exp_avg_sq": z()}
+    if name == "radam":
+        return {"step": 0, "exp_avg": z(), "exp_avg_sq": z()}
     raise ValueError(f"unknown optimizer {name!r}")
 
 

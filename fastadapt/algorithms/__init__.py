@@ -15,12 +15,13 @@ from .adagrad import ADAGRAD
 from .adam import ADAM, ADAMW
 from .adamax import ADAMAX
 from .nadam import NADAM
+from .radam import RADAM
 from .rmsprop import RMSPROP
 from .sgd import SGD
 from .sparse_adam import SPARSE_ADAM
 
 #: every algorithm, in the order of the public API
-REGISTRY = (ADAGRAD, RMSPROP, ADAM, ADAMW, SPARSE_ADAM, SGD, ADADELTA, ADAMAX, NADAM)
+REGISTRY = (ADAGRAD, RMSPROP, ADAM, ADAMW, SPARSE_ADAM, SGD, ADADELTA, ADAMAX, NADAM, RADAM)
 
 #: name -> algorithm
 BY_NAME = {a.name: a for a in REGISTRY}
