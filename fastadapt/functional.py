@@ -28,7 +28,7 @@ import inspect
 import numbers
 
 from .algorithms import REGISTRY
-from .algorithms._spec import MAX_STEP, short_repr
+from .algorithms._spec import MAX_STEP, check_number, short_repr
 from .backends import backend_for, unused_slot
 from .grads import prepare_grad
 
@@ -89,6 +89,7 @@ def _make(alg):
                for n in names]
     params.append(_P("step", _P.KEYWORD_ONLY))
     params += [_P(h.name, _P.KEYWORD_ONLY, default=h.default) for h in hypers]
+    params += [_P(name, _P.KEYWORD_ONLY, default=value) for name, value in alg.carry]
     signature = inspect.Signature(params)
     base = {h.name: h.default for h in alg.hypers}
     base.update(alg.fixed)
@@ -110,8 +111,15 @@ def _make(alg):
         buffers = [(arg_of[n], a[arg_of[n]]) if (n is not None and n in used) else (n or "unused", None)
                    for n in alg.slots]
         backend, dtype, g, (s1, s2, s3) = _check_arrays(a["param"], a["grad"], buffers)
-        k = alg.scalars(dtype, step, h, {})
+        carry = {}
+        for name, _ in alg.carry:
+            check_number(name, a[name])
+            carry[name] = float(a[name])
+        if alg.advance is not None:
+            carry = dict(carry, **alg.advance(step, h, carry))
+        k = alg.scalars(dtype, step, h, carry)
         backend.dense_step(alg.rule, backend.flat(a["param"]), g, s1, s2, s3, k)
+        return carry if alg.carry else None
 
     update.__name__ = update.__qualname__ = alg.functional
     update.__module__ = __name__
@@ -127,6 +135,15 @@ def _make(alg):
     lines += ["step : int", "    Number of this update, from 1 (bias corrections and schedules use it)."]
     for hp in hypers:
         lines += [f"{hp.name} : {hp.kind}, default {hp.default!r}"] + ([f"    As :class:`fastadapt.{alg.name}`."])
+    for name, value in alg.carry:
+        lines += [f"{name} : float, default {value!r}",
+                  f"    The carried ``{name}`` state *before* this update (the value the previous call",
+                  "    returned; the default is its initial value)."]
+    if alg.carry:
+        names = ", ".join(f'``"{name}"``' for name, _ in alg.carry)
+        lines += ["", "Returns", "-------", "dict",
+                  f"    The carried state after this update ({names}): pass it to the next call,",
+                  f"    e.g. ``c = {alg.functional}(..., step=t, **c)``."]
     update.__doc__ = "\n".join(lines)
     return update
 

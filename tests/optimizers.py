@@ -127,6 +127,49 @@ OPTIMIZERS = (
         bad=(("lr", 0.0), ("eps", 0.0), ("betas", (1.0, 0.9))),
         dense=False,
     ),
+    OptimizerCase(
+        "SGD", "sgd",
+        options=[dict(lr=1e-2, **o) for o in grid(momentum=[0.0, 0.9], dampening=[0.0, 0.5], weight_decay=[0.0, 0.1],
+                                                 nesterov=[False, True], maximize=[False, True])
+                 if not (o["nesterov"] and (o["momentum"] == 0 or o["dampening"] != 0))],
+        rich=dict(lr=1e-2, momentum=0.9, weight_decay=0.1, nesterov=True, maximize=True),
+        bad=(("lr", -1.0), ("momentum", -0.9), ("weight_decay", -0.1), ("dampening", "0.5"),
+             ("nesterov", True), ("nesterov", np.array([True, False])), ("maximize", np.array([True, False]))),
+    ),
+    OptimizerCase(
+        "Adadelta", "adadelta",
+        options=grid(rho=[0.9, 0.3], weight_decay=[0.0, 0.1], maximize=[False, True]),
+        rich=dict(rho=0.8, weight_decay=0.1, maximize=True),
+        bad=(("lr", -1.0), ("rho", -0.1), ("rho", 1.5), ("eps", -1e-6), ("weight_decay", -0.1),
+             ("maximize", np.array([True, False]))),
+    ),
+    OptimizerCase(
+        "Adamax", "adamax",
+        options=[dict(lr=1e-2, **o) for o in grid(betas=[(0.9, 0.999), (0.3, 0.9)], weight_decay=[0.0, 0.1],
+                                                 maximize=[False, True])],
+        rich=dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, maximize=True),
+        bad=(("lr", -1.0), ("eps", -1e-8), ("weight_decay", -0.1), ("betas", (1.0, 0.999)), ("betas", (0.9, 1.0)),
+             ("maximize", np.array([True, False]))),
+    ),
+    OptimizerCase(
+        "NAdam", "nadam",
+        options=[dict(lr=1e-2, **o) for o in grid(betas=[(0.9, 0.999), (0.3, 0.9)], weight_decay=[0.0, 0.1],
+                                                 momentum_decay=[4e-3, 0.1], decoupled_weight_decay=[False, True],
+                                                 maximize=[False, True])],
+        rich=dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, momentum_decay=0.1, decoupled_weight_decay=True,
+                  maximize=True),
+        bad=(("lr", -1.0), ("eps", -1e-8), ("weight_decay", -0.1), ("momentum_decay", -4e-3),
+             ("betas", (1.0, 0.999)), ("betas", (0.9, 1.0)), ("decoupled_weight_decay", np.array([True, False]))),
+    ),
+    OptimizerCase(
+        "RAdam", "radam",
+        options=[dict(lr=1e-2, **o) for o in grid(betas=[(0.9, 0.999), (0.3, 0.9), (0.5, 0.5)],
+                                                 weight_decay=[0.0, 0.1], decoupled_weight_decay=[False, True],
+                                                 maximize=[False, True])],
+        rich=dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, decoupled_weight_decay=True, maximize=True),
+        bad=(("lr", -1.0), ("eps", -1e-8), ("weight_decay", -0.1), ("betas", (1.0, 0.999)), ("betas", (0.9, 1.0)),
+             ("decoupled_weight_decay", np.array([True, False]))),
+    ),
 )
 
 #: name -> case

@@ -33,6 +33,11 @@ __all__ = [
     "rmsprop",
     "adam",
     "adamw",
+    "sgd",
+    "adadelta",
+    "adamax",
+    "nadam",
+    "radam",
     "sparse_adam_rule",
     "sparse_adam",
     "sparse_adagrad_rule",
@@ -203,6 +208,128 @@ def adamw(p, g, state, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e
          maximize=maximize, decoupled_weight_decay=True)
 
 
+def sgd(p, g, state, *, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False):
+    """torch.optim.SGD (docs "Specification", SGD). The momentum buffer of the parameter's first step is the
+    gradient itself (torch's clone); a buffer first used at a later step starts from zeros (fastadapt's
+    decision: torch clones the gradient whenever it creates the buffer)."""
+    dt = _check(p, g)
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+    state["step"] = int(state.get("step", 0)) + 1                       # 1 (fastadapt counts; torch does not)
+    if maximize:
+        g = -g                                                         # 2
+    if weight_decay != 0:
+        g = fma(dt(weight_decay), p, g)                                # 3  add alpha=weight_decay: one rounding
+    if momentum != 0:
+        b = _buf(state, "momentum_buffer", p)
+        if state["step"] == 1:
+            b[...] = g                                                 # 4  clone on the first step
+        else:
+            b[...] = b * dt(momentum) + dt(1 - dampening) * g          #    mul_, add_ alpha=1-dampening [py]
+        if nesterov:
+            g = g + dt(momentum) * b                                   # 5  add alpha=momentum
+        else:
+            g = b.copy()
+    p[...] = p + dt(-lr) * g                                           # 6  add alpha=-lr
+
+
+def adadelta(p, g, state, *, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False):
+    """torch.optim.Adadelta (Zeiler): eps inside both roots, lr scales the step."""
+    dt = _check(p, g)
+    v = _buf(state, "square_avg", p)
+    u = _buf(state, "acc_delta", p)
+    state["step"] = int(state.get("step", 0)) + 1                       # 1
+    if maximize:
+        g = -g                                                         # 2
+    if weight_decay != 0:
+        g = fma(dt(weight_decay), p, g)                                # 3  add alpha=weight_decay: one rounding
+    v[...] = v * dt(rho) + (dt(1 - rho) * g) * g                       # 4  addcmul value=1-rho [py]
+    std = np.sqrt(v + dt(eps))                                         # 5
+    delta = np.sqrt(u + dt(eps)) / std * g                             # 6  div_(std).mul_(g)
+    u[...] = u * dt(rho) + (dt(1 - rho) * delta) * delta               # 7
+    p[...] = p + dt(-lr) * delta                                       # 8  add alpha=-lr
+
+
+def adamax(p, g, state, *, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False):
+    """torch.optim.Adamax (Kingma & Ba, section 7.1): eps inside the running maximum."""
+    dt = _check(p, g)
+    beta1, beta2 = betas
+    m = _buf(state, "exp_avg", p)
+    u = _buf(state, "exp_inf", p)
+    if maximize:
+        g = -g                                                         # 1
+    state["step"] = int(state.get("step", 0)) + 1                       # 2
+    t = float(state["step"])
+    if weight_decay != 0:
+        g = fma(dt(weight_decay), p, g)                                # 3  add alpha=weight_decay: one rounding
+    m[...] = lerp(m, g, dt(1 - beta1))                                 # 4
+    u[...] = np.maximum(u * dt(beta2), np.abs(g) + dt(eps))            # 5  NaN propagates
+    clr = lr / (1 - beta1 ** t)                                        # 6 [py]
+    p[...] = p + (dt(-clr) * m) / u                                    # 7  addcdiv value=-clr
+
+
+def nadam(p, g, state, *, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, momentum_decay=4e-3,
+          decoupled_weight_decay=False, maximize=False):
+    """torch.optim.NAdam (Dozat). ``mu_product`` is a Python float (float64) in ``state`` (fastadapt's
+    decision; torch keeps a 0-d tensor of its default dtype)."""
+    dt = _check(p, g)
+    beta1, beta2 = betas
+    m = _buf(state, "exp_avg", p)
+    v = _buf(state, "exp_avg_sq", p)
+    if maximize:
+        g = -g                                                         # 1
+    state["step"] = int(state.get("step", 0)) + 1                       # 2
+    t = float(state["step"])
+    bc2 = 1 - beta2 ** t                                               #   [py]
+    if weight_decay != 0:                                              # 3
+        if decoupled_weight_decay:
+            p[...] = p * dt(1 - lr * weight_decay)                     #   [py]
+        else:
+            g = fma(dt(weight_decay), p, g)                            # one rounding, as torch
+    mu = beta1 * (1.0 - 0.5 * (0.96 ** (t * momentum_decay)))          # 4 [py]
+    mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((t + 1) * momentum_decay)))
+    mu_product = float(state.get("mu_product", 1.0)) * mu              # 5 [py]
+    state["mu_product"] = mu_product
+    m[...] = lerp(m, g, dt(1 - beta1))                                 # 6
+    v[...] = v * dt(beta2) + (dt(1 - beta2) * g) * g                   # 7
+    denom = np.sqrt(v / dt(bc2)) + dt(eps)                             # 8
+    c1 = -lr * (1.0 - mu) / (1.0 - mu_product)                         # 9 [py]
+    c2 = (-lr * mu_next) / (1.0 - mu_product * mu_next)                #   [py]
+    p[...] = p + (dt(c1) * g) / denom                                  # 10 addcdiv value=c1
+    p[...] = p + (dt(c2) * m) / denom                                  #    addcdiv value=c2
+
+
+def radam(p, g, state, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False,
+          maximize=False):
+    """torch.optim.RAdam (Liu et al.): rectified when rho_t > 5, else the bias-corrected momentum step."""
+    dt = _check(p, g)
+    beta1, beta2 = betas
+    m = _buf(state, "exp_avg", p)
+    v = _buf(state, "exp_avg_sq", p)
+    if maximize:
+        g = -g                                                         # 1
+    state["step"] = int(state.get("step", 0)) + 1                       # 2
+    t = float(state["step"])
+    if weight_decay != 0:                                              # 3
+        if decoupled_weight_decay:
+            p[...] = p * dt(1 - lr * weight_decay)                     #   [py]
+        else:
+            g = fma(dt(weight_decay), p, g)                            # one rounding, as torch
+    m[...] = lerp(m, g, dt(1 - beta1))                                 # 4
+    v[...] = v * dt(beta2) + (dt(1 - beta2) * g) * g                   # 5
+    bc1 = 1 - beta1 ** t                                               # 6 [py]
+    bc2 = 1 - beta2 ** t
+    mhat = m / dt(bc1)                                                 # 7
+    rho_inf = 2 / (1 - beta2) - 1                                      # 8 [py]
+    rho_t = rho_inf - 2 * t * (beta2 ** t) / bc2
+    if rho_t > 5.0:                                                    # 9
+        rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+        adaptive = (dt(1) / (np.sqrt(v) + dt(eps))) * dt(bc2 ** 0.5)    #   float / tensor = reciprocal * float
+        p[...] = p - ((mhat * dt(lr)) * adaptive) * dt(rect)
+    else:
+        p[...] = p - mhat * dt(lr)
+
+
 # --------------------------------------------------------------------------------------------------
 # sparse rules (SPEC §5, §6); the *_rule functions are the per-touched-element math, written as dense
 # elementwise rules so that lazy_step can apply them to the gathered touched elements.
@@ -268,7 +395,8 @@ def sparse_adagrad(p, rows, cols, vals, state, *, lr=1e-2, lr_decay=0.0, weight_
               initial_accumulator_value=initial_accumulator_value)
 
 
-DENSE_RULES = {"adagrad": adagrad, "rmsprop": rmsprop, "adam": adam, "adamw": adamw}
+DENSE_RULES = {"adagrad": adagrad, "rmsprop": rmsprop, "adam": adam, "adamw": adamw, "sgd": sgd,
+               "adadelta": adadelta, "adamax": adamax, "nadam": nadam, "radam": radam}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -277,7 +405,7 @@ DENSE_RULES = {"adagrad": adagrad, "rmsprop": rmsprop, "adam": adam, "adamw": ad
 
 
 def init_state(name, p, **hyper):
-    """Initial state dict for optimizer ``name`` ("adagrad", "rmsprop", "adam", "adamw", "sparse_adam",
+    """Initial state dict for optimizer ``name`` (a key of :data:`DENSE_RULES`, "sparse_adam" or
     "sparse_adagrad") and parameter ``p``. Unrelated hyper-parameters are ignored, so the same dict
     of hyper-parameters can be passed here and to the rule.
 
@@ -299,6 +427,16 @@ def init_state(name, p, **hyper):
             st["max_exp_avg_sq"] = z()
         return st
     if name == "sparse_adam":
+        return {"step": 0, "exp_avg": z(), "exp_avg_sq": z()}
+    if name == "sgd":
+        return {"step": 0, **({"momentum_buffer": z()} if hyper.get("momentum", 0.0) != 0 else {})}
+    if name == "adadelta":
+        return {"step": 0, "square_avg": z(), "acc_delta": z()}
+    if name == "adamax":
+        return {"step": 0, "exp_avg": z(), "exp_inf": z()}
+    if name == "nadam":
+        return {"step": 0, "mu_product": 1.0, "exp_avg": z(), "exp_avg_sq": z()}
+    if name == "radam":
         return {"step": 0, "exp_avg": z(), "exp_avg_sq": z()}
     raise ValueError(f"unknown optimizer {name!r}")
 
@@ -412,8 +550,11 @@ def exact_step(fn, p, rows, cols, vals, state, **hyper):
 def torch_run(name, p0, grads, steps=None, *, updates=None, **hyper):
     """Run the real torch.optim on a copy of ``p0`` and return ``(p, state)`` as numpy.
 
-    name: "adagrad", "rmsprop", "adam", "adamw", "sparse_adam", or "sparse_adagrad" (= Adagrad; any
-    gradient given as a tuple is sent as a sparse COO gradient to Adagrad as well).
+    name: a key of :data:`DENSE_RULES` (the torch.optim class of that name, case and underscores
+    ignored: "sgd", "nadam", ...), "sparse_adam", or "sparse_adagrad" (= Adagrad; any gradient given as a
+    tuple is sent as a sparse COO gradient to Adagrad as well).  The run sets torch's default dtype to
+    p0's, so that torch's scalar state tensors (NAdam's ``mu_product``) have the parameter's precision
+    (torch would keep them in float32 for a float64 parameter).
     grads: list of gradients, each a dense ndarray of p0's shape and dtype, a COO triple
     ``(rows, cols, vals)`` for p0's 2-D shape (``(1, n)`` for a 1-D p0; rows ignored then), or None
     (``.grad = None``: torch skips the parameter, no step counted).
@@ -437,18 +578,11 @@ def torch_run(name, p0, grads, steps=None, *, updates=None, **hyper):
     param = torch.nn.Parameter(torch.from_numpy(np.array(p0, copy=True)))
     dtype = param.dtype
 
-    if name == "adagrad" or name == "sparse_adagrad":
-        opt = torch.optim.Adagrad([param], **hyper)
-    elif name == "rmsprop":
-        opt = torch.optim.RMSprop([param], **hyper)
-    elif name == "adam":
-        opt = torch.optim.Adam([param], **hyper)
-    elif name == "adamw":
-        opt = torch.optim.AdamW([param], **hyper)
-    elif name == "sparse_adam":
-        opt = torch.optim.SparseAdam([param], **hyper)
-    else:
+    classes = {n.lower(): n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type)}
+    cls_name = "Adagrad" if name == "sparse_adagrad" else classes.get(name.replace("_", ""))
+    if cls_name is None:
         raise ValueError(f"unknown optimizer {name!r}")
+    opt = getattr(torch.optim, cls_name)([param], **hyper)
 
     def to_grad(gr):
         if gr is None:
@@ -465,13 +599,18 @@ def torch_run(name, p0, grads, steps=None, *, updates=None, **hyper):
             return torch.sparse_coo_tensor(idx, v, tuple(p0.shape), check_invariants=True)
         return torch.from_numpy(np.array(gr, copy=True))
 
-    for i in range(steps):
-        if updates is not None and i < len(updates) and updates[i]:
-            opt.param_groups[0].update(updates[i])
-        param.grad = to_grad(grads[i % len(grads)])
-        with warnings.catch_warnings():  # torch's own _make_sparse warns about invariant checks
-            warnings.filterwarnings("ignore", message="Sparse invariant checks", category=UserWarning)
-            opt.step()
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)     # torch's scalar state (NAdam's mu_product) in p0's dtype
+    try:
+        for i in range(steps):
+            if updates is not None and i < len(updates) and updates[i]:
+                opt.param_groups[0].update(updates[i])
+            param.grad = to_grad(grads[i % len(grads)])
+            with warnings.catch_warnings():  # torch's own _make_sparse warns about invariant checks
+                warnings.filterwarnings("ignore", message="Sparse invariant checks", category=UserWarning)
+                opt.step()
+    finally:
+        torch.set_default_dtype(default_dtype)
 
     st = opt.state[param]
     out = {}

@@ -485,7 +485,7 @@ def test_init_state_keys():
     assert set(ref.init_state("adamw", p, amsgrad=True)) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
     assert set(ref.init_state("sparse_adam", p)) == {"step", "exp_avg", "exp_avg_sq"}
     with pytest.raises(ValueError):
-        ref.init_state("sgd", p)
+        ref.init_state("no_such_optimizer", p)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

@@ -10,13 +10,18 @@ This package imports nothing of fastadapt but itself: it is the bottom layer.
 """
 
 from ._spec import FUSED, LAZY, Algorithm, Decay, Hyper, decay_factor, fma, scale_slots
+from .adadelta import ADADELTA
 from .adagrad import ADAGRAD
 from .adam import ADAM, ADAMW
+from .adamax import ADAMAX
+from .nadam import NADAM
+from .radam import RADAM
 from .rmsprop import RMSPROP
+from .sgd import SGD
 from .sparse_adam import SPARSE_ADAM
 
 #: every algorithm, in the order of the public API
-REGISTRY = (ADAGRAD, RMSPROP, ADAM, ADAMW, SPARSE_ADAM)
+REGISTRY = (ADAGRAD, RMSPROP, ADAM, ADAMW, SPARSE_ADAM, SGD, ADADELTA, ADAMAX, NADAM, RADAM)
 
 #: name -> algorithm
 BY_NAME = {a.name: a for a in REGISTRY}

@@ -1,6 +1,7 @@
 """What both sharded classes share: MPI access, shard bounds, the launcher, agreement and abort."""
 
 import contextlib
+import numbers
 import os
 import shutil
 import subprocess
@@ -138,16 +139,22 @@ def _contiguous_block(arrays, dtype):
     return block
 
 
+def _is_scalar(value):
+    """A per-parameter scalar of a state_dict entry (the step, a carried scalar), not a buffer."""
+    return isinstance(value, numbers.Real) and not isinstance(value, np.ndarray)
+
+
 def slice_state(st, shape, dtype, take, where):
     """One parameter's saved state restricted to this rank: ``take(array)`` of every buffer.
 
     ``st`` is a single-process state_dict entry (``{"step": int, name: array}``); each buffer
     must have the parameter's ``shape`` and ``dtype`` (else ValueError naming ``where``);
-    ``step`` is kept as it is.
+    ``step`` and the carried scalars (plain numbers, such as NAdam's ``mu_product``) are kept
+    as they are.
     """
     piece = {}
     for name, arr in st.items():
-        if name == "step":
+        if name == "step" or _is_scalar(arr):
             piece[name] = arr
             continue
         arr = np.asarray(arr)

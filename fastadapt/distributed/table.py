@@ -6,7 +6,8 @@ import numpy as np
 
 from .. import optim as _optim
 from ..backends.cpu import BACKEND as _CPU
-from ._common import _Collective, _checksum, _hyper_items, _mpi_type, shard_bounds, slice_state
+from ._common import (_Collective, _checksum, _hyper_items, _is_scalar, _mpi_type, shard_bounds,
+                      slice_state)
 
 __all__ = ["ShardedTable"]
 
@@ -394,8 +395,10 @@ class ShardedTable(_Collective):
         state = {}
         if all(0 in sd["state"] for sd in parts):
             st = {"step": parts[0]["state"][0]["step"]}
-            for name in parts[0]["state"][0]:
-                if name != "step":
+            for name, value in parts[0]["state"][0].items():
+                if name == "step" or _is_scalar(value):     # carried scalars: the same on every rank
+                    st[name] = value
+                else:
                     st[name] = np.concatenate([sd["state"][0][name] for sd in parts])
             state[0] = st
         return {"state": state, "param_groups": local["param_groups"]}

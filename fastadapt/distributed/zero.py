@@ -9,8 +9,8 @@ from .. import optim as _optim
 from ..backends import is_device_array
 from ..backends.cpu import BACKEND as _CPU
 from ..grads import prepare_grad
-from ._common import (_Collective, _checksum, _contiguous_block, _hyper_items, _mpi_type, shard_bounds,
-                      slice_state)
+from ._common import (_Collective, _checksum, _contiguous_block, _hyper_items, _is_scalar, _mpi_type,
+                      shard_bounds, slice_state)
 
 __all__ = ["ShardedOptimizer"]
 
@@ -483,6 +483,9 @@ class ShardedOptimizer(_Collective):
             full = {"step": holders[0]["state"][j]["step"]}
             for name, arr in holders[0]["state"][j].items():
                 if name == "step":
+                    continue
+                if _is_scalar(arr):                 # a carried scalar: the same on every holder
+                    full[name] = arr
                     continue
                 buf = np.empty(p.size, dtype=arr.dtype)
                 for sd in holders:
