@@ -55,7 +55,7 @@ ADAMAX = Algorithm(
     name="Adamax",
     summary="""Adamax (Kingma & Ba, section 7.1), with torch.optim.Adamax's arguments and defaults.
 
-    Adam with the infinity norm: the scale is a decaying running maximum of |g| (eps inside
+    Adam with the infinity norm: the scale is a decaying running maximum of ``|g|`` (eps inside
     the maximum), so only the first moment needs bias correction.""",
     rule=rule,
     scalars=scalars,
@@ -64,7 +64,7 @@ ADAMAX = Algorithm(
         Hyper("lr", 2e-3, nonneg, "learning rate"),
         Hyper("betas", (0.9, 0.999), betas, "decays of the first moment and of the infinity norm, "
               "each in [0, 1)", "(float, float)"),
-        Hyper("eps", 1e-8, nonneg, "added to |g| inside the running maximum"),
+        Hyper("eps", 1e-8, nonneg, "added to ``|g|`` inside the running maximum"),
         Hyper("weight_decay", 0.0, nonneg, "L2 penalty, added to the gradient"),
         Hyper("maximize", False, flag, "maximise the objective instead of minimising it", "bool",
               keyword_only=True),

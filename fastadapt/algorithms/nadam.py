@@ -94,7 +94,7 @@ NADAM = Algorithm(
               "(float, float)"),
         Hyper("eps", 1e-8, nonneg, "added after the bias-corrected square root"),
         Hyper("weight_decay", 0.0, nonneg, "L2 penalty added to the gradient, or with "
-              "decoupled_weight_decay=True the decay p *= 1 - lr * weight_decay"),
+              "``decoupled_weight_decay=True`` the decay ``p *= 1 - lr * weight_decay``"),
         Hyper("momentum_decay", 4e-3, nonneg, "psi of the momentum schedule"),
         Hyper("decoupled_weight_decay", False, flag, "decoupled weight decay (as AdamW; NAdamW)", "bool"),
         Hyper("maximize", False, flag, "maximise the objective instead of minimising it", "bool",

@@ -91,7 +91,7 @@ RADAM = Algorithm(
               "(float, float)"),
         Hyper("eps", 1e-8, nonneg, "added after the square root of the second moment"),
         Hyper("weight_decay", 0.0, nonneg, "L2 penalty added to the gradient, or with "
-              "decoupled_weight_decay=True the decay p *= 1 - lr * weight_decay"),
+              "``decoupled_weight_decay=True`` the decay ``p *= 1 - lr * weight_decay``"),
         Hyper("decoupled_weight_decay", False, flag, "decoupled weight decay (as AdamW)", "bool"),
         Hyper("maximize", False, flag, "maximise the objective instead of minimising it", "bool",
               keyword_only=True),
