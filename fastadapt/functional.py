@@ -24,8 +24,10 @@ Example
 array([0.9, 0.9, 0.9, 0.9])
 """
 
-import inspect
 import numbers
+from operator import is_
+
+import numpy as np
 
 from .algorithms import REGISTRY
 from .algorithms._spec import MAX_STEP, check_number, short_repr
@@ -34,7 +36,38 @@ from .grads import prepare_grad
 
 __all__ = [a.functional for a in REGISTRY if a.functional]
 
-_P = inspect.Parameter
+
+
+def _host_arrays(param, grad, buffers):
+    """The common case, all numpy arrays and all well formed, in a couple of microseconds: the
+    same result as :func:`_check_arrays`, or None (then that function finds and names the problem)."""
+    dtype, shape = param.dtype, param.shape
+    pf = param.flags
+    if dtype.char not in "fd" or not (pf.c_contiguous and pf.writeable) or grad.dtype != dtype \
+            or grad.shape != shape or not grad.flags.c_contiguous:
+        return None
+    backend = backend_for(param)
+    flats = [param.reshape(-1), grad.reshape(-1)]
+    slots = []
+    for _, buf in buffers:
+        if buf is None:
+            slots.append(None)
+            continue
+        bf = getattr(buf, "flags", None)
+        if type(buf) is not np.ndarray or buf.dtype != dtype or buf.shape != shape \
+                or not (bf.c_contiguous and bf.writeable):
+            return None
+        flat = buf.reshape(-1)
+        flats.append(flat)
+        slots.append(flat)
+    n = param.nbytes
+    if n:
+        starts = sorted(backend.address(f) for f in flats)
+        for a, b in zip(starts, starts[1:]):
+            if b < a + n:
+                return None                           # two of them share memory
+    dummy = unused_slot(backend, param) if any(f is None for f in slots) else None
+    return backend, dtype, flats[1], [f if f is not None else dummy for f in slots]
 
 
 def _check_arrays(param, grad, buffers):
@@ -42,6 +75,10 @@ def _check_arrays(param, grad, buffers):
 
     ``buffers`` is ``[(name, array or None)]`` in slot order (None: unused slot).
     """
+    if type(param) is np.ndarray and type(grad) is np.ndarray:
+        fast = _host_arrays(param, grad, buffers)
+        if fast is not None:
+            return fast
     backend = backend_for(param)
     backend.check_param(param, "param")
     dtype = backend.dtype_of(param)
@@ -78,52 +115,83 @@ def _check_step(step):
                          f"got {short_repr(step)}")
 
 
-def _make(alg):
-    """The functional function of algorithm ``alg``."""
-    names = [s for s in alg.slots if s is not None]
-    required = set(alg.used_buffers(alg.defaults))
-    arg_of = {n: alg.functional_args.get(n, n) for n in names}
-    hypers = [h for h in alg.hypers if h.functional]
-    params = [_P("param", _P.POSITIONAL_OR_KEYWORD), _P("grad", _P.POSITIONAL_OR_KEYWORD)]
-    params += [_P(arg_of[n], _P.POSITIONAL_OR_KEYWORD, **({} if n in required else {"default": None}))
-               for n in names]
-    params.append(_P("step", _P.KEYWORD_ONLY))
-    params += [_P(h.name, _P.KEYWORD_ONLY, default=h.default) for h in hypers]
-    params += [_P(name, _P.KEYWORD_ONLY, default=value) for name, value in alg.carry]
-    signature = inspect.Signature(params)
-    base = {h.name: h.default for h in alg.hypers}
-    base.update(alg.fixed)
+class _Spec:
+    """What the generated function of one algorithm needs at every call (made once)."""
 
-    def update(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        a = bound.arguments
-        step = a["step"]
-        _check_step(step)
-        h = dict(base)
-        h.update({hp.name: a[hp.name] for hp in hypers})
+    __slots__ = ("alg", "arg_of", "hypers", "base", "last", "last_h", "used")
+
+    def __init__(self, alg):
+        self.alg = alg
+        self.arg_of = {n: alg.functional_args.get(n, n) for n in alg.slots if n is not None}
+        self.hypers = tuple(h.name for h in alg.hypers if h.functional)
+        self.base = {h.name: h.default for h in alg.hypers}
+        self.base.update(alg.fixed)
+        self.last = None            # the hyper-parameter values of the last validated call
+        self.used = ()
+
+
+def _update(spec, param, grad, buffers, step, values, carried):
+    """The body of every generated function: check everything, then run the rule once."""
+    alg = spec.alg
+    _check_step(step)
+    last = spec.last
+    if last is not None and all(map(is_, last, values)):
+        h, used = spec.last_h, spec.used        # the same objects as the last validated call
+    else:
+        h = dict(spec.base)
+        h.update(zip(spec.hypers, values))
         alg.check_group(h)
         used = alg.used_buffers(h)
-        for n in used:
-            if a[arg_of[n]] is None:
-                on = ", ".join(f"{k}={h[k]!r}" for k in h if k not in base or h[k] != base[k]) or "the defaults"
-                raise ValueError(f"{alg.functional} with {on} needs a {arg_of[n]} array")
-        buffers = [(arg_of[n], a[arg_of[n]]) if (n is not None and n in used) else (n or "unused", None)
-                   for n in alg.slots]
-        backend, dtype, g, (s1, s2, s3) = _check_arrays(a["param"], a["grad"], buffers)
-        carry = {}
-        for name, _ in alg.carry:
-            check_number(name, a[name])
-            carry[name] = float(a[name])
-        if alg.advance is not None:
-            carry = dict(carry, **alg.advance(step, h, carry))
-        k = alg.scalars(dtype, step, h, carry)
-        backend.dense_step(alg.rule, backend.flat(a["param"]), g, s1, s2, s3, k)
-        return carry if alg.carry else None
+        if all(type(v) in _IMMUTABLE for v in values):
+            spec.last, spec.last_h, spec.used = values, h, used
+        else:
+            spec.last = None
+    slot_arrays = []
+    for n, buf in zip(alg.slots, buffers):
+        if n is not None and n in used:
+            if buf is None:
+                on = ", ".join(f"{k}={h[k]!r}" for k in h if h[k] != spec.base.get(k)) or "the defaults"
+                raise ValueError(f"{alg.functional} with {on} needs a {spec.arg_of[n]} array")
+            slot_arrays.append((spec.arg_of[n], buf))
+        else:
+            slot_arrays.append((n or "unused", None))
+    backend, dtype, g, (s1, s2, s3) = _check_arrays(param, grad, slot_arrays)
+    carry = {}
+    for (name, _), value in zip(alg.carry, carried):
+        check_number(name, value)
+        carry[name] = float(value)
+    if alg.advance is not None:
+        carry = dict(carry, **alg.advance(step, h, carry))
+    k = alg.scalars(dtype, step, h, carry)
+    backend.dense_step(alg.rule, backend.flat(param), g, s1, s2, s3, k)
+    return carry if alg.carry else None
 
-    update.__name__ = update.__qualname__ = alg.functional
+
+#: value types whose validation may be reused by the next call (see _update)
+_IMMUTABLE = frozenset({float, int, bool, str, tuple, type(None), np.bool_, np.float32, np.float64})
+
+
+def _make(alg):
+    """The functional function of algorithm ``alg``: a real Python function with the signature
+    below (generated source, so that binding the arguments costs nothing, unlike
+    ``inspect.Signature.bind``), whose body is :func:`_update`."""
+    spec = _Spec(alg)
+    names = [s for s in alg.slots if s is not None]
+    required = set(alg.used_buffers(alg.defaults))
+    arg_of = spec.arg_of
+    hypers = [h for h in alg.hypers if h.functional]
+    defaults = {h.name: h.default for h in hypers}
+    defaults.update(alg.carry)
+    buf_params = [arg_of[n] if n in required else f"{arg_of[n]}=None" for n in names]
+    kw_params = ["step"] + [f"{h.name}=_D[{h.name!r}]" for h in hypers] + [f"{n}=_D[{n!r}]" for n, _ in alg.carry]
+    slot_args = ", ".join(arg_of[n] if n is not None else "None" for n in alg.slots)
+    src = (f"def {alg.functional}(param, grad, {', '.join(buf_params)}, *, {', '.join(kw_params)}):\n"
+           f"    return _update(_S, param, grad, ({slot_args},), step, "
+           f"({''.join(h.name + ', ' for h in hypers)}), ({''.join(n + ', ' for n, _ in alg.carry)}))\n")
+    namespace = {"_update": _update, "_S": spec, "_D": defaults}
+    exec(compile(src, f"<fastadapt.functional.{alg.functional}>", "exec"), namespace)
+    update = namespace[alg.functional]
     update.__module__ = __name__
-    update.__signature__ = signature
     lines = [f"One {alg.name} update of ``param`` and its state, in place.", "", "Parameters", "----------",
              "param, grad : array",
              "    Same shape and dtype (float32 or float64), C-contiguous; ``param`` is written."]
@@ -140,9 +208,9 @@ def _make(alg):
                   f"    The carried ``{name}`` state *before* this update (the value the previous call",
                   "    returned; the default is its initial value)."]
     if alg.carry:
-        names = ", ".join(f'``"{name}"``' for name, _ in alg.carry)
+        carried = ", ".join(f'``"{name}"``' for name, _ in alg.carry)
         lines += ["", "Returns", "-------", "dict",
-                  f"    The carried state after this update ({names}): pass it to the next call,",
+                  f"    The carried state after this update ({carried}): pass it to the next call,",
                   f"    e.g. ``c = {alg.functional}(..., step=t, **c)``."]
     update.__doc__ = "\n".join(lines)
     return update

@@ -15,6 +15,7 @@ leaves a half-applied step:
 import bisect
 import numbers
 import threading
+from operator import is_
 
 import numpy as np
 
@@ -30,6 +31,9 @@ __all__ = ["Optimizer", "NONFINITE", "MAX_STEP"]
 #: the values of the ``nonfinite`` option
 NONFINITE = ("propagate", "skip", "raise")
 
+
+#: value types a group's validation may be cached for (see Optimizer._checked)
+_IMMUTABLE = frozenset({float, int, bool, str, tuple, type(None), np.bool_, np.float32, np.float64, np.int64})
 
 _BUSY = ("is being used by another thread (one optimizer is stepped, saved and loaded by one thread "
          "at a time; separate optimizers may run in separate threads)")
@@ -85,6 +89,7 @@ class Optimizer:
         self._spans = []           # their memory spans, for overlap checks
         self._meta = []            # their (shape, dtype), re-checked at every step
         self._group_sizes = []     # parameters per group, re-checked at every step
+        self._group_cache = {}     # id(group) -> (its values when last checked, buffer names)
         self._lock = threading.Lock()
         if isinstance(params, np.ndarray) or is_device_array(params):
             raise TypeError("params must be a list of arrays or of param-group dicts, not an array "
@@ -103,6 +108,26 @@ class Optimizer:
     def _validate_group(self, group):
         """Check a group's hyper-parameters (the algorithm's checks); raise on bad values."""
         self.algorithm.check_group(group)
+
+    def _checked(self, group):
+        """Validate ``group`` -- unless its values are the very objects validated last time -- and
+        return the buffer names its options use.
+
+        A step re-checks every group (hyper-parameters may be set between steps); the checks cost
+        a few microseconds, so a group whose values are all immutable and identical (``is``) to
+        those of its last check is not checked again.
+        """
+        values = tuple(group.values())
+        hit = self._group_cache.get(id(group))
+        if hit is not None and len(hit[0]) == len(values) and all(map(is_, hit[0], values)):
+            return hit[1]
+        self._validate_group(group)
+        used = self.algorithm.used_buffers(group)
+        if all(type(v) in _IMMUTABLE for k, v in group.items() if k != "params"):
+            self._group_cache[id(group)] = (values, used)
+        else:
+            self._group_cache.pop(id(group), None)
+        return used
 
     def add_param_group(self, param_group):
         """Add a group of parameters, with hyper-parameters overriding the defaults.
@@ -193,13 +218,13 @@ class Optimizer:
             for name, value in self.algorithm.carry:
                 state[name] = value
         fill = self.algorithm.fill
-        for name in self.algorithm.used_buffers(group):
+        for name in self._checked(group):
             if name not in state:
                 state[name] = backend.full_like(p, fill(group, name))
 
     def _buffer_names(self, group):
         """Names of the state buffers this group's options use, in slot order."""
-        return self.algorithm.used_buffers(group)
+        return self._checked(group)
 
     # ------------------------------------------------------------------ the step
 
@@ -296,7 +321,7 @@ class Optimizer:
         backend = backend_for(self._params[0])     # one device per optimizer (add_param_group)
         spans, states, params, meta = self._spans, self.state, self._params, self._meta
         for group in self.param_groups:
-            self._validate_group(group)
+            self._checked(group)
             for p in group["params"]:
                 # the same array, unchanged: identity, shape, dtype and flags (O(1) per parameter)
                 # (device arrays always take the backend's checks)
@@ -374,7 +399,7 @@ class Optimizer:
     def _slot_arrays(self, group, p, state, flat):
         """The rule's (s1, s2, s3): flat state buffers, dummies for unused slots."""
         backend = backend_for(p)
-        names = self.algorithm.used_buffers(group)
+        names = self._checked(group)
         out = []
         for name in self.slots:
             if name is not None and name in names:
