@@ -38,6 +38,8 @@ __all__ = [
     "sparse_adagrad_rule",
     "sparse_adagrad",
     "DENSE_RULES",
+    "LAZY_RULES",
+    "TORCH_REFERENCE_HYPER",
     "init_state",
     "shape2d_of",
     "coalesce",
@@ -237,6 +239,12 @@ def sparse_adagrad(p, rows, cols, vals, state, *, lr=1e-2, lr_decay=0.0, weight_
 
 
 DENSE_RULES = {"adagrad": adagrad, "rmsprop": rmsprop, "adam": adam, "adamw": adamw}
+#: the rule a lazy sparse step runs on the touched elements (:func:`lazy_step`): the dense rule,
+#: or the sparse-only optimizer's own
+LAZY_RULES = dict(DENSE_RULES, sparse_adam=sparse_adam_rule)
+#: hyper-parameters the reference needs to reproduce torch rather than fastadapt (Part A.4:
+#: fastadapt clamps RMSprop's centered variance at 0, torch does not)
+TORCH_REFERENCE_HYPER = {"rmsprop": {"clamp": False}}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -377,7 +385,7 @@ def exact_step(fn, p, rows, cols, vals, state, **hyper):
 # --------------------------------------------------------------------------------------------------
 
 
-def torch_run(name, p0, grads, steps=None, *, updates=None, **hyper):
+def torch_run(name, p0, grads, steps=None, *, updates=None, torch_class=None, **hyper):
     """Run the real torch.optim on a copy of ``p0`` and return ``(p, state)`` as numpy.
 
     name: "adagrad", "rmsprop", "adam", "adamw", "sparse_adam", or "sparse_adagrad" (= Adagrad; any
@@ -388,6 +396,7 @@ def torch_run(name, p0, grads, steps=None, *, updates=None, **hyper):
     steps: number of ``step()`` calls; default ``len(grads)``; the gradients are cycled if it is larger.
     updates: optional list (one entry per step, or None) of dicts applied to ``param_groups[0]`` before
     that step (e.g. lr changes).
+    torch_class: the torch.optim class name to use (default: the one ``name`` stands for).
     hyper: fastadapt/reference hyper-parameter names; ``decoupled_weight_decay`` is passed to torch Adam
     as is; ``clamp`` (fastadapt-only) is dropped; ``initial_accumulator_value`` goes to Adagrad's
     constructor.
@@ -405,7 +414,9 @@ def torch_run(name, p0, grads, steps=None, *, updates=None, **hyper):
     param = torch.nn.Parameter(torch.from_numpy(np.array(p0, copy=True)))
     dtype = param.dtype
 
-    if name == "adagrad" or name == "sparse_adagrad":
+    if torch_class is not None:
+        opt = getattr(torch.optim, torch_class)([param], **hyper)
+    elif name == "adagrad" or name == "sparse_adagrad":
         opt = torch.optim.Adagrad([param], **hyper)
     elif name == "rmsprop":
         opt = torch.optim.RMSprop([param], **hyper)
