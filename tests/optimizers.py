@@ -154,12 +154,14 @@ class OptimizerCase:
         return out
 
     def small_grid(self):
-        """Defaults, rich, and every grid entry that differs from :attr:`plain` in one option:
-        for paths that are too slow for the whole grid (the CUDA simulator)."""
+        """The grid's corners: defaults, :attr:`plain` (the first entry), every entry that differs
+        from it in one option, the last entry (every axis at its last value) and rich -- for
+        paths too slow for the whole grid (sparse formats, the CUDA simulator)."""
         base = self.options[0]
-        singles = [o for o in self.options
+        singles = [dict(o) for o in self.options
                    if sum(1 for k in set(o) | set(base) if o.get(k) != base.get(k)) <= 1]
-        return [{}] + singles + [dict(self.rich)]
+        last = [dict(self.options[-1])] if self.options[-1] not in singles else []
+        return [{}] + singles + last + [dict(self.rich)]
 
     @property
     def modes(self) -> tuple:
