@@ -35,11 +35,18 @@ def exact_strategy(opt):
 SHAPE = (7, 5)
 STEPS = 12
 
-#: (case, mode, options): every case's grid corners (``small_grid``: the whole grid is
-#: test_dense's), in each of its sparse modes
-SPARSE_GRID = [(c, m, o) for c in OPTIMIZERS for o in c.small_grid() for m in c.modes]
-#: (case, options): the same corners of the dense cases, for exact mode against the dense step
-EXACT_GRID = [(c, o) for c in DENSE if "exact" in c.modes for o in c.small_grid()]
+#: (case, mode, options, dtype): every option combination (and the defaults) of every case in each
+#: of its sparse modes in float64; in float32 the grid's corners (``small_grid``), for run time
+SPARSE_GRID = ([(c, m, o, np.float64) for c in OPTIMIZERS for o in [{}] + list(c.options) for m in c.modes]
+               + [(c, m, o, np.float32) for c in OPTIMIZERS for o in c.small_grid() for m in c.modes])
+#: (case, options, dtype): the same for the dense cases, exact mode against the dense step
+EXACT_GRID = ([(c, o, np.float64) for c in DENSE if "exact" in c.modes for o in [{}] + list(c.options)]
+              + [(c, o, np.float32) for c in DENSE if "exact" in c.modes for o in c.small_grid()])
+
+
+def _grid_id(item):
+    """config_id plus the dtype."""
+    return config_id(item[:-1]) + "-" + DTYPE_IDS[DTYPES.index(item[-1])]
 #: (case, mode, options): lazy with the defaults and the rich config, exact once per distinct plan
 GROUPS = [(c, m, o) for c in OPTIMIZERS for m, o in c.exact_groups()]
 
@@ -148,8 +155,7 @@ def assert_unchanged(before, opt, params):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("case,mode,hyper", SPARSE_GRID, ids=map(config_id, SPARSE_GRID))
+@pytest.mark.parametrize("case,mode,hyper,dtype", SPARSE_GRID, ids=map(_grid_id, SPARSE_GRID))
 def test_csr_matches_reference(case, mode, hyper, dtype):
     rng = np.random.default_rng(1)
     p0 = rng.standard_normal(SHAPE).astype(dtype)
@@ -237,8 +243,7 @@ def test_sparse_adam_refuses_dense_gradients_and_has_no_sparse_mode():
         fa.SparseAdam([p], sparse_mode="exact")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("case,hyper", EXACT_GRID, ids=map(config_id, EXACT_GRID))
+@pytest.mark.parametrize("case,hyper,dtype", EXACT_GRID, ids=map(_grid_id, EXACT_GRID))
 def test_exact_equals_dense_step_on_toarray(case, hyper, dtype):
     """Exact mode is the dense step on G.toarray(): bit for bit where it runs the rule on every
     element (fused pass) or where a zero gradient changes nothing (Adagrad); to rounding where it
