@@ -219,14 +219,16 @@ def run_pair(cls, kw, dtype, seed=0, to_dev=to_device, n=N_STEPS):
     return oh, od, ph, pd
 
 
-#: every dense case: its defaults, the last corner of its grid (every axis at its last value) and
-#: its rich config (the simulator is too slow for the whole grid; test_dense has it on the CPU)
-DENSE_CASES = [(c.cls, o) for c in DENSE for o in ({}, dict(c.options[-1]), dict(c.rich))]
+#: (class, options, dtype): every dense case's defaults, whole option grid and rich config in
+#: float64; its grid corners (``small_grid``) in float32
+DENSE_CASES = ([(c.cls, o, np.float64) for c in DENSE for o in [{}] + [dict(x) for x in c.options] + [dict(c.rich)]]
+               + [(c.cls, o, np.float32) for c in DENSE for o in c.small_grid()])
 
 
 def _case_id(case):
-    cls, kw = case
-    return cls.__name__ + ("".join(f"-{k}={v}" for k, v in kw.items() if k != "lr") or "-default")
+    cls, kw = case[:2]
+    dtype = "".join(f"-{DTYPE_IDS[DTYPES.index(d)]}" for d in case[2:])
+    return cls.__name__ + ("".join(f"-{k}={v}" for k, v in kw.items() if k != "lr") or "-default") + dtype
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,10 +236,9 @@ def _case_id(case):
 # --------------------------------------------------------------------------------------------------
 
 @on_device
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", DENSE_CASES, ids=[_case_id(c) for c in DENSE_CASES])
-def test_dense_matches_cpu(case, dtype):
-    cls, kw = case
+def test_dense_matches_cpu(case):
+    cls, kw, dtype = case
     oh, od, ph, pd = run_pair(cls, kw, dtype)
     assert_close(host(pd), ph, dtype, "parameter")
     sh, sd = oh.state_dict(), od.state_dict()
