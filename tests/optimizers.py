@@ -20,22 +20,26 @@ option grid; each iterates this table, and picks a subset only by a rule declare
 
 * ``test_reference.py`` -- the numpy references against torch.optim (``case.torch``, full grid)
   and the reference helpers (lazy / exact steps, float32 never promoted);
-* ``test_dense.py`` -- dense steps against the reference: full grid, bit-for-bit operation
-  order, shapes x both CPU loops (rich config), compilation counts, hypothesis over
-  :meth:`OptimizerCase.hyper_strategy` (``case.dense`` only);
+* ``test_dense.py`` -- dense steps against the reference: full grid and defaults, bit-for-bit
+  operation order, shapes x both CPU loops (rich config), compilation counts, hypothesis over
+  :meth:`OptimizerCase.hyper_strategy` (:data:`HYPER_SPACES` if the case has one, else drawn
+  from its grid) -- ``case.dense`` only;
 * ``test_sparse.py`` -- CSR / RowGrad gradients, lazy for every case and exact where the
-  algorithm has ``sparse_mode`` (strategy from ``case.algorithm.exact(h)``), hostile input;
+  algorithm has ``sparse_mode`` (strategy from ``case.algorithm.exact(h)``): the whole grid in
+  float64 and its corners in float32, :meth:`OptimizerCase.exact_groups` for the other formats
+  (RowGrad, 1-D parameters, whole rows, parallel loops); hostile input;
 * ``test_many.py`` / ``test_threads.py`` -- the many-tensor kernel and 1 vs 2 threads are
   bit-identical (rich and plain configs);
 * ``test_state_dict.py`` -- layout (buffers from ``case.algorithm.used_buffers``), round trips,
-  refusals (rich and plain configs);
+  refusals (rich config and defaults; every pair of cases whose state_dicts differ);
 * ``test_torch_parity.py`` -- 50 steps against torch.optim (``case.torch and case.dense``):
   grid, defaults, shapes, schedules, None gradients, param groups;
 * ``test_api.py`` -- validation (``case.bad``, the algorithm's non-negative hypers), None
   gradients, non-finite policies, schedules, the functional layer (buffers from the
   algorithm's slots and ``functional_args``);
 * ``test_cuda.py`` -- the CUDA backend against the CPU one (numba's simulator without a GPU):
-  :meth:`OptimizerCase.small_grid` dense, :meth:`OptimizerCase.exact_groups` sparse;
+  dense over the whole grid in float64 and its corners in float32, sparse over
+  :meth:`OptimizerCase.exact_groups` (less the lazy defaults);
 * ``tests/mpi/*.py`` (run by ``test_distributed.py``) -- sharded optimizer (rich and plain
   configs of the dense cases) and sharded table (every exact group of every case);
 * ``test_vectorised.py`` -- iterates ``fastadapt.algorithms.REGISTRY`` directly.
