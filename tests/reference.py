@@ -43,6 +43,8 @@ __all__ = [
     "sparse_adagrad_rule",
     "sparse_adagrad",
     "DENSE_RULES",
+    "LAZY_RULES",
+    "TORCH_REFERENCE_HYPER",
     "init_state",
     "shape2d_of",
     "coalesce",
@@ -397,6 +399,12 @@ def sparse_adagrad(p, rows, cols, vals, state, *, lr=1e-2, lr_decay=0.0, weight_
 
 DENSE_RULES = {"adagrad": adagrad, "rmsprop": rmsprop, "adam": adam, "adamw": adamw, "sgd": sgd,
                "adadelta": adadelta, "adamax": adamax, "nadam": nadam, "radam": radam}
+#: the rule a lazy sparse step runs on the touched elements (:func:`lazy_step`): the dense rule,
+#: or the sparse-only optimizer's own
+LAZY_RULES = dict(DENSE_RULES, sparse_adam=sparse_adam_rule)
+#: hyper-parameters the reference needs to reproduce torch rather than fastadapt (Part A.4:
+#: fastadapt clamps RMSprop's centered variance at 0, torch does not)
+TORCH_REFERENCE_HYPER = {"rmsprop": {"clamp": False}}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -547,7 +555,7 @@ def exact_step(fn, p, rows, cols, vals, state, **hyper):
 # --------------------------------------------------------------------------------------------------
 
 
-def torch_run(name, p0, grads, steps=None, *, updates=None, **hyper):
+def torch_run(name, p0, grads, steps=None, *, updates=None, torch_class=None, **hyper):
     """Run the real torch.optim on a copy of ``p0`` and return ``(p, state)`` as numpy.
 
     name: a key of :data:`DENSE_RULES` (the torch.optim class of that name, case and underscores
@@ -561,6 +569,7 @@ def torch_run(name, p0, grads, steps=None, *, updates=None, **hyper):
     steps: number of ``step()`` calls; default ``len(grads)``; the gradients are cycled if it is larger.
     updates: optional list (one entry per step, or None) of dicts applied to ``param_groups[0]`` before
     that step (e.g. lr changes).
+    torch_class: the torch.optim class name to use (default: the one ``name`` stands for).
     hyper: fastadapt/reference hyper-parameter names; ``decoupled_weight_decay`` is passed to torch Adam
     as is; ``clamp`` (fastadapt-only) is dropped; ``initial_accumulator_value`` goes to Adagrad's
     constructor.
@@ -579,7 +588,7 @@ def torch_run(name, p0, grads, steps=None, *, updates=None, **hyper):
     dtype = param.dtype
 
     classes = {n.lower(): n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type)}
-    cls_name = "Adagrad" if name == "sparse_adagrad" else classes.get(name.replace("_", ""))
+    cls_name = torch_class or ("Adagrad" if name == "sparse_adagrad" else classes.get(name.replace("_", "")))
     if cls_name is None:
         raise ValueError(f"unknown optimizer {name!r}")
     opt = getattr(torch.optim, cls_name)([param], **hyper)

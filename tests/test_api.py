@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import copy
 import doctest
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -18,20 +16,12 @@ import fastadapt as fa
 from fastadapt import config
 from fastadapt import functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import reference as ref  # noqa: E402
+import reference as ref
+from conftest import DTYPE_IDS, DTYPES, RTOL
+from optimizers import CASES, DENSE, FUNCTIONAL, OPTIMIZERS
 
-DTYPES = [np.float64, np.float32]
-DTYPE_IDS = ["f64", "f32"]
-RTOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5}
-
-#: one configuration per optimizer that creates every state buffer
-FULL = {
-    "adagrad": (fa.Adagrad, dict(lr=0.05, lr_decay=0.1, weight_decay=0.1, initial_accumulator_value=0.2)),
-    "rmsprop": (fa.RMSprop, dict(lr=1e-2, alpha=0.9, weight_decay=0.1, momentum=0.9, centered=True)),
-    "adam": (fa.Adam, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
-    "adamw": (fa.AdamW, dict(lr=1e-2, amsgrad=True)),
-}
+#: one configuration per optimizer that creates every state buffer: the table's rich config
+FULL = {c.name: (c.cls, dict(c.rich)) for c in DENSE}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -94,11 +84,10 @@ def assert_close(actual, desired, rtol):
 # constructor validation
 # --------------------------------------------------------------------------------------------------
 
-NEGATIVE = (
-    [(fa.Adagrad, k) for k in ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps")]
-    + [(fa.RMSprop, k) for k in ("lr", "alpha", "eps", "weight_decay", "momentum")]
-    + [(cls, k) for cls in (fa.Adam, fa.AdamW) for k in ("lr", "eps", "weight_decay")]
-)
+#: every hyper-parameter the algorithms declare as a real number >= 0
+NEGATIVE = [(c.cls, k) for c in OPTIMIZERS for k in c.nonneg_hypers()]
+#: the classes with a ``betas`` pair
+WITH_BETAS = [c.cls for c in OPTIMIZERS if c.has_hyper("betas")]
 
 
 @pytest.mark.parametrize("cls,key", NEGATIVE, ids=[f"{c.__name__}-{k}" for c, k in NEGATIVE])
@@ -112,17 +101,18 @@ def test_negative_hyper_parameter_rejected(cls, key):
             cls([np.zeros(3)], **{key: bad})
 
 
-@pytest.mark.parametrize("cls", [fa.Adam, fa.AdamW, fa.SparseAdam])
+@pytest.mark.parametrize("cls", WITH_BETAS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("betas", [(1.0, 0.999), (0.9, 1.0), (-0.1, 0.999), (0.9, -1e-9), (0.9, 1.5)])
 def test_betas_outside_unit_interval_rejected(cls, betas):
     with pytest.raises(ValueError, match=r"beta[12] \(betas\[[01]\]\).*must be"):
         cls([np.zeros(3)], betas=betas)
 
 
+@pytest.mark.parametrize("cls", WITH_BETAS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("betas", [0.9, (0.9,), (0.9, 0.99, 0.999), "ab"])
-def test_betas_not_a_pair_rejected(betas):
+def test_betas_not_a_pair_rejected(betas, cls):
     with pytest.raises(TypeError, match="betas must be a pair"):
-        fa.Adam([np.zeros(3)], betas=betas)
+        cls([np.zeros(3)], betas=betas)
 
 
 def test_boundary_values_accepted_like_torch():
@@ -140,7 +130,7 @@ def test_sparse_adam_needs_positive_lr_and_eps():
         fa.SparseAdam([np.zeros(3)], eps=0.0)
 
 
-@pytest.mark.parametrize("cls", [fa.Adagrad, fa.RMSprop, fa.Adam, fa.AdamW, fa.SparseAdam])
+@pytest.mark.parametrize("cls", [c.cls for c in OPTIMIZERS], ids=lambda c: c.__name__)
 def test_nonfinite_option_validated(cls):
     with pytest.raises(ValueError, match="nonfinite must be one of"):
         cls([np.zeros(3)], nonfinite="ignore")
@@ -202,7 +192,7 @@ def test_same_array_twice_rejected():
 
 
 def test_add_param_group_rejects_known_parameter_and_changes_nothing():
-    opt, ps = started("adam")
+    opt, ps = started("Adam")
     snap = snapshot(opt)
     n_groups = len(opt.param_groups)
     with pytest.raises(ValueError, match="share memory"):
@@ -265,14 +255,8 @@ def test_bad_gradient_raises_and_writes_nothing(name, dtype):
     assert opt.state[0]["step"] == 3
 
 
-BAD_GROUP_VALUES = {
-    "adagrad": [("lr", -1.0), ("eps", -1e-8), ("weight_decay", -0.1), ("lr_decay", -1.0), ("lr", float("nan")),
-                ("sparse_mode", "eager")],
-    "rmsprop": [("lr", -1.0), ("eps", -1e-8), ("weight_decay", -0.1), ("alpha", -0.5), ("momentum", -0.9)],
-    "adam": [("lr", -1.0), ("eps", -1e-8), ("weight_decay", -0.1), ("betas", (1.0, 0.999)), ("betas", (0.9, 1.0)),
-             ("betas", (-0.5, 0.9)), ("betas", 0.9), ("lr", "0.1")],
-    "adamw": [("lr", -1.0), ("betas", (0.9, 1.01)), ("decoupled_weight_decay", False)],
-}
+#: the table's refused values (plus a NaN lr and an unknown sparse_mode for every optimizer)
+BAD_GROUP_VALUES = {c.name: c.refused for c in DENSE}
 #: what the error message names, where it is not the key itself
 _NAMED = {"betas": "beta", "sparse_mode": "sparse_mode"}
 
@@ -336,15 +320,26 @@ def test_add_param_group_later_starts_its_own_count():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("name,key,values", [
-    ("adam", "lr", [0.01, 0.01, 0.05, 0.001, 0.02]),
-    ("adamw", "lr", [0.01, 0.1, 0.1, 0.001, 0.05]),          # the decoupled decay follows lr
-    ("rmsprop", "lr", [0.01, 0.05, 0.05, 0.001, 0.01]),      # lr is outside the momentum buffer
-    ("adagrad", "lr", [0.1, 0.01, 0.2, 0.05, 0.05]),
-    ("adam", "betas", [(0.9, 0.999), (0.5, 0.9), (0.5, 0.9), (0.99, 0.999), (0.0, 0.5)]),
-    ("rmsprop", "momentum", [0.0, 0.0, 0.9, 0.9, 0.5]),      # momentum switched on mid-run
-    ("adam", "amsgrad", [False, True, True, False, True]),
-])
+def _schedules():
+    """(name, key, values): starting from the rich config, lr moved up and down, and every other
+    option of the rich config switched between its plain and rich values (buffers appear
+    mid-run: momentum, amsgrad, centered)."""
+    out = []
+    for c in DENSE:
+        lr = c.rich["lr"]
+        out.append((c.name, "lr", [lr, 5 * lr, 5 * lr, lr / 10, 2 * lr]))
+        for key, b in c.rich.items():
+            if key != "lr" and key not in c.constructor_only:
+                a = c.group(c.plain)[key]
+                out.append((c.name, key, [a, b, b, a, b]))
+    return out
+
+
+SCHEDULES = _schedules()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name,key,values", SCHEDULES, ids=[f"{n}-{k}" for n, k, _ in SCHEDULES])
 def test_schedule_changes_take_effect_at_the_next_step(name, key, values, dtype):
     cls, hyper = FULL[name]
     rng = np.random.default_rng(8)
@@ -353,14 +348,14 @@ def test_schedule_changes_take_effect_at_the_next_step(name, key, values, dtype)
     p, other = p0.copy(), other0.copy()
     opt = cls([{"params": [other]}, {"params": [p]}], **hyper)       # only group 1 follows the schedule
     q, q_other = p0.copy(), other0.copy()
-    st_ref = ref.init_state(name, q, **hyper)
-    st_other = ref.init_state(name, q_other, **hyper)
+    st_ref = CASES[name].init_state(q, **hyper)
+    st_other = CASES[name].init_state(q_other, **hyper)
     for i, v in enumerate(values):
         opt.param_groups[1][key] = v
         g, g_other = grads_like([p, other], seed=i)
         opt.step([g_other, g])
-        ref.DENSE_RULES[name](q, g, st_ref, **dict(hyper, **{key: v}))
-        ref.DENSE_RULES[name](q_other, g_other, st_other, **hyper)
+        CASES[name].reference(q, g, st_ref, **dict(hyper, **{key: v}))
+        CASES[name].reference(q_other, g_other, st_other, **hyper)
         assert_close(p, q, RTOL[np.dtype(dtype)])
         assert_close(other, q_other, RTOL[np.dtype(dtype)])
 
@@ -373,17 +368,18 @@ def test_none_gradient_skips_the_parameter_and_its_step_count(name):
     ps = [p.copy() for p in ps0]
     opt = cls(ps, **hyper)
     qs = [p.copy() for p in ps0]
-    sts = [ref.init_state(name, q, **hyper) for q in qs]
+    sts = [CASES[name].init_state(q, **hyper) for q in qs]
     pattern = [(True, False), (True, True), (False, True), (True, False), (True, True)]
     for i, mask in enumerate(pattern):
         grads = grads_like(ps, seed=i)
         opt.step([g if use else None for g, use in zip(grads, mask)])
         for q, g, s, use in zip(qs, grads, sts, mask):
             if use:
-                ref.DENSE_RULES[name](q, g, s, **hyper)
+                CASES[name].reference(q, g, s, **hyper)
         if i == 0:                                             # never stepped: untouched, no state made
             assert np.array_equal(ps[1], ps0[1])
-            assert set(opt.state[1]) == ({"step", "sum"} if name == "adagrad" else set())
+            eager = CASES[name].algorithm.eager_state               # Adagrad: state made at construction
+            assert set(opt.state[1]) == (set(CASES[name].buffers(hyper)) | {"step"} if eager else set())
             assert opt.state[1].get("step", 0) == 0
     assert [s["step"] for s in opt.state] == [4, 3]
     for p, q in zip(ps, qs):
@@ -391,7 +387,7 @@ def test_none_gradient_skips_the_parameter_and_its_step_count(name):
 
 
 def test_all_none_gradients_change_nothing():
-    opt, ps = started("adam")
+    opt, ps = started("Adam")
     snap = snapshot(opt)
     assert opt.step([None, None, None]) is True
     assert_unchanged(opt, snap)
@@ -588,52 +584,43 @@ def test_centered_rmsprop_clamp_lets_nan_through():
 # --------------------------------------------------------------------------------------------------
 
 
-def _functional_run(name, p, grads, hyper):
-    """Run fastadapt.functional with caller-kept state; return the state buffers."""
-    z = lambda: np.zeros_like(p)  # noqa: E731
-    if name == "adagrad":
-        iav = hyper.pop("initial_accumulator_value", 0.0)
-        bufs = {"sum": np.full_like(p, iav)}
-        for t, g in enumerate(grads, 1):
-            F.adagrad(p, g, bufs["sum"], step=t, **hyper)
-    elif name == "rmsprop":
-        bufs = {"square_avg": z(), "momentum_buffer": z(), "grad_avg": z()}
-        for t, g in enumerate(grads, 1):
-            F.rmsprop(p, g, bufs["square_avg"], bufs["momentum_buffer"], bufs["grad_avg"], step=t, **hyper)
-    else:
-        bufs = {"exp_avg": z(), "exp_avg_sq": z(), "max_exp_avg_sq": z()}
-        fn = F.adam if name == "adam" else F.adamw
-        for t, g in enumerate(grads, 1):
-            fn(p, g, bufs["exp_avg"], bufs["exp_avg_sq"], bufs["max_exp_avg_sq"], step=t, **hyper)
+def _functional_run(case, p, grads, hyper):
+    """Run fastadapt.functional with caller-kept state; return the state buffers.
+
+    Every buffer the algorithm declares (its slots, under the functional layer's argument names),
+    filled as the algorithm fills them (Adagrad: initial_accumulator_value, which only sets up
+    state and is therefore no argument of the function)."""
+    alg = case.algorithm
+    group = case.group(hyper)
+    bufs = {n: np.full_like(p, alg.fill(group, n)) for n in alg.slots if n is not None}
+    args = {alg.functional_args.get(n, n): b for n, b in bufs.items()}
+    takes = {h.name for h in alg.hypers if h.functional}
+    for t, g in enumerate(grads, 1):
+        case.functional(p, g, step=t, **args, **{k: v for k, v in hyper.items() if k in takes})
     return bufs
 
 
-FUNCTIONAL_CASES = [
-    ("adagrad", {}), ("adagrad", dict(lr=0.05, lr_decay=0.1, weight_decay=0.1, maximize=True)),
-    ("rmsprop", {}), ("rmsprop", dict(alpha=0.9, momentum=0.9, centered=True, weight_decay=0.1, maximize=True)),
-    ("adam", {}), ("adam", dict(lr=0.01, betas=(0.3, 0.9), amsgrad=True, weight_decay=0.1, maximize=True)),
-    ("adam", dict(lr=0.01, decoupled_weight_decay=True, weight_decay=0.1)),
-    ("adamw", {}), ("adamw", dict(lr=0.01, amsgrad=True, weight_decay=0.5)),
-]
+#: every functional function: defaults, the whole option grid and the rich config
+FUNCTIONAL_CASES = [(c, o) for c in FUNCTIONAL if c.dense for o in [{}] + list(c.options) + [dict(c.rich)]]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("name,hyper", FUNCTIONAL_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(FUNCTIONAL_CASES)])
-def test_functional_matches_reference_and_the_class(name, hyper, dtype):
+@pytest.mark.parametrize("case,hyper", FUNCTIONAL_CASES, ids=[f"{c.name}-{i}" for i, (c, _) in enumerate(FUNCTIONAL_CASES)])
+def test_functional_matches_reference_and_the_class(case, hyper, dtype):
     rng = np.random.default_rng(9)
     p0 = np.array(rng.standard_normal((3, 7)), dtype=dtype)
     grads = [np.array(rng.standard_normal((3, 7)), dtype=dtype) for _ in range(6)]
     p = p0.copy()
-    bufs = _functional_run(name, p, grads, dict(hyper))
+    bufs = _functional_run(case, p, grads, dict(hyper))
     q = p0.copy()
-    st_ref = ref.init_state(name, q, **hyper)
+    st_ref = case.init_state(q, **hyper)
     for g in grads:
-        ref.DENSE_RULES[name](q, g, st_ref, **hyper)
+        case.reference(q, g, st_ref, **hyper)
     assert_close(p, q, RTOL[np.dtype(dtype)])
     for k, v in st_ref.items():
         if isinstance(v, np.ndarray):
             assert_close(bufs[k], v, RTOL[np.dtype(dtype)])
-    cls = {"adagrad": fa.Adagrad, "rmsprop": fa.RMSprop, "adam": fa.Adam, "adamw": fa.AdamW}[name]
+    cls = case.cls
     c = p0.copy()
     opt = cls([c], **hyper)
     for g in grads:
@@ -735,16 +722,15 @@ def test_state_of():
 # property-based: any invalid hyper-parameter is refused, at construction and at step()
 # --------------------------------------------------------------------------------------------------
 
-_NONNEG = {"adagrad": ["lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"],
-           "rmsprop": ["lr", "alpha", "eps", "weight_decay", "momentum"],
-           "adam": ["lr", "eps", "weight_decay"], "adamw": ["lr", "eps", "weight_decay"]}
+#: name -> the keys whose invalid values the property test draws (from the algorithm's declaration)
+_NONNEG = {c.name: c.nonneg_hypers() for c in DENSE}
 
 
 @settings(max_examples=30, deadline=None)
 @given(data=st.data())
 def test_property_invalid_hyper_parameter_refused_before_any_write(data):
     name = data.draw(st.sampled_from(sorted(FULL)), label="optimizer")
-    keys = _NONNEG[name] + (["betas"] if name.startswith("adam") else [])
+    keys = _NONNEG[name] + (["betas"] if CASES[name].has_hyper("betas") else [])
     key = data.draw(st.sampled_from(keys), label="key")
     if key == "betas":
         bad = st.floats(allow_nan=False).filter(lambda x: not 0.0 <= x < 1.0)

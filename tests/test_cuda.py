@@ -26,6 +26,9 @@ import fastadapt as fa
 from fastadapt import config
 from fastadapt.algorithms import adagrad, rmsprop
 
+from conftest import DTYPE_IDS, DTYPES, RTOL
+from optimizers import DENSE, OPTIMIZERS
+
 
 def _mode():
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
@@ -41,8 +44,6 @@ def _mode():
 
 MODE = _mode()
 ON_DEVICE = MODE in ("simulator", "gpu")
-RTOL = {np.float64: 1e-12, np.float32: 1e-5}
-DTYPES = [np.float64, np.float32]
 SHAPE = (9, 7)          # 63 elements: 8 threads x 4 blocks = 32 per pass, so the loops wrap
 N_STEPS = 8
 
@@ -202,7 +203,8 @@ def assert_close(actual, expected, dtype, what=""):
     rounding differs from the CPU's by an ulp of the operands, not of a result near zero."""
     expected = np.asarray(expected)
     rms = float(np.sqrt(np.mean(np.square(expected, dtype=np.float64)))) if expected.size else 0.0
-    np.testing.assert_allclose(actual, expected, rtol=RTOL[dtype], atol=RTOL[dtype] * rms, err_msg=what)
+    rtol = RTOL[np.dtype(dtype)]
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * rms, err_msg=what)
 
 
 def run_pair(cls, kw, dtype, seed=0, to_dev=to_device, n=N_STEPS):
@@ -217,25 +219,16 @@ def run_pair(cls, kw, dtype, seed=0, to_dev=to_device, n=N_STEPS):
     return oh, od, ph, pd
 
 
-DENSE_CASES = [
-    (fa.Adagrad, {}),
-    (fa.Adagrad, dict(lr=0.05, lr_decay=0.1, weight_decay=0.01, initial_accumulator_value=0.3, eps=1e-6,
-                      maximize=True)),
-    (fa.RMSprop, {}),
-    (fa.RMSprop, dict(centered=True)),
-    (fa.RMSprop, dict(momentum=0.9, weight_decay=0.01, alpha=0.9)),
-    (fa.RMSprop, dict(momentum=0.5, centered=True, weight_decay=0.02, maximize=True, alpha=0.3)),
-    (fa.Adam, {}),
-    (fa.Adam, dict(lr=0.01, betas=(0.3, 0.9), weight_decay=0.05, amsgrad=True, maximize=True)),
-    (fa.Adam, dict(weight_decay=0.1, decoupled_weight_decay=True, eps=0.0)),
-    (fa.AdamW, {}),
-    (fa.AdamW, dict(lr=0.02, weight_decay=0.3, amsgrad=True, maximize=True)),
-]
+#: (class, options, dtype): every dense case's defaults, whole option grid and rich config in
+#: float64; its grid corners (``small_grid``) in float32
+DENSE_CASES = ([(c.cls, o, np.float64) for c in DENSE for o in [{}] + [dict(x) for x in c.options] + [dict(c.rich)]]
+               + [(c.cls, o, np.float32) for c in DENSE for o in c.small_grid()])
 
 
 def _case_id(case):
-    cls, kw = case
-    return cls.__name__ + ("-" + "-".join(sorted(kw)) if kw else "")
+    cls, kw = case[:2]
+    dtype = "".join(f"-{DTYPE_IDS[DTYPES.index(d)]}" for d in case[2:])
+    return cls.__name__ + ("".join(f"-{k}={v}" for k, v in kw.items() if k != "lr") or "-default") + dtype
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,10 +236,9 @@ def _case_id(case):
 # --------------------------------------------------------------------------------------------------
 
 @on_device
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
 @pytest.mark.parametrize("case", DENSE_CASES, ids=[_case_id(c) for c in DENSE_CASES])
-def test_dense_matches_cpu(case, dtype):
-    cls, kw = case
+def test_dense_matches_cpu(case):
+    cls, kw, dtype = case
     oh, od, ph, pd = run_pair(cls, kw, dtype)
     assert_close(host(pd), ph, dtype, "parameter")
     sh, sd = oh.state_dict(), od.state_dict()
@@ -275,7 +267,7 @@ def test_foreign_cuda_array_is_updated_in_place_zero_copy():
 
 
 @on_device
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_state_dict_round_trip_on_device(dtype):
     """state_dict is numpy; loading it back to the device continues exactly as if uninterrupted."""
     p0, grads = problem(dtype, 3)
@@ -560,18 +552,10 @@ def host_rows(g):
     return fa.RowGrad(rows, values)
 
 
-SPARSE_CASES = [
-    (fa.SparseAdam, {}),
-    (fa.SparseAdam, dict(maximize=True, betas=(0.5, 0.9))),
-    (fa.Adagrad, {}),                                                    # exact == lazy
-    (fa.Adagrad, dict(sparse_mode="exact", weight_decay=0.1)),           # fused pass
-    (fa.Adam, {}),                                                       # lazy
-    (fa.Adam, dict(sparse_mode="exact", amsgrad=True)),                  # fused pass
-    (fa.AdamW, dict(sparse_mode="exact")),
-    (fa.RMSprop, dict(centered=True, momentum=0.5)),                     # lazy
-    (fa.RMSprop, dict(sparse_mode="exact")),                             # decay catch-up
-    (fa.RMSprop, dict(sparse_mode="exact", centered=True, alpha=0.7)),   # decay catch-up, centered
-]
+#: every case: lazy with its rich config, then exact once per distinct plan of the algorithm
+#: (lazy == exact, fused pass, closed-form decay with and without the centered slot)
+SPARSE_CASES = [(c.cls, dict(o, **c.mode_options(m))) for c in OPTIMIZERS for m, o in c.exact_groups()
+                if (m, o) != ("lazy", {})]
 
 
 @on_device

@@ -9,8 +9,6 @@ second step compiles nothing new", and property-based tests over shapes and hype
 from __future__ import annotations
 
 import contextlib
-import itertools
-import os
 import sys
 
 import numpy as np
@@ -23,14 +21,9 @@ import fastadapt as fa
 from fastadapt import config
 from fastadapt.backends import cpu
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import reference as ref  # noqa: E402
+from conftest import DTYPE_IDS, DTYPES, RTOL
+from optimizers import CASES, DENSE, config_id, option_cases
 
-CLASSES = {"adagrad": fa.Adagrad, "rmsprop": fa.RMSprop, "adam": fa.Adam, "adamw": fa.AdamW}
-DTYPES = [np.float64, np.float32]
-DTYPE_IDS = ["f64", "f32"]
-#: SPEC Part A.2 acceptance tolerances
-RTOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5}
 #: a small threshold so that the parallel loop runs on the small arrays of these tests
 SMALL_THRESHOLD = 16
 
@@ -81,15 +74,15 @@ def parallel_threshold(value):
         config.PARALLEL_THRESHOLD = old
 
 
-def run_pair(name, p0, grads, hyper, check_every_step=False):
+def run_pair(case, p0, grads, hyper, check_every_step=False):
     """Run fastadapt and the reference side by side; return (p, opt, q, ref_state)."""
     p = p0.copy()
-    opt = CLASSES[name]([p], **hyper)
+    opt = case.cls([p], **hyper)
     q = p0.copy()
-    st_ref = ref.init_state(name, q, **hyper)
+    st_ref = case.init_state(q, **hyper)
     for i, g in enumerate(grads):
         assert opt.step([g]) is True
-        ref.DENSE_RULES[name](q, g, st_ref, **hyper)
+        case.reference(q, g, st_ref, **hyper)
         if check_every_step or i == 0:
             assert_matches(opt, 0, p, q, st_ref, p0.dtype, f"step {i + 1}")
     return p, opt, q, st_ref
@@ -99,31 +92,21 @@ def run_pair(name, p0, grads, hyper, check_every_step=False):
 # every option combination
 # --------------------------------------------------------------------------------------------------
 
-OPTION_GRID = (
-    [("adagrad", dict(lr=0.05, lr_decay=ld, weight_decay=wd, initial_accumulator_value=iav, maximize=mx))
-     for ld, wd, iav, mx in itertools.product([0.0, 0.1], [0.0, 0.1], [0.0, 0.5], [False, True])]
-    + [("rmsprop", dict(lr=1e-2, alpha=a, weight_decay=wd, momentum=mo, centered=c, maximize=mx))
-       for a, wd, mo, c, mx in itertools.product([0.99, 0.3], [0.0, 0.1], [0.0, 0.9], [False, True], [False, True])]
-    + [("adam", dict(lr=1e-2, betas=b, weight_decay=wd, decoupled_weight_decay=dec, amsgrad=ams, maximize=mx))
-       for b, wd, dec, ams, mx in itertools.product([(0.9, 0.999), (0.3, 0.9)], [0.0, 0.1], [False, True],
-                                                     [False, True], [False, True])]
-    + [("adamw", dict(lr=1e-2, amsgrad=ams, maximize=mx, **({} if wd is None else {"weight_decay": wd})))
-       for wd, ams, mx in itertools.product([None, 0.0, 0.1], [False, True], [False, True])]
-)
+#: every option combination of every case that takes dense gradients, and the defaults
+OPTION_GRID = option_cases(DENSE) + [(c, {}) for c in DENSE]
 
 
 def _grid_id(case):
-    name, hyper = case
-    return name + "-" + "-".join(f"{k}={v}" for k, v in hyper.items() if k != "lr")
+    return config_id(case)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", OPTION_GRID, ids=[_grid_id(c) for c in OPTION_GRID])
 def test_every_option_matches_reference(case, dtype):
     """After 1 step and after 25 steps, parameter and every state buffer match the reference."""
-    name, hyper = case
+    c, hyper = case
     p0, grads = problem((33,), dtype, 25, seed=len(_grid_id(case)))
-    p, opt, q, st_ref = run_pair(name, p0, grads, hyper)
+    p, opt, q, st_ref = run_pair(c, p0, grads, hyper)
     assert_matches(opt, 0, p, q, st_ref, dtype, "final")
     assert opt.state[0]["step"] == 25
     assert not np.array_equal(p, p0)
@@ -137,9 +120,9 @@ def test_operation_order_is_the_references_bit_for_bit(dtype):
     parity tolerance. (SPEC A.2 allows FMA contraction: a change that enables it deliberately should
     turn this into a ~1-ulp comparison.)"""
     for case in OPTION_GRID:
-        name, hyper = case
+        c, hyper = case
         p0, grads = problem((33,), dtype, 10, seed=len(_grid_id(case)))
-        p, opt, q, st_ref = run_pair(name, p0, grads, hyper)
+        p, opt, q, st_ref = run_pair(c, p0, grads, hyper)
         assert np.array_equal(p, q), case
         for k, v in st_ref.items():
             if isinstance(v, np.ndarray):
@@ -150,24 +133,18 @@ def test_operation_order_is_the_references_bit_for_bit(dtype):
 # shapes, sizes and both loops
 # --------------------------------------------------------------------------------------------------
 
-RICH = {
-    "adagrad": dict(lr=0.05, lr_decay=0.1, weight_decay=0.1, initial_accumulator_value=0.5, maximize=True),
-    "rmsprop": dict(lr=1e-2, alpha=0.9, weight_decay=0.1, momentum=0.9, centered=True),
-    "adam": dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, amsgrad=True),
-    "adamw": dict(lr=1e-2, weight_decay=0.1, amsgrad=True, maximize=True),
-}
 SHAPES = [(0,), (1,), (7,), (33,), (1000,), (1003,), (), (3, 5), (2, 3, 4), (4, 0, 3)]
 
 
 @pytest.mark.parametrize("loop", ["serial", "parallel"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)) or "0d")
-@pytest.mark.parametrize("name", sorted(RICH))
-def test_shapes_and_loops(name, shape, dtype, loop, monkeypatch):
+@pytest.mark.parametrize("case", DENSE, ids=str)
+def test_shapes_and_loops(case, shape, dtype, loop, monkeypatch):
     if loop == "parallel":
         monkeypatch.setattr(config, "PARALLEL_THRESHOLD", SMALL_THRESHOLD)
     p0, grads = problem(shape, dtype, 6, seed=7)
-    p, opt, q, st_ref = run_pair(name, p0, grads, RICH[name], check_every_step=True)
+    p, opt, q, st_ref = run_pair(case, p0, grads, case.rich, check_every_step=True)
     assert p.shape == shape and p.dtype == dtype
     for k, v in opt.state[0].items():
         if k != "step":
@@ -188,7 +165,7 @@ def test_threshold_picks_the_loop(size, expected, monkeypatch):
 
         monkeypatch.setattr(cpu, f"_dense_{loop}", spy)
     p0, grads = problem((size,), np.float64, 2)
-    run_pair("adam", p0, grads, {})
+    run_pair(CASES["Adam"], p0, grads, {})
     assert calls == [expected, expected]
 
 
@@ -198,10 +175,10 @@ def test_serial_and_parallel_loops_agree_bitwise(dtype, monkeypatch):
     results = []
     for threshold in (10**9, SMALL_THRESHOLD):
         monkeypatch.setattr(config, "PARALLEL_THRESHOLD", threshold)
-        for name in sorted(RICH):
+        for case in DENSE:
             p0, grads = problem((1003,), dtype, 5, seed=3)
             p = p0.copy()
-            opt = CLASSES[name]([p], **RICH[name])
+            opt = case.cls([p], **case.rich)
             for g in grads:
                 opt.step([g])
             results.append((p, opt.state_dict()["state"][0]))
@@ -219,12 +196,12 @@ def test_serial_and_parallel_loops_agree_bitwise(dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("name", sorted(RICH))
-def test_in_place_dtype_preserved_gradient_untouched(name, dtype):
+@pytest.mark.parametrize("case", DENSE, ids=str)
+def test_in_place_dtype_preserved_gradient_untouched(case, dtype):
     p0, grads = problem((4, 5), dtype, 3)
     p = p0.copy()
     address = p.__array_interface__["data"][0]
-    opt = CLASSES[name]([p], **RICH[name])
+    opt = case.cls([p], **case.rich)
     copies = [g.copy() for g in grads]
     for g in grads:
         opt.step([g])
@@ -245,7 +222,7 @@ def test_float32_math_stays_float32():
     """A float32 parameter updated by float32 math differs from the same update done in float64
     and rounded (that would be a silent promotion), while matching the float32 reference."""
     p0, grads = problem((257,), np.float32, 10, seed=11)
-    p, opt, q, st_ref = run_pair("adam", p0, grads, dict(lr=1e-2, amsgrad=True))
+    p, opt, q, st_ref = run_pair(CASES["Adam"], p0, grads, dict(lr=1e-2, amsgrad=True))
     p64 = p0.astype(np.float64)
     opt64 = fa.Adam([p64], lr=1e-2, amsgrad=True)
     for g in grads:
@@ -272,35 +249,43 @@ def _signature_counts():
 
 
 def _all_option_runs(dtype):
-    for name, hyper in OPTION_GRID:
+    for case, hyper in OPTION_GRID:
         for shape in [(), (5,), (2, 20)]:
             p0, grads = problem(shape, dtype, 2)
-            yield name, hyper, p0, grads
+            yield case, hyper, p0, grads
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_second_step_compiles_nothing_new(dtype, monkeypatch):
     monkeypatch.setattr(config, "PARALLEL_THRESHOLD", SMALL_THRESHOLD)
     # first steps: whatever needs compiling (or loading from the cache) happens here
-    for name in sorted(CLASSES):
+    for case in DENSE:
         for size in (3, 40):
             p0, grads = problem((size,), dtype, 1)
-            CLASSES[name]([p0.copy()], nonfinite="skip").step(grads)
-            fa.functional.adam(p0.copy(), grads[0], np.zeros_like(p0), np.zeros_like(p0), step=1)
+            case.cls([p0.copy()], nonfinite="skip").step(grads)
+            if case.functional is not None:
+                _functional_step(case, p0.copy(), grads[0], {})
     before = _signature_counts()
     assert before["fastadapt.backends.cpu._dense_serial"] >= 3 and before["fastadapt.backends.cpu._dense_parallel"] >= 3
     # every option combination, every shape, both loops, the non-finite scan and the functional layer
-    for name, hyper, p0, grads in _all_option_runs(dtype):
-        opt = CLASSES[name]([p0.copy()], nonfinite="skip", **hyper)
+    for case, hyper, p0, grads in _all_option_runs(dtype):
+        opt = case.cls([p0.copy()], nonfinite="skip", **hyper)
         for g in grads:
             opt.step([g])
         opt.step([np.full_like(p0, np.nan)])
-    m = np.zeros(40, dtype)
-    fa.functional.adam(np.ones(40, dtype), np.ones(40, dtype), m.copy(), m.copy(), m.copy(), step=3, amsgrad=True)
-    fa.functional.rmsprop(np.ones(40, dtype), np.ones(40, dtype), m.copy(), m.copy(), m.copy(), step=1,
-                          momentum=0.5, centered=True)
-    fa.functional.adagrad(np.ones(40, dtype), np.ones(40, dtype), m.copy(), step=2, lr_decay=0.1)
+    for case in DENSE:                             # the functional layer, every buffer, other options
+        if case.functional is not None:
+            _functional_step(case, np.ones(40, dtype), np.ones(40, dtype), case.rich, step=3)
     assert _signature_counts() == before
+
+
+def _functional_step(case, p, g, hyper, step=1):
+    """One functional-layer update with every state buffer (fresh zeros) and ``hyper``'s
+    functional hyper-parameters."""
+    alg = case.algorithm
+    names = {h.name for h in alg.hypers if h.functional}
+    bufs = {alg.functional_args.get(n, n): np.zeros_like(p) for n in alg.slots if n is not None}
+    case.functional(p, g, step=step, **bufs, **{k: v for k, v in hyper.items() if k in names})
 
 
 def test_one_specialisation_per_rule_and_dtype():
@@ -318,30 +303,12 @@ def test_one_specialisation_per_rule_and_dtype():
 # property-based: shapes and hyper-parameters
 # --------------------------------------------------------------------------------------------------
 
-_unit = st.floats(0.0, 0.999, allow_nan=False)
-_small = st.sampled_from([0.0, 1e-3, 0.1, 0.5])
-_eps = st.sampled_from([0.0, 1e-10, 1e-8, 1e-3])
-_lr = st.floats(0.0, 0.5, allow_nan=False)
-
-HYPER = {
-    "adagrad": st.fixed_dictionaries(dict(lr=_lr, lr_decay=_small, weight_decay=_small, eps=_eps,
-                                          initial_accumulator_value=_small, maximize=st.booleans())),
-    "rmsprop": st.fixed_dictionaries(dict(lr=_lr, alpha=_unit, eps=_eps, weight_decay=_small,
-                                          momentum=st.sampled_from([0.0, 0.5, 0.9]), centered=st.booleans(),
-                                          maximize=st.booleans())),
-    "adam": st.fixed_dictionaries(dict(lr=_lr, betas=st.tuples(_unit, _unit), eps=_eps, weight_decay=_small,
-                                       amsgrad=st.booleans(), maximize=st.booleans(),
-                                       decoupled_weight_decay=st.booleans())),
-    "adamw": st.fixed_dictionaries(dict(lr=_lr, betas=st.tuples(_unit, _unit), eps=_eps, weight_decay=_small,
-                                        amsgrad=st.booleans(), maximize=st.booleans())),
-}
-
 
 @settings(max_examples=30, deadline=None)
 @given(data=st.data())
 def test_property_matches_reference(data):
-    name = data.draw(st.sampled_from(sorted(CLASSES)), label="optimizer")
-    hyper = data.draw(HYPER[name], label="hyper")
+    case = data.draw(st.sampled_from(DENSE), label="optimizer")
+    hyper = data.draw(case.hyper_strategy(), label="hyper")
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
     shape = data.draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=7), label="shape")
     steps = data.draw(st.integers(1, 5), label="steps")
@@ -349,7 +316,7 @@ def test_property_matches_reference(data):
     seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
     p0, grads = problem(shape, dtype, steps, seed)
     with parallel_threshold(threshold), np.errstate(all="ignore"):
-        p, opt, q, st_ref = run_pair(name, p0, grads, hyper, check_every_step=True)
+        p, opt, q, st_ref = run_pair(case, p0, grads, hyper, check_every_step=True)
     assert p.dtype == dtype and p.shape == shape
 
 
@@ -357,18 +324,18 @@ def test_property_matches_reference(data):
 @given(data=st.data())
 def test_property_hyper_parameter_changes_between_steps(data):
     """Any sequence of per-step hyper-parameter values (a schedule) matches the reference with them."""
-    name = data.draw(st.sampled_from(sorted(CLASSES)), label="optimizer")
+    case = data.draw(st.sampled_from(DENSE), label="optimizer")
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
     steps = data.draw(st.integers(2, 5), label="steps")
-    schedule = [data.draw(HYPER[name], label=f"hyper at step {i}") for i in range(steps)]
+    schedule = [data.draw(case.hyper_strategy(), label=f"hyper at step {i}") for i in range(steps)]
     p0, grads = problem((9,), dtype, steps, data.draw(st.integers(0, 2**31 - 1), label="seed"))
     p = p0.copy()
-    opt = CLASSES[name]([p], **schedule[0])
+    opt = case.cls([p], **schedule[0])
     q = p0.copy()
-    st_ref = ref.init_state(name, q, **schedule[0])
+    st_ref = case.init_state(q, **schedule[0])
     with np.errstate(all="ignore"):
         for hyper, g in zip(schedule, grads):
             opt.param_groups[0].update(hyper)
             opt.step([g])
-            ref.DENSE_RULES[name](q, g, st_ref, **hyper)
+            case.reference(q, g, st_ref, **hyper)
             assert_close(p, q, RTOL[np.dtype(dtype)])

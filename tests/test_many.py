@@ -17,15 +17,12 @@ from fastadapt import config
 from fastadapt.backends import cpu
 from fastadapt.optim import many
 
-CASES = {
-    "adagrad": (fa.Adagrad, dict(lr=0.1, lr_decay=0.01, weight_decay=0.1, initial_accumulator_value=0.2)),
-    "rmsprop": (fa.RMSprop, dict(lr=0.01, momentum=0.9, centered=True, weight_decay=0.01)),
-    "rmsprop-plain": (fa.RMSprop, dict(lr=0.01)),
-    "adam": (fa.Adam, dict(lr=0.01, amsgrad=True, weight_decay=0.1, maximize=True)),
-    "adamw": (fa.AdamW, dict(lr=0.01, betas=(0.3, 0.9))),
-}
+from conftest import DTYPE_IDS, DTYPES
+from optimizers import DENSE, rich_and_plain
+
+#: every dense case, its rich config and its plain one
+CONFIGS = {f"{c.name}-{label}": (c.cls, o) for c, label, o in rich_and_plain()}
 SHAPES = [(0,), (), (1,), (7,), (3, 5), (1003,), (40, 37)]
-DTYPES = [np.float32, np.float64]
 
 
 def _grads(rng, params):
@@ -35,7 +32,7 @@ def _grads(rng, params):
 def _run(name, dtype, steps, grads_at, params0, groups=None):
     """(params, optimizer) after `steps` steps of one optimizer over all params, and the same
     with one optimizer per parameter (each a single-tensor launch)."""
-    cls, hyper = CASES[name]
+    cls, hyper = CONFIGS[name]
     together = [p.copy() for p in params0]
     alone = [p.copy() for p in params0]
     if groups is None:
@@ -64,8 +61,8 @@ def _assert_same(together, opt, alone, singles, order):
 
 
 @pytest.mark.parametrize("loop", ["serial", "parallel"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_many_tensors_equal_one_launch_each(name, dtype, loop, monkeypatch):
     monkeypatch.setattr(config, "PARALLEL_THRESHOLD", 16 if loop == "parallel" else 10**9)
     monkeypatch.setattr(config, "PARALLEL_MIN_CHUNK", 256)    # large tensors cut into several units
@@ -98,7 +95,7 @@ def test_groups_none_gradients_and_mixed_dtypes(monkeypatch):
     calls = []
     real = cpu.dense_step_many
     monkeypatch.setattr(many, "dense_step_many", lambda *a: calls.append(a[-1]) or real(*a))
-    together, opt, alone, singles, order = _run("adam", np.float32, 5, grads_at, params0, groups)
+    together, opt, alone, singles, order = _run("Adam-rich", np.float32, 5, grads_at, params0, groups)
     _assert_same(together, opt, alone, singles, order)
     assert opt.state[1]["step"] == 3 and opt.state[0]["step"] == 5
     # group 1: one call per step; group 0's float32 pair: one call at step 0 only (then
@@ -175,15 +172,14 @@ def test_many_kernels_compile_once_per_rule_and_dtype(monkeypatch):
     def counts():
         return {k: len(getattr(cpu, k).signatures) for k in kernels}
 
-    def run(options):
-        for name, (cls, hyper) in CASES.items():
+    def run(configs):
+        for cls, hyper in configs:
             for dtype in DTYPES:
                 for size in (4, 40):   # serial (8 elements) and parallel (80) loops
-                    opt = cls([np.ones(size, dtype), np.ones(size, dtype)], **options.get(name, hyper))
+                    opt = cls([np.ones(size, dtype), np.ones(size, dtype)], **hyper)
                     opt.step([np.ones(size, dtype), np.ones(size, dtype)])
 
-    run({})
+    run(CONFIGS.values())
     before = counts()
-    run({"adam": dict(lr=0.1), "adamw": dict(amsgrad=True, maximize=True),
-         "rmsprop": dict(momentum=0.0, centered=False), "adagrad": dict(lr_decay=0.0)})
+    run([(c.cls, o) for c in DENSE for o in [{}] + list(c.options)])     # every other option combination
     assert counts() == before

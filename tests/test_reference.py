@@ -3,21 +3,15 @@ float64 and float32) plus a few torch-free properties of the sparse helpers and 
 
 from __future__ import annotations
 
-import itertools
-import os
-import sys
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import reference as ref  # noqa: E402
+import reference as ref
+from conftest import DTYPE_IDS, DTYPES, RTOL
+from optimizers import DENSE, DENSE_TORCH, OPTIMIZERS, config_id, option_cases, rich_and_plain
 
 N_STEPS = 50
 SHAPE = (7, 5)
-RTOL = {np.float64: 1e-12, np.float32: 1e-5}
-DTYPES = [np.float64, np.float32]
-DTYPE_IDS = ["f64", "f32"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -88,15 +82,16 @@ def run_dense(name, p0, grads, **hyper):
     return p, st
 
 
-def check_vs_torch(name, dtype, hyper, seed=0):
+def check_vs_torch(case, dtype, hyper, seed=0):
+    """The reference (told about torch's quirks: ``case.torch_reference_hyper``) against torch."""
     torch = pytest.importorskip("torch")  # noqa: F841
     p0, grads = dense_problem(dtype, seed)
-    p_ref, st_ref = run_dense(name, p0, grads, **hyper)
-    p_t, st_t = ref.torch_run(name, p0, grads, **hyper)
+    p_ref, st_ref = run_dense(case.key, p0, grads, **case.torch_reference_hyper(hyper))
+    p_t, st_t = case.torch_run(p0, grads, **hyper)
     assert np.all(np.isfinite(p_ref))
     assert st_ref["step"] == N_STEPS
-    assert_close(p_ref, p_t, RTOL[dtype], "param")
-    assert_state_close(st_ref, st_t, RTOL[dtype])
+    assert_close(p_ref, p_t, RTOL[np.dtype(dtype)], "param")
+    assert_state_close(st_ref, st_t, RTOL[np.dtype(dtype)])
     assert not np.array_equal(p_ref, p0)
 
 
@@ -105,47 +100,14 @@ def check_vs_torch(name, dtype, hyper, seed=0):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize(
-    "lr_decay,weight_decay,iav,maximize", list(itertools.product([0.0, 0.1], [0.0, 0.1], [0.0, 0.5], [False, True]))
-)
-def test_adagrad_vs_torch(dtype, lr_decay, weight_decay, iav, maximize):
-    hyper = dict(lr=0.05, lr_decay=lr_decay, weight_decay=weight_decay, initial_accumulator_value=iav,
-                 maximize=maximize)
-    check_vs_torch("adagrad", dtype, hyper)
+#: every option combination of every case with a dense torch counterpart, and its defaults
+TORCH_GRID = option_cases(DENSE_TORCH) + [(c, {}) for c in DENSE_TORCH]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize(
-    "alpha,weight_decay,momentum,centered,maximize",
-    list(itertools.product([0.99, 0.3], [0.0, 0.1], [0.0, 0.9], [False, True], [False, True])),
-)
-def test_rmsprop_vs_torch(dtype, alpha, weight_decay, momentum, centered, maximize):
-    hyper = dict(lr=1e-2, alpha=alpha, weight_decay=weight_decay, momentum=momentum, centered=centered,
-                 maximize=maximize, clamp=False)
-    check_vs_torch("rmsprop", dtype, hyper)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize(
-    "betas,weight_decay,decoupled,amsgrad,maximize",
-    list(itertools.product([(0.9, 0.999), (0.3, 0.9)], [0.0, 0.1], [False, True], [False, True], [False, True])),
-)
-def test_adam_vs_torch(dtype, betas, weight_decay, decoupled, amsgrad, maximize):
-    hyper = dict(lr=1e-2, betas=betas, weight_decay=weight_decay, decoupled_weight_decay=decoupled,
-                 amsgrad=amsgrad, maximize=maximize)
-    check_vs_torch("adam", dtype, hyper)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize(
-    "weight_decay,amsgrad,maximize", list(itertools.product([None, 0.0, 0.1], [False, True], [False, True]))
-)
-def test_adamw_vs_torch(dtype, weight_decay, amsgrad, maximize):
-    hyper = dict(lr=1e-2, amsgrad=amsgrad, maximize=maximize)
-    if weight_decay is not None:  # None: both sides use their default (1e-2)
-        hyper["weight_decay"] = weight_decay
-    check_vs_torch("adamw", dtype, hyper)
+@pytest.mark.parametrize("case,hyper", TORCH_GRID, ids=map(config_id, TORCH_GRID))
+def test_reference_vs_torch(case, hyper, dtype):
+    check_vs_torch(case, dtype, hyper)
 
 
 def test_adamw_default_weight_decay_is_used():
@@ -170,8 +132,8 @@ def test_lr_change_mid_run_vs_torch(dtype):
     for i, g in enumerate(grads):
         ref.rmsprop(p, g, st, **dict(hyper, lr=0.05 if i >= 20 else 0.01))
     p_t, st_t = ref.torch_run("rmsprop", p0, grads, updates=updates, **hyper)
-    assert_close(p, p_t, RTOL[dtype])
-    assert_state_close(st, st_t, RTOL[dtype])
+    assert_close(p, p_t, RTOL[np.dtype(dtype)])
+    assert_state_close(st, st_t, RTOL[np.dtype(dtype)])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,8 +157,8 @@ def test_sparse_adam_vs_torch(dtype, one_d, betas, maximize):
         ever |= ref.coalesce(ref.shape2d_of(p), r, c, v)[0]
     assert st["step"] == N_STEPS
     p_t, st_t = ref.torch_run("sparse_adam", p0, grads, **hyper)
-    assert_close(p, p_t, RTOL[dtype], "param")
-    assert_state_close(st, st_t, RTOL[dtype])
+    assert_close(p, p_t, RTOL[np.dtype(dtype)], "param")
+    assert_state_close(st, st_t, RTOL[np.dtype(dtype)])
     # never-touched entries are bit-identical to p0 (both sides)
     never = ~ever.reshape(p.shape)
     assert never.any()
@@ -255,8 +217,8 @@ def test_sparse_adagrad_vs_torch(dtype, one_d, lr_decay, iav, maximize):
                 ref.lazy_step(ref.adagrad, p, None, r, c, v, st, **hyper)
             else:
                 ref.exact_step(ref.adagrad, p, r, c, v, st, **hyper)
-        assert_close(p, p_t, RTOL[dtype], f"{mode} param")
-        assert_state_close(st, st_t, RTOL[dtype])
+        assert_close(p, p_t, RTOL[np.dtype(dtype)], f"{mode} param")
+        assert_state_close(st, st_t, RTOL[np.dtype(dtype)])
         results[mode] = (p, st)
     # without weight decay a zero gradient is a no-op, so lazy == exact bit for bit
     assert np.array_equal(results["lazy"][0], results["exact"][0])
@@ -274,23 +236,17 @@ def test_sparse_adagrad_rejects_weight_decay():
 # torch-free properties
 # --------------------------------------------------------------------------------------------------
 
-LAZY_CASES = [
-    ("adagrad", dict(weight_decay=0.1, initial_accumulator_value=0.2)),
-    ("rmsprop", dict(weight_decay=0.1, momentum=0.9, centered=True)),
-    ("rmsprop", dict(alpha=0.9)),
-    ("adam", dict(weight_decay=0.1, amsgrad=True)),
-    ("adam", dict(maximize=True)),
-    ("adamw", dict(weight_decay=0.1)),
-]
+#: (case, options): the rich and the plain config of every case with a dense rule
+LAZY_CASES = [(c, o) for c, _, o in rich_and_plain(DENSE)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("name,hyper", LAZY_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(LAZY_CASES)])
-def test_lazy_step_leaves_untouched_bit_identical(dtype, name, hyper):
-    fn = ref.DENSE_RULES[name]
+@pytest.mark.parametrize("case,hyper", LAZY_CASES, ids=map(config_id, LAZY_CASES))
+def test_lazy_step_leaves_untouched_bit_identical(dtype, case, hyper):
+    fn = case.lazy_rule()
     p0, grads = sparse_problem(dtype, 7)
     p = p0.copy()
-    st = ref.init_state(name, p, **hyper)
+    st = case.init_state(p, **hyper)
     # warm the state up densely so that untouched state is non-trivial
     for g in dense_problem(dtype, 8, n=5)[1]:
         fn(p, g, st, **hyper)
@@ -310,17 +266,17 @@ def test_lazy_step_leaves_untouched_bit_identical(dtype, name, hyper):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("name,hyper", LAZY_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(LAZY_CASES)])
-def test_full_csr_equals_dense_step(dtype, name, hyper):
+@pytest.mark.parametrize("case,hyper", LAZY_CASES, ids=map(config_id, LAZY_CASES))
+def test_full_csr_equals_dense_step(dtype, case, hyper):
     """exact_step (and lazy_step) with a CSR holding every entry once is exactly the dense step."""
     scipy_sparse = pytest.importorskip("scipy.sparse")
-    fn = ref.DENSE_RULES[name]
+    fn = ref.DENSE_RULES[case.key]
     p0, grads = dense_problem(dtype, 9, n=20)
     grads[4][0, 0] = 0.0  # a stored zero must still be there
     p_d = p0.copy()
-    st_d = ref.init_state(name, p_d, **hyper)
-    p_e, st_e = p0.copy(), ref.init_state(name, p0, **hyper)
-    p_l, st_l = p0.copy(), ref.init_state(name, p0, **hyper)
+    st_d = case.init_state(p_d, **hyper)
+    p_e, st_e = p0.copy(), case.init_state(p0, **hyper)
+    p_l, st_l = p0.copy(), case.init_state(p0, **hyper)
     for g in grads:
         fn(p_d, g, st_d, **hyper)
         rows, cols = np.nonzero(np.ones(SHAPE, dtype=bool))
@@ -366,14 +322,11 @@ def test_row_grad_to_coo():
 
 def test_empty_sparse_step_advances_step_only():
     p0, _ = dense_problem(np.float64, 11)
-    for name, fn in [("sparse_adam", None), ("adam", ref.adam), ("rmsprop", ref.rmsprop)]:
+    for case in OPTIMIZERS:
         p = p0.copy()
-        st = ref.init_state(name, p)
+        st = case.init_state(p)
         e = np.zeros(0, dtype=np.int64)
-        if fn is None:
-            ref.sparse_adam(p, e, e, np.zeros(0), st)
-        else:
-            ref.lazy_step(fn, p, None, e, e, np.zeros(0), st)
+        case.sparse_reference(p, e, e, np.zeros(0), st, "lazy")
         assert st["step"] == 1
         assert np.array_equal(p, p0)
         assert all(not a.any() for a in st.values() if isinstance(a, np.ndarray))
@@ -442,25 +395,18 @@ class _F32Only(np.ndarray):
         return res
 
 
-@pytest.mark.parametrize(
-    "name,hyper",
-    [
-        ("adagrad", dict(lr_decay=0.1, weight_decay=0.1, maximize=True)),
-        ("rmsprop", dict(weight_decay=0.1, momentum=0.9, centered=True, maximize=True)),
-        ("rmsprop", dict(alpha=0.3, centered=True, clamp=False)),
-        ("adam", dict(weight_decay=0.1, amsgrad=True, maximize=True, betas=(0.3, 0.9))),
-        ("adam", dict(weight_decay=0.1, decoupled_weight_decay=True)),
-        ("adagrad", dict(initial_accumulator_value=0.1)),
-        ("rmsprop", dict(momentum=0.5)),
-        ("adamw", dict(amsgrad=True)),
-    ],
-)
-def test_float32_never_promoted(name, hyper):
+#: every option combination of the dense cases, also as the reference runs it against torch
+F32_CASES = option_cases(DENSE) + [(c, c.torch_reference_hyper(o)) for c, o in option_cases(DENSE)
+                                   if c.torch_reference_hyper(o) != o]
+
+
+@pytest.mark.parametrize("case,hyper", F32_CASES, ids=map(config_id, F32_CASES))
+def test_float32_never_promoted(case, hyper):
     p0, grads = dense_problem(np.float32, 13, n=3)
     p = p0.copy().view(_F32Only)
-    st = {k: (v.view(_F32Only) if isinstance(v, np.ndarray) else v) for k, v in ref.init_state(name, p0, **hyper).items()}
+    st = {k: (v.view(_F32Only) if isinstance(v, np.ndarray) else v) for k, v in case.init_state(p0, **hyper).items()}
     for g in grads:
-        ref.DENSE_RULES[name](p, g.view(_F32Only), st, **hyper)
+        case.reference(p, g.view(_F32Only), st, **hyper)
     assert p.dtype == np.float32
 
 

@@ -10,8 +10,6 @@ steps, data of another float dtype.
 
 from __future__ import annotations
 
-import os
-import sys
 import tracemalloc
 
 import numpy as np
@@ -24,8 +22,9 @@ from fastadapt.backends import cpu_sparse
 from fastadapt.algorithms import Decay
 from fastadapt.grads import sparse
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import reference as ref  # noqa: E402
+import reference as ref
+from conftest import DTYPE_IDS, DTYPES, RTOL
+from optimizers import CASES, DENSE, OPTIMIZERS, config_id
 
 
 def exact_strategy(opt):
@@ -33,28 +32,23 @@ def exact_strategy(opt):
     plan = opt.algorithm.exact(opt.param_groups[0])
     return "decay" if isinstance(plan, Decay) else plan
 
-DTYPES = [np.float64, np.float32]
-DTYPE_IDS = ["f64", "f32"]
-RTOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5}
 SHAPE = (7, 5)
 STEPS = 12
 
-CLASSES = {"adagrad": fa.Adagrad, "rmsprop": fa.RMSprop, "adam": fa.Adam, "adamw": fa.AdamW}
-#: (reference name, hyper-parameters): every option that changes the math of a sparse step
-CASES = [
-    ("adagrad", dict(lr=0.1)),
-    ("adagrad", dict(lr=0.1, lr_decay=0.1, weight_decay=0.1, initial_accumulator_value=0.5, maximize=True)),
-    ("adagrad", dict(lr=0.1, eps=0.0, initial_accumulator_value=0.5)),
-    ("rmsprop", dict(lr=0.01)),
-    ("rmsprop", dict(lr=0.01, alpha=0.3, centered=True, maximize=True)),
-    ("rmsprop", dict(lr=0.01, momentum=0.9, centered=True)),
-    ("rmsprop", dict(lr=0.01, weight_decay=0.1)),
-    ("adam", dict(lr=0.05)),
-    ("adam", dict(lr=0.05, betas=(0.3, 0.9), amsgrad=True, maximize=True, weight_decay=0.1)),
-    ("adam", dict(lr=0.05, weight_decay=0.1, decoupled_weight_decay=True)),
-    ("adamw", dict(lr=0.05, amsgrad=True)),
-]
-CASE_IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in h.items() if k != 'lr') or 'default'}" for n, h in CASES]
+#: (case, mode, options, dtype): every option combination (and the defaults) of every case in each
+#: of its sparse modes in float64; in float32 the grid's corners (``small_grid``), for run time
+SPARSE_GRID = ([(c, m, o, np.float64) for c in OPTIMIZERS for o in [{}] + list(c.options) for m in c.modes]
+               + [(c, m, o, np.float32) for c in OPTIMIZERS for o in c.small_grid() for m in c.modes])
+#: (case, options, dtype): the same for the dense cases, exact mode against the dense step
+EXACT_GRID = ([(c, o, np.float64) for c in DENSE if "exact" in c.modes for o in [{}] + list(c.options)]
+              + [(c, o, np.float32) for c in DENSE if "exact" in c.modes for o in c.small_grid()])
+
+
+def _grid_id(item):
+    """config_id plus the dtype."""
+    return config_id(item[:-1]) + "-" + DTYPE_IDS[DTYPES.index(item[-1])]
+#: (case, mode, options): lazy with the defaults and the rich config, exact once per distinct plan
+GROUPS = [(c, m, o) for c in OPTIMIZERS for m, o in c.exact_groups()]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -97,33 +91,19 @@ def to_csr(shape2d, rows, cols, vals, dtype, index_dtype=np.int32, kind="matrix"
     return g
 
 
-def run_fastadapt(cls, hyper, p0, grads, mode="lazy"):
+def run_fastadapt(case, hyper, p0, grads, mode="lazy"):
     p = p0.copy()
-    kw = {} if cls is fa.SparseAdam else {"sparse_mode": mode}
-    opt = cls([p], **kw, **hyper)
+    opt = case.cls([p], **case.mode_options(mode), **hyper)
     for g in grads:
         assert opt.step([g]) is True
     return opt, p
 
 
-def reference_hyper(name, hyper):
-    h = dict(hyper)
-    if name == "adamw":
-        h.pop("decoupled_weight_decay", None)
-    return h
-
-
-def run_reference(name, hyper, p0, coos, mode):
+def run_reference(case, hyper, p0, coos, mode):
     p = p0.copy()
-    st = ref.init_state(name, p, **hyper)
-    h = reference_hyper(name, hyper)
+    st = case.init_state(p, **hyper)
     for r, c, v in coos:
-        if name == "sparse_adam":
-            ref.sparse_adam(p, r, c, v, st, **h)
-        elif mode == "lazy":
-            ref.lazy_step(ref.DENSE_RULES[name], p, None, r, c, v, st, **h)
-        else:
-            ref.exact_step(ref.DENSE_RULES[name], p, r, c, v, st, **h)
+        case.sparse_reference(p, r, c, v, st, mode, **hyper)
     return p, st
 
 
@@ -175,17 +155,14 @@ def assert_unchanged(before, opt, params):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("mode", ["lazy", "exact"])
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_csr_matches_reference(case, mode, dtype):
-    name, hyper = case
+@pytest.mark.parametrize("case,mode,hyper,dtype", SPARSE_GRID, ids=map(_grid_id, SPARSE_GRID))
+def test_csr_matches_reference(case, mode, hyper, dtype):
     rng = np.random.default_rng(1)
     p0 = rng.standard_normal(SHAPE).astype(dtype)
     coos = coo_steps(SHAPE, STEPS, seed=2)
     grads = [to_csr(SHAPE, r, c, v, dtype, kind=("matrix", "array")[i % 2]) for i, (r, c, v) in enumerate(coos)]
-    opt, p = run_fastadapt(CLASSES[name], hyper, p0, grads, mode)
-    p_ref, st_ref = run_reference(name, hyper, p0, coos, mode)
+    opt, p = run_fastadapt(case, hyper, p0, grads, mode)
+    p_ref, st_ref = run_reference(case, hyper, p0, coos, mode)
     assert st_ref["step"] == STEPS
     assert_close(p, p_ref, RTOL[np.dtype(dtype)], "param")
     assert_state_matches(opt, p, st_ref, RTOL[np.dtype(dtype)])
@@ -193,14 +170,12 @@ def test_csr_matches_reference(case, mode, dtype):
         assert np.array_equal(p[-1], p0[-1])
         for k, v in opt.state_of(p).items():
             if isinstance(v, np.ndarray):
-                assert np.array_equal(v[-1], ref.init_state(name, p0, **hyper)[k][-1]), k
+                assert np.array_equal(v[-1], case.init_state(p0, **hyper)[k][-1]), k
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("mode", ["lazy", "exact"])
-@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[5], CASES[8]], ids=lambda c: c[0])
-def test_row_grad_matches_reference(case, mode, dtype):
-    name, hyper = case
+@pytest.mark.parametrize("case,mode,hyper", GROUPS, ids=map(config_id, GROUPS))
+def test_row_grad_matches_reference(case, mode, hyper, dtype):
     rng = np.random.default_rng(3)
     p0 = rng.standard_normal(SHAPE).astype(dtype)
     grads, coos = [], []
@@ -212,8 +187,8 @@ def test_row_grad_matches_reference(case, mode, dtype):
         values = rng.standard_normal((k, SHAPE[1]))      # float64: cast to the param dtype
         grads.append(fa.RowGrad(rows.astype(np.int32), values))
         coos.append(ref.row_grad_to_coo(rows, values))
-    opt, p = run_fastadapt(CLASSES[name], hyper, p0, grads, mode)
-    p_ref, st_ref = run_reference(name, hyper, p0, coos, mode)
+    opt, p = run_fastadapt(case, hyper, p0, grads, mode)
+    p_ref, st_ref = run_reference(case, hyper, p0, coos, mode)
     assert_close(p, p_ref, RTOL[np.dtype(dtype)], "param")
     assert_state_matches(opt, p, st_ref, RTOL[np.dtype(dtype)])
     if mode == "lazy":
@@ -222,20 +197,17 @@ def test_row_grad_matches_reference(case, mode, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("fmt", ["csr", "rows"])
-@pytest.mark.parametrize("name,mode", [("rmsprop", "lazy"), ("rmsprop", "exact"), ("adam", "lazy"),
-                                       ("adam", "exact"), ("sparse_adam", "lazy")])
-def test_one_d_parameter(name, mode, fmt, dtype):
+@pytest.mark.parametrize("case,mode,hyper", GROUPS, ids=map(config_id, GROUPS))
+def test_one_d_parameter(case, mode, hyper, fmt, dtype):
     n = 11
-    hyper = dict(lr=0.05, centered=True) if name == "rmsprop" else dict(lr=0.05)
     p0 = np.random.default_rng(4).standard_normal(n).astype(dtype)
     coos = coo_steps((1, n), STEPS, seed=5)
     if fmt == "csr":
         grads = [to_csr((1, n), r, c, v, dtype) for r, c, v in coos]
     else:
         grads = [fa.RowGrad(c, v) for _, c, v in coos]     # element ids, float64 values
-    cls = fa.SparseAdam if name == "sparse_adam" else CLASSES[name]
-    opt, p = run_fastadapt(cls, hyper, p0, grads, mode)
-    p_ref, st_ref = run_reference(name, hyper, p0, coos, mode)
+    opt, p = run_fastadapt(case, hyper, p0, grads, mode)
+    p_ref, st_ref = run_reference(case, hyper, p0, coos, mode)
     assert_close(p, p_ref, RTOL[np.dtype(dtype)], "param")
     assert_state_matches(opt, p, st_ref, RTOL[np.dtype(dtype)])
     if mode == "lazy":
@@ -243,14 +215,14 @@ def test_one_d_parameter(name, mode, fmt, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("betas,maximize", [((0.9, 0.999), False), ((0.3, 0.9), True)])
-def test_sparse_adam_matches_reference(betas, maximize, dtype):
-    hyper = dict(lr=0.05, betas=betas, maximize=maximize)
+@pytest.mark.parametrize("options", CASES["SparseAdam"].options, ids=lambda o: config_id((CASES["SparseAdam"], o)))
+def test_sparse_adam_matches_reference(options, dtype):
+    hyper = dict(options, lr=0.05)
     p0 = np.random.default_rng(6).standard_normal(SHAPE).astype(dtype)
     coos = coo_steps(SHAPE, STEPS, seed=7)
     grads = [to_csr(SHAPE, r, c, v, np.float64) for r, c, v in coos]   # float64 data: cast
-    opt, p = run_fastadapt(fa.SparseAdam, hyper, p0, grads)
-    p_ref, st_ref = run_reference("sparse_adam", hyper, p0, coos, "lazy")
+    opt, p = run_fastadapt(CASES["SparseAdam"], hyper, p0, grads)
+    p_ref, st_ref = run_reference(CASES["SparseAdam"], hyper, p0, coos, "lazy")
     assert_close(p, p_ref, RTOL[np.dtype(dtype)], "param")
     assert_state_matches(opt, p, st_ref, RTOL[np.dtype(dtype)])
     assert np.array_equal(p[-1], p0[-1])
@@ -271,22 +243,20 @@ def test_sparse_adam_refuses_dense_gradients_and_has_no_sparse_mode():
         fa.SparseAdam([p], sparse_mode="exact")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_exact_equals_dense_step_on_toarray(case, dtype):
+@pytest.mark.parametrize("case,hyper,dtype", EXACT_GRID, ids=map(_grid_id, EXACT_GRID))
+def test_exact_equals_dense_step_on_toarray(case, hyper, dtype):
     """Exact mode is the dense step on G.toarray(): bit for bit where it runs the rule on every
     element (fused pass) or where a zero gradient changes nothing (Adagrad); to rounding where it
     catches RMSprop's decay up in closed form."""
-    name, hyper = case
     p0 = np.random.default_rng(8).standard_normal(SHAPE).astype(dtype)
     coos = coo_steps(SHAPE, STEPS, seed=9, keep_last=False)
     grads = [to_csr(SHAPE, r, c, v, dtype) for r, c, v in coos]
-    opt_s, p_s = run_fastadapt(CLASSES[name], hyper, p0, grads, "exact")
-    opt_d, p_d = run_fastadapt(CLASSES[name], hyper, p0, [g.toarray() for g in grads])
+    opt_s, p_s = run_fastadapt(case, hyper, p0, grads, "exact")
+    opt_d, p_d = run_fastadapt(case, hyper, p0, [g.toarray() for g in grads])
     strategy = exact_strategy(opt_s)
+    assert strategy == (case.exact_plan(hyper) if isinstance(case.exact_plan(hyper), str) else "decay")
     st_s, st_d = opt_s.state_of(p_s), opt_d.state_of(p_d)
     if strategy == "decay":
-        assert name == "rmsprop"
         assert_close(p_s, p_d, RTOL[np.dtype(dtype)])
         for k in st_d:
             if k != "step":
@@ -298,10 +268,8 @@ def test_exact_equals_dense_step_on_toarray(case, dtype):
     assert st_s["step"] == st_d["step"] == STEPS
 
 
-@pytest.mark.parametrize("mode", ["lazy", "exact"])
-@pytest.mark.parametrize("name,hyper", [("rmsprop", dict(lr=0.01, centered=True)), ("adam", dict(lr=0.05)),
-                                        ("rmsprop", dict(lr=0.01, momentum=0.5))], ids=["decay", "adam", "fused"])
-def test_csr_with_whole_rows(name, hyper, mode):
+@pytest.mark.parametrize("case,mode,hyper", GROUPS, ids=map(config_id, GROUPS))
+def test_csr_with_whole_rows(case, mode, hyper):
     """Whole touched rows (the CSR is then run by the row loops) and whole rows mixed with partial ones."""
     shape = (9, 4)
     rng = np.random.default_rng(29)
@@ -317,8 +285,8 @@ def test_csr_with_whole_rows(name, hyper, mode):
         order = np.argsort(r, kind="stable")
         coos.append((r[order], c[order], rng.standard_normal(r.size)[order]))
     grads = [to_csr(shape, r, c, v, np.float64) for r, c, v in coos]
-    opt, p = run_fastadapt(CLASSES[name], hyper, p0, grads, mode)
-    p_ref, st_ref = run_reference(name, hyper, p0, coos, mode)
+    opt, p = run_fastadapt(case, hyper, p0, grads, mode)
+    p_ref, st_ref = run_reference(case, hyper, p0, coos, mode)
     assert_close(p, p_ref, 1e-12)
     assert_state_matches(opt, p, st_ref, 1e-12)
 
@@ -408,8 +376,8 @@ def test_index_dtypes_and_scipy_kinds(index_dtype, kind):
     p0 = np.random.default_rng(12).standard_normal(SHAPE)
     grads = [to_csr(SHAPE, r, c, v, np.float64, index_dtype, kind) for r, c, v in coos]
     assert grads[0].indices.dtype == index_dtype
-    opt, p = run_fastadapt(fa.Adam, dict(lr=0.1), p0, grads)
-    p_ref, _ = run_reference("adam", dict(lr=0.1), p0, coos, "lazy")
+    opt, p = run_fastadapt(CASES["Adam"], dict(lr=0.1), p0, grads)
+    p_ref, _ = run_reference(CASES["Adam"], dict(lr=0.1), p0, coos, "lazy")
     assert_close(p, p_ref, 1e-12)
 
 
@@ -543,7 +511,7 @@ def test_state_dict_round_trip_with_pending_decay(dtype):
     assert s1.keys() == s2.keys()
     for k in s1:
         assert np.array_equal(s1[k], s2[k]), k
-    p_ref, st_ref = run_reference("rmsprop", hyper, p0, coos, "exact")
+    p_ref, st_ref = run_reference(CASES["RMSprop"], hyper, p0, coos, "exact")
     assert_close(p, p_ref, RTOL[np.dtype(dtype)])
     assert_state_matches(opt, p, st_ref, RTOL[np.dtype(dtype)])
 
@@ -689,7 +657,7 @@ def test_sparse_adam_vs_torch(fmt, dtype):
             grads.append(fa.RowGrad(r, values))
             coos_rows.append(ref.row_grad_to_coo(r, values))
         coos = coos_rows
-    opt, p = run_fastadapt(fa.SparseAdam, hyper, p0, grads)
+    opt, p = run_fastadapt(CASES["SparseAdam"], hyper, p0, grads)
     p_t, st_t = ref.torch_run("sparse_adam", p0, [(r, c, v.astype(dtype)) for r, c, v in coos], **hyper)
     assert_close(p, p_t, RTOL[np.dtype(dtype)], "param")
     st = opt.state_of(p)
@@ -707,7 +675,7 @@ def test_sparse_adagrad_vs_torch(mode, dtype):
     p0 = np.random.default_rng(24).standard_normal(n).astype(dtype)
     coos = coo_steps((1, n), 20, seed=25)
     grads = [to_csr((1, n), r, c, v, dtype) for r, c, v in coos]
-    opt, p = run_fastadapt(fa.Adagrad, hyper, p0, grads, mode)
+    opt, p = run_fastadapt(CASES["Adagrad"], hyper, p0, grads, mode)
     p_t, st_t = ref.torch_run("sparse_adagrad", p0, [(r, c, v.astype(dtype)) for r, c, v in coos], **hyper)
     assert_close(p, p_t, RTOL[np.dtype(dtype)], "param")
     assert_close(opt.state_of(p)["sum"], st_t["sum"], RTOL[np.dtype(dtype)], "sum")
@@ -721,21 +689,24 @@ def test_sparse_adagrad_vs_torch(mode, dtype):
 
 @pytest.mark.parametrize("mode", ["lazy", "exact"])
 def test_parallel_loops_and_many_chunks_agree_with_reference(mode, monkeypatch):
+    """(Every case's configurations of ``GROUPS`` in this mode.)"""
     """A 300-row table (several row chunks per thread) with the parallel lazy loops forced."""
     monkeypatch.setattr(config, "PARALLEL_THRESHOLD", 1)
     shape = (300, 3)
     p0 = np.random.default_rng(26).standard_normal(shape).astype(np.float32)
     coos = coo_steps(shape, 6, seed=27)
-    for name, hyper in [("adam", dict(lr=0.05)), ("rmsprop", dict(lr=0.01, centered=True)),
-                        ("adagrad", dict(lr=0.1))]:
+    for case, group_mode, hyper in GROUPS:
+        if group_mode != mode:
+            continue
+        name = config_id((case, hyper))
         grads = [to_csr(shape, r, c, v, np.float32) for r, c, v in coos]
-        opt, p = run_fastadapt(CLASSES[name], hyper, p0, grads, mode)
-        p_ref, st_ref = run_reference(name, hyper, p0, coos, mode)
+        opt, p = run_fastadapt(case, hyper, p0, grads, mode)
+        p_ref, st_ref = run_reference(case, hyper, p0, coos, mode)
         assert_close(p, p_ref, 1e-5, name)
         assert_state_matches(opt, p, st_ref, 1e-5)
         rows = np.unique(coos[0][0])
-        opt, p = run_fastadapt(CLASSES[name], hyper, p0, [fa.RowGrad(rows, np.ones((rows.size, 3)))], mode)
-        p_ref, st_ref = run_reference(name, hyper, p0, [ref.row_grad_to_coo(rows, np.ones((rows.size, 3)))], mode)
+        opt, p = run_fastadapt(case, hyper, p0, [fa.RowGrad(rows, np.ones((rows.size, 3)))], mode)
+        p_ref, st_ref = run_reference(case, hyper, p0, [ref.row_grad_to_coo(rows, np.ones((rows.size, 3)))], mode)
         assert_close(p, p_ref, 1e-5, name)
 
 

@@ -11,36 +11,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import fastadapt as fa
+from conftest import DTYPE_IDS, DTYPES
+from optimizers import DENSE
 
-DTYPES = [np.float64, np.float32]
-DTYPE_IDS = ["f64", "f32"]
-
-CONFIGS = {
-    "adagrad": (fa.Adagrad, dict(lr=0.05, lr_decay=0.1, weight_decay=0.1, initial_accumulator_value=0.2)),
-    "rmsprop": (fa.RMSprop, dict(lr=1e-2, alpha=0.9, weight_decay=0.1, momentum=0.9, centered=True)),
-    "rmsprop-plain": (fa.RMSprop, dict()),
-    "adam": (fa.Adam, dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, amsgrad=True)),
-    "adam-plain": (fa.Adam, dict()),
-    "adamw": (fa.AdamW, dict(lr=1e-2, maximize=True)),
-}
-BUFFERS = {
-    "adagrad": {"sum"},
-    "rmsprop": {"square_avg", "momentum_buffer", "grad_avg"},
-    "rmsprop-plain": {"square_avg"},
-    "adam": {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"},
-    "adam-plain": {"exp_avg", "exp_avg_sq"},
-    "adamw": {"exp_avg", "exp_avg_sq"},
-}
+#: every dense case with its rich config (every buffer) and with the defaults
+CONFIGS = {**{c.name: (c, dict(c.rich)) for c in DENSE}, **{f"{c.name}-defaults": (c, {}) for c in DENSE}}
+#: (source, target) cases whose state_dicts the target does not know (group keys or buffers)
+FOREIGN = [(a.name, b.name) for a in DENSE for b in DENSE
+           if a is not b and not (set(a.algorithm.defaults) <= set(b.algorithm.defaults)
+                                  and set(a.buffers(a.rich)) <= set(b.algorithm.slots))]
 SHAPES = [(5,), (2, 3), (), (4,)]
 
 
 def make(name, dtype=np.float64, seed=0, **override):
     """An optimizer over four parameters in two groups (the second with its own lr)."""
-    cls, hyper = CONFIGS[name]
+    case, hyper = CONFIGS[name]
     rng = np.random.default_rng(seed)
     ps = [np.array(rng.standard_normal(s), dtype=dtype) for s in SHAPES]
-    opt = cls([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.03}], **dict(hyper, **override))
+    opt = case.cls([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.03}], **dict(hyper, **override))
     return opt, ps
 
 
@@ -92,20 +80,23 @@ def assert_unchanged(opt, snap):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_layout(name):
     opt, ps = make(name)
+    case, hyper = CONFIGS[name]
+    eager = case.algorithm.eager_state
+    buffers = set(case.buffers(hyper))                         # the algorithm's declaration
     sd = opt.state_dict()
     assert set(sd) == {"state", "param_groups"}
-    if name == "adagrad":                                      # eager state, step 0
+    if eager:                                                  # eager state (Adagrad), step 0
         assert sorted(sd["state"]) == [0, 1, 2, 3]
-        assert all(s["step"] == 0 and set(s) == {"step", "sum"} for s in sd["state"].values())
+        assert all(s["step"] == 0 and set(s) == buffers | {"step"} for s in sd["state"].values())
     else:
         assert sd["state"] == {}                               # lazy, like torch
     opt.step(gradients(ps, 0, none_at=3))
     sd = opt.state_dict()
-    assert sorted(sd["state"]) == ([0, 1, 2, 3] if name == "adagrad" else [0, 1, 2])
+    assert sorted(sd["state"]) == ([0, 1, 2, 3] if eager else [0, 1, 2])
     for idx, s in sd["state"].items():
         assert type(s["step"]) is int and s["step"] == (0 if idx == 3 else 1)
-        assert set(s) == BUFFERS[name] | {"step"}
-        for k in BUFFERS[name]:
+        assert set(s) == buffers | {"step"}
+        for k in buffers:
             assert isinstance(s[k], np.ndarray) and s[k].shape == SHAPES[idx] and s[k].dtype == np.float64
     assert [g["params"] for g in sd["param_groups"]] == [[0, 1], [2, 3]]
     assert sd["param_groups"][1]["lr"] == 0.03
@@ -116,7 +107,7 @@ def test_layout(name):
 
 
 def test_state_dict_holds_copies():
-    opt, ps = make("adam")
+    opt, ps = make("Adam")
     opt.step(gradients(ps, 0))
     sd = opt.state_dict()
     kept = copy.deepcopy(sd)
@@ -129,7 +120,7 @@ def test_state_dict_holds_copies():
     sd2 = opt.state_dict()
     assert sd2["state"][1]["step"] == 2
     assert not np.array_equal(sd2["state"][1]["exp_avg"], kept["state"][1]["exp_avg"])
-    loaded = make("adam")[0]
+    loaded = make("Adam")[0]
     loaded.load_state_dict(kept)
     kept["state"][0]["exp_avg"][...] = -1.0                    # loading copies too
     assert not np.any(loaded.state[0]["exp_avg"] == -1.0)
@@ -152,7 +143,7 @@ def test_round_trip_continues_bit_exactly(name, dtype, via_pickle):
         sd = pickle.loads(pickle.dumps(sd))
     # a fresh optimizer over copies of the parameters, built with other hyper-parameters: load restores them
     qs = [p.copy() for p in ps]
-    cls = CONFIGS[name][0]
+    cls = CONFIGS[name][0].cls
     other = cls([{"params": qs[:2]}, {"params": qs[2:]}], lr=0.5)
     other.load_state_dict(sd)
     assert [{k: v for k, v in g.items() if k != "params"} for g in other.param_groups] == \
@@ -169,7 +160,7 @@ def test_round_trip_continues_bit_exactly(name, dtype, via_pickle):
 
 
 def test_load_into_the_same_optimizer_rewinds_it():
-    opt, ps = make("rmsprop")
+    opt, ps = make("RMSprop")
     opt.step(gradients(ps, 0))
     sd = opt.state_dict()
     saved_params = [p.copy() for p in ps]
@@ -184,9 +175,9 @@ def test_load_into_the_same_optimizer_rewinds_it():
 
 
 def test_load_resets_state_missing_from_the_dict():
-    opt, ps = make("adagrad", initial_accumulator_value=0.25)
-    fresh_sd = make("adam")[0].state_dict()                    # no state at all
-    adam, aps = make("adam")
+    opt, ps = make("Adagrad", initial_accumulator_value=0.25)
+    fresh_sd = make("Adam")[0].state_dict()                    # no state at all
+    adam, aps = make("Adam")
     adam.step(gradients(aps, 0))
     adam.load_state_dict(fresh_sd)
     assert adam.state == [{}, {}, {}, {}]
@@ -199,7 +190,7 @@ def test_load_resets_state_missing_from_the_dict():
 
 
 def test_loaded_step_may_be_any_integer_type():
-    opt, ps = make("adam-plain")
+    opt, ps = make("Adam-defaults")
     opt.step(gradients(ps, 0))
     sd = opt.state_dict()
     sd["state"][0]["step"] = np.int64(2**40)
@@ -216,7 +207,7 @@ def test_property_round_trip(name, dtype, before, after, nones):
     for i in range(before):
         opt.step(gradients(ps, i, none_at=nones[i] if nones[i] < 4 else None))
     qs = [p.copy() for p in ps]
-    other = CONFIGS[name][0]([{"params": qs[:2]}, {"params": qs[2:]}])
+    other = CONFIGS[name][0].cls([{"params": qs[:2]}, {"params": qs[2:]}])
     other.load_state_dict(opt.state_dict())
     for i in range(before, before + after):
         gs = gradients(ps, i, none_at=nones[i] if nones[i] < 4 else None)
@@ -281,12 +272,12 @@ def _corruptions():
 
 @pytest.mark.parametrize("what,edit,pattern", _corruptions(), ids=[c[0] for c in _corruptions()])
 def test_mismatched_state_dict_refused_and_nothing_changes(what, edit, pattern):
-    source, sps = make("adam")
+    source, sps = make("Adam")
     for i in range(2):
         source.step(gradients(sps, i))
     sd = source.state_dict()
     edit(sd)
-    target, tps = make("adam", seed=1)
+    target, tps = make("Adam", seed=1)
     target.step(gradients(tps, 9))                             # state that must survive the failed load
     snap = snapshot(target)
     with pytest.raises(ValueError, match=pattern):
@@ -297,7 +288,7 @@ def test_mismatched_state_dict_refused_and_nothing_changes(what, edit, pattern):
 
 
 def _malformed():
-    opt, ps = make("adagrad")
+    opt, ps = make("Adagrad")
     sd = opt.state_dict()
     return [None, [], {}, {"state": {}}, {"param_groups": []}, "state", dict(sd, state=[]),
             dict(sd, state={0: 5}), dict(sd, param_groups=[5, 6]), dict(sd, param_groups={"a": 1})]
@@ -305,14 +296,14 @@ def _malformed():
 
 @pytest.mark.parametrize("bad", _malformed(), ids=range(len(_malformed())))
 def test_not_a_state_dict(bad):
-    opt, ps = make("adagrad")
+    opt, ps = make("Adagrad")
     snap = snapshot(opt)
     with pytest.raises(ValueError, match="not a fastadapt state_dict"):
         opt.load_state_dict(bad)
     assert_unchanged(opt, snap)
 
 
-@pytest.mark.parametrize("src,dst", [("adam", "rmsprop"), ("rmsprop", "adagrad"), ("adagrad", "adam")])
+@pytest.mark.parametrize("src,dst", FOREIGN, ids=[f"{a}-{b}" for a, b in FOREIGN])
 def test_state_dict_of_another_optimizer_refused(src, dst):
     source, sps = make(src)
     source.step(gradients(sps, 0))
@@ -324,9 +315,9 @@ def test_state_dict_of_another_optimizer_refused(src, dst):
 
 
 def test_state_dict_of_other_dtype_refused():
-    source, sps = make("adam", np.float32)
+    source, sps = make("Adam", np.float32)
     source.step(gradients(sps, 0))
-    target, _ = make("adam", np.float64)
+    target, _ = make("Adam", np.float64)
     snap = snapshot(target)
     with pytest.raises(ValueError, match="float32.*float64"):
         target.load_state_dict(source.state_dict())

@@ -15,17 +15,16 @@ import pytest
 import fastadapt as fa
 from fastadapt import config
 
-CASES = {
-    "adagrad": (fa.Adagrad, dict(lr=0.1, lr_decay=0.01, weight_decay=0.1)),
-    "rmsprop": (fa.RMSprop, dict(lr=0.01, momentum=0.9, centered=True)),
-    "adam": (fa.Adam, dict(lr=0.01, amsgrad=True)),
-    "adamw": (fa.AdamW, dict(lr=0.01)),
-}
+from conftest import DTYPE_IDS, DTYPES
+from optimizers import rich_and_plain
+
+#: every dense case, its rich config and its plain one
+CONFIGS = {f"{c.name}-{label}": (c.cls, o) for c, label, o in rich_and_plain()}
 SIZES = {"one tensor": [5003], "many tensors": [1, 7, 300, 2049, 0, 33, 1500]}
 
 
 def _run(name, dtype, sizes, threads):
-    cls, hyper = CASES[name]
+    cls, hyper = CONFIGS[name]
     rng = np.random.default_rng(11)
     params = [np.array(rng.standard_normal(n), dtype=dtype) for n in sizes]
     opt = cls(params, nonfinite="skip", **hyper)
@@ -44,8 +43,8 @@ def _run(name, dtype, sizes, threads):
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs numba built with 2+ threads")
 @pytest.mark.parametrize("layout", sorted(SIZES))
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_one_and_two_threads_agree_bitwise(name, dtype, layout, monkeypatch):
     monkeypatch.setattr(config, "PARALLEL_THRESHOLD", 64)      # parallel loops on these sizes
     monkeypatch.setattr(config, "PARALLEL_MIN_CHUNK", 512)    # several work units per thread

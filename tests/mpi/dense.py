@@ -13,11 +13,13 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # tests/: the optimizer table
 from common import COMM, RANK, SIZE, expect_raise, passed, same_everywhere  # noqa: E402
 
 import fastadapt as fa  # noqa: E402
 from fastadapt import config  # noqa: E402
 from fastadapt.distributed import ShardedOptimizer  # noqa: E402
+from optimizers import DENSE, rich_and_plain  # noqa: E402
 
 config.MPI_CHUNK_ELEMENTS = 8           # many reduce-scatter rounds even on these small parameters
 
@@ -79,15 +81,10 @@ def combined(t, reduce, dyadic=True, nones=True):
     return out
 
 
-CONFIGS = [
-    (fa.Adagrad, dict(lr=0.1, lr_decay=0.01, weight_decay=0.1, initial_accumulator_value=0.1)),
-    (fa.Adagrad, dict(maximize=True)),
-    (fa.RMSprop, dict(lr=0.01, momentum=0.9, centered=True, weight_decay=0.1)),
-    (fa.RMSprop, dict(lr=0.01, alpha=0.9, maximize=True, nonfinite="skip")),
-    (fa.Adam, dict(lr=0.01, amsgrad=True, weight_decay=0.1)),
-    (fa.Adam, dict(lr=0.01, decoupled_weight_decay=True, weight_decay=0.1, maximize=True)),
-    (fa.AdamW, dict(lr=0.01, amsgrad=True, nonfinite="raise")),
-]
+#: the rich and the plain config of every dense case of tests/optimizers.py, under the three
+#: non-finite policies in turn
+CONFIGS = [(c.cls, dict(o, nonfinite=("propagate", "skip", "raise")[n % 3]))
+           for n, (c, _, o) in enumerate(rich_and_plain(DENSE))]
 
 
 def assert_same_state(full, ref_sd):

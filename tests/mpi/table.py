@@ -13,10 +13,12 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # tests/: the optimizer table
 from common import COMM, RANK, SIZE, expect_raise, passed  # noqa: E402
 
 import fastadapt as fa  # noqa: E402
 from fastadapt.distributed import ShardedTable  # noqa: E402
+from optimizers import OPTIMIZERS  # noqa: E402
 
 SHAPE = (13, 3)
 
@@ -50,16 +52,12 @@ def combined(t, shape, dtype, dyadic=True):
     return fa.RowGrad(np.concatenate([g.rows for g in parts]), np.concatenate([g.values for g in parts]))
 
 
-CONFIGS = [
-    (fa.Adam, dict(lr=0.05, amsgrad=True)),                                     # lazy
-    (fa.Adam, dict(lr=0.05, weight_decay=0.1, sparse_mode="exact")),            # fused exact
-    (fa.AdamW, dict(lr=0.05, sparse_mode="exact", nonfinite="skip")),
-    (fa.Adagrad, dict(lr=0.1, lr_decay=0.01)),                                  # lazy == exact
-    (fa.Adagrad, dict(lr=0.1, weight_decay=0.1, sparse_mode="exact")),          # fused exact
-    (fa.RMSprop, dict(lr=0.01, centered=True, sparse_mode="exact")),            # closed-form decay
-    (fa.RMSprop, dict(lr=0.01, momentum=0.9, maximize=True)),                   # lazy
-    (fa.SparseAdam, dict(lr=0.05)),
-]
+#: every case of tests/optimizers.py: lazy with its rich config, then exact once per distinct
+#: plan of the algorithm (lazy == exact, fused pass, closed-form decay), under the three
+#: non-finite policies in turn
+CONFIGS = [(c.cls, dict(o, **c.mode_options(m), nonfinite=("propagate", "skip", "raise")[n % 3]))
+           for n, (c, m, o) in enumerate((c, m, o) for c in OPTIMIZERS for m, o in c.exact_groups()
+                                         if (m, o) != ("lazy", {}))]
 
 
 def run(cls, kw, shape, dtype, steps, *, dyadic=True, table=None, ref=None, start=0):
