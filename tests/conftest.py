@@ -16,6 +16,24 @@ DTYPE_IDS = ["f64", "f32"]
 RTOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5}
 
 
+def assert_close(actual, desired, rtol, what=""):
+    """Relative error <= rtol elementwise, with the array's scale (max |desired|) as absolute floor.
+
+    An element that cancels to near zero (an exp_avg of mixed-sign gradients, say) carries the
+    absolute rounding error of the magnitudes it came from, so a pure elementwise rtol would test
+    cancellation, not the rule.  Arrays must agree in dtype and shape.  Carried scalars (NAdam's
+    ``mu_product``: a Python float in fastadapt and the references, a 0-d tensor of the parameter's
+    dtype in torch) compare as numbers.
+    """
+    if np.ndim(actual) == 0 and np.ndim(desired) == 0 and (isinstance(actual, float) or isinstance(desired, float)):
+        np.testing.assert_allclose(float(actual), float(desired), rtol=rtol, err_msg=what)
+        return
+    assert actual.dtype == desired.dtype, what
+    assert actual.shape == desired.shape, what
+    scale = float(np.max(np.abs(desired))) if desired.size else 0.0
+    np.testing.assert_allclose(actual, desired, rtol=rtol, atol=rtol * scale, err_msg=what)
+
+
 def pytest_collection_modifyitems(config, items):
     """Every optimizer of fastadapt has a case in tests/optimizers.py (checked once per run)."""
     from fastadapt.algorithms import REGISTRY

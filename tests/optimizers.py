@@ -130,6 +130,15 @@ class OptimizerCase:
         """The first grid entry: every option off (only ``lr`` set)."""
         return dict(self.options[0])
 
+    def valid(self, options) -> bool:
+        """Whether the algorithm accepts ``options`` (some combinations are refused: SGD's nesterov
+        without momentum)."""
+        try:
+            self.algorithm.check_group(self.group(options))
+        except (TypeError, ValueError):
+            return False
+        return True
+
     def group(self, options=None) -> dict:
         """The param group ``options`` make: the algorithm's defaults updated with them."""
         return dict(self.algorithm.defaults, **(options or {}))
@@ -239,7 +248,7 @@ class OptimizerCase:
                         values[k].append(v)
             space = {k: st.sampled_from(v) for k, v in values.items()}
             space["lr"] = st.floats(0.0, 0.5, allow_nan=False)
-        return st.fixed_dictionaries(space)
+        return st.fixed_dictionaries(space).filter(self.valid)
 
     def __str__(self):
         return self.name
@@ -293,12 +302,12 @@ OPTIMIZERS = (
                  if not (o["nesterov"] and (o["momentum"] == 0 or o["dampening"] != 0))],
         rich=dict(lr=1e-2, momentum=0.9, weight_decay=0.1, nesterov=True, maximize=True),
         bad=(("lr", -1.0), ("momentum", -0.9), ("weight_decay", -0.1), ("dampening", "0.5"),
-             ("nesterov", True), ("nesterov", np.array([True, False])), ("maximize", np.array([True, False]))),
+             ("nesterov", np.array([True, False])), ("maximize", np.array([True, False]))),
     ),
     OptimizerCase(
         "Adadelta", "adadelta",
-        options=grid(rho=[0.9, 0.3], weight_decay=[0.0, 0.1], maximize=[False, True]),
-        rich=dict(rho=0.8, weight_decay=0.1, maximize=True),
+        options=[dict(lr=1.0, **o) for o in grid(rho=[0.9, 0.3], weight_decay=[0.0, 0.1], maximize=[False, True])],
+        rich=dict(lr=1.0, rho=0.8, weight_decay=0.1, maximize=True),
         bad=(("lr", -1.0), ("rho", -0.1), ("rho", 1.5), ("eps", -1e-6), ("weight_decay", -0.1),
              ("maximize", np.array([True, False]))),
     ),

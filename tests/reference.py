@@ -22,6 +22,7 @@ Conventions
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -555,6 +556,21 @@ def exact_step(fn, p, rows, cols, vals, state, **hyper):
 # --------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def torch_default_dtype(dtype):
+    """torch's default dtype set to ``dtype`` (a numpy or torch float dtype) for the block: torch keeps
+    scalar optimizer state (NAdam's ``mu_product``) in it, float32 unless changed."""
+    import torch
+    if not isinstance(dtype, torch.dtype):
+        dtype = torch.float64 if np.dtype(dtype) == np.float64 else torch.float32
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
 def torch_run(name, p0, grads, steps=None, *, updates=None, torch_class=None, **hyper):
     """Run the real torch.optim on a copy of ``p0`` and return ``(p, state)`` as numpy.
 
@@ -608,9 +624,7 @@ def torch_run(name, p0, grads, steps=None, *, updates=None, torch_class=None, **
             return torch.sparse_coo_tensor(idx, v, tuple(p0.shape), check_invariants=True)
         return torch.from_numpy(np.array(gr, copy=True))
 
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)     # torch's scalar state (NAdam's mu_product) in p0's dtype
-    try:
+    with torch_default_dtype(dtype):     # torch's scalar state (NAdam's mu_product) in p0's dtype
         for i in range(steps):
             if updates is not None and i < len(updates) and updates[i]:
                 opt.param_groups[0].update(updates[i])
@@ -618,8 +632,6 @@ def torch_run(name, p0, grads, steps=None, *, updates=None, torch_class=None, **
             with warnings.catch_warnings():  # torch's own _make_sparse warns about invariant checks
                 warnings.filterwarnings("ignore", message="Sparse invariant checks", category=UserWarning)
                 opt.step()
-    finally:
-        torch.set_default_dtype(default_dtype)
 
     st = opt.state[param]
     out = {}
@@ -630,6 +642,6 @@ def torch_run(name, p0, grads, steps=None, *, updates=None, torch_class=None, **
             out[k] = v.detach().numpy().copy()
         else:
             out[k] = v
-    if "step" not in out:
-        out["step"] = 0
+    if "step" not in out:                  # torch keeps no count (SGD): the number of its updates
+        out["step"] = sum(1 for i in range(steps) if grads[i % len(grads)] is not None)
     return param.detach().numpy().copy(), out

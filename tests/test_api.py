@@ -17,7 +17,7 @@ from fastadapt import config
 from fastadapt import functional as F
 
 import reference as ref
-from conftest import DTYPE_IDS, DTYPES, RTOL
+from conftest import DTYPES, DTYPE_IDS, RTOL, assert_close
 from optimizers import CASES, DENSE, FUNCTIONAL, OPTIMIZERS
 
 #: one configuration per optimizer that creates every state buffer: the table's rich config
@@ -74,10 +74,6 @@ def started(name, dtype=np.float64, steps=2, **extra):
     return opt, ps
 
 
-def assert_close(actual, desired, rtol):
-    assert actual.dtype == desired.dtype and actual.shape == desired.shape
-    scale = float(np.max(np.abs(desired))) if desired.size else 0.0
-    np.testing.assert_allclose(actual, desired, rtol=rtol, atol=rtol * scale)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -326,12 +322,13 @@ def _schedules():
     mid-run: momentum, amsgrad, centered)."""
     out = []
     for c in DENSE:
-        lr = c.rich["lr"]
+        lr = c.rich.get("lr", c.algorithm.defaults["lr"])
         out.append((c.name, "lr", [lr, 5 * lr, 5 * lr, lr / 10, 2 * lr]))
         for key, b in c.rich.items():
             if key != "lr" and key not in c.constructor_only:
                 a = c.group(c.plain)[key]
-                out.append((c.name, key, [a, b, b, a, b]))
+                if c.valid(dict(c.rich, **{key: a})):        # (SGD: nesterov needs momentum)
+                    out.append((c.name, key, [a, b, b, a, b]))
     return out
 
 
@@ -595,8 +592,11 @@ def _functional_run(case, p, grads, hyper):
     bufs = {n: np.full_like(p, alg.fill(group, n)) for n in alg.slots if n is not None}
     args = {alg.functional_args.get(n, n): b for n, b in bufs.items()}
     takes = {h.name for h in alg.hypers if h.functional}
+    carry = dict(alg.carry)                 # carried scalars (NAdam's mu_product): returned, passed back
     for t, g in enumerate(grads, 1):
-        case.functional(p, g, step=t, **args, **{k: v for k, v in hyper.items() if k in takes})
+        out = case.functional(p, g, step=t, **args, **carry, **{k: v for k, v in hyper.items() if k in takes})
+        if alg.carry:
+            carry = out
     return bufs
 
 
@@ -749,3 +749,19 @@ def test_property_invalid_hyper_parameter_refused_before_any_write(data):
         opt.step(grads_like(ps))
     assert all(np.array_equal(a, b) for a, b in zip(params_of(opt), snap[0]))
     assert [s["step"] for s in opt.state] == [s["step"] for s in snap[1]]
+
+
+def test_sgd_nesterov_needs_momentum_and_no_dampening():
+    """torch's rule, checked at construction and when set between steps (nothing written)."""
+    for kw in (dict(nesterov=True), dict(nesterov=True, momentum=0.9, dampening=0.5)):
+        with pytest.raises(ValueError, match="(?i)nesterov"):
+            fa.SGD([np.zeros(3)], lr=0.1, **kw)
+    p = np.zeros(3)
+    opt = fa.SGD([p], lr=0.1, momentum=0.9, nesterov=True)
+    opt.step([np.ones(3)])
+    snap = p.copy()
+    opt.param_groups[0]["momentum"] = 0.0
+    with pytest.raises(ValueError, match="(?i)nesterov"):
+        opt.step([np.ones(3)])
+    assert np.array_equal(p, snap) and opt.state[0]["step"] == 1
+
