@@ -37,6 +37,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
@@ -89,7 +90,7 @@ class RunResult:
     seed_hyper: str
     call: str
     losses: list = field(default_factory=list)
-    theta: np.ndarray = None
+    theta: Optional[np.ndarray] = None
     distance: float = float("nan")
     wall_s: float = float("nan")
     steps: int = 0

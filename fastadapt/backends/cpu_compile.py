@@ -5,6 +5,7 @@ No table of known rules: any plain-Python rule (or scalar helper such as
 """
 
 import hashlib
+from typing import Any
 
 from llvmlite import ir
 from numba import njit, types
@@ -64,7 +65,7 @@ def _compile_rule(fn):
     return dispatcher
 
 
-_COMPILED = {}
+_COMPILED: dict[Any, Any] = {}
 
 
 def compiled(fn):

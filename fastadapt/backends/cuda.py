@@ -30,6 +30,8 @@ Under ``NUMBA_ENABLE_CUDASIM=1`` numba's simulator runs the same kernels on the 
 interface-handling code is tested without a GPU.
 """
 
+from typing import Any
+
 import numpy as np
 
 from .. import config
@@ -67,7 +69,7 @@ class _RuleKernels:
         self.dense = dense
 
 
-_KERNELS = {}
+_KERNELS: dict[Any, Any] = {}
 
 
 def kernels(rule):

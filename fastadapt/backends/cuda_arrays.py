@@ -25,7 +25,7 @@ except Exception as exc:                         # pragma: no cover - depends on
                       f"{INSTALL_HINT}") from exc
 
 #: True under NUMBA_ENABLE_CUDASIM=1 (numba's CUDA simulator: one fake device, host memory)
-SIMULATOR = bool(_numba_config.ENABLE_CUDASIM)
+SIMULATOR = bool(getattr(_numba_config, "ENABLE_CUDASIM", False))
 
 __all__ = ["INSTALL_HINT", "SIMULATOR", "cuda", "launch_dims", "as_device_array", "device_of"]
 

@@ -41,6 +41,8 @@ value by binary search in its row).  Exact-decay stamps live on the parameter's 
 written by a second kernel, after every thread has read them.
 """
 
+from typing import Any
+
 import numpy as np
 
 from ..algorithms import decay_factor, fma, scale_slots
@@ -293,7 +295,7 @@ class _SparseRuleKernels:
         self.csr_decay, self.rows_decay = csr_decay, rows_decay
 
 
-_DECAY = {}
+_DECAY: dict[Any, Any] = {}
 
 
 def _decay_functions(dtype):
@@ -307,7 +309,7 @@ def _decay_functions(dtype):
     return fns
 
 
-_SETTLE = {}
+_SETTLE: dict[Any, Any] = {}
 
 
 def _settle_kernel(dtype):
@@ -331,7 +333,7 @@ def _settle_kernel(dtype):
     return kernel
 
 
-_KERNELS = {}
+_KERNELS: dict[Any, Any] = {}
 
 
 def _kernels(rule, dtype):
@@ -360,7 +362,7 @@ def row_lanes(ncols):
     return min(ROW_LANES, 1 << max(int(ncols) - 1, 0).bit_length())
 
 
-_NO_ROWS = {}
+_NO_ROWS: dict[Any, Any] = {}
 
 
 def _no_rows(like):
@@ -474,7 +476,7 @@ KERNELS = CUDASparseKernels()
 
 # =========================================================================== validation scans, transfers
 
-_STATS = {}
+_STATS: dict[Any, Any] = {}
 
 
 def _stats_buffers(like):
