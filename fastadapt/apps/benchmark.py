@@ -21,6 +21,7 @@ scripts and suites in the repository's ``bench/`` directory measure with.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import os
@@ -332,7 +333,7 @@ def format_table(result):
     return "\n".join(lines)
 
 
-def add_arguments(parser):
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``fastadapt bench`` (defaults are shown by the CLI's help formatter)."""
     parser.add_argument("--size", type=float, default="1e7", metavar="N",
                         help="elements of the parameter each step updates")
@@ -372,7 +373,7 @@ def passive_openmp():
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     """Run the benchmark; print the table (or JSON).  Returns the exit status; raises
     :class:`fastadapt.apps.cli.UsageError` on bad options."""
     from .cli import UsageError
@@ -387,8 +388,9 @@ def run(args):
     if args.threads is not None:
         import numba
 
-        if not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:
-            raise UsageError(f"--threads must be in 1..{numba.config.NUMBA_NUM_THREADS} (NUMBA_NUM_THREADS), "
+        max_threads: int = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
+        if not 1 <= args.threads <= max_threads:
+            raise UsageError(f"--threads must be in 1..{max_threads} (NUMBA_NUM_THREADS), "
                              f"got {args.threads}")
         numba.set_num_threads(args.threads)
         torch = _torch()

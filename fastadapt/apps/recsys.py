@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -109,7 +110,7 @@ def generate_interactions(n_users=50_000, n_items=20_000, n_interactions=2_000_0
                          shape=(n_users, n_items))
 
 
-def load_interactions(path, min_rating=0.0):
+def load_interactions(path: str, min_rating: float = 0.0) -> Any:
     """Read a MovieLens-style ``user item rating [timestamp]`` file into a CSR matrix.
 
     Separators may be whitespace, tabs, commas or ``::``; a non-numeric first line (a
@@ -158,7 +159,7 @@ def _numeric(token):
         return False
 
 
-def split_leave_one_out(R, seed=0):
+def split_leave_one_out(R: Any, seed: int = 0) -> Tuple[Any, np.ndarray, np.ndarray]:
     """Hold out one random interaction of every user who has at least two.
 
     Returns
@@ -346,12 +347,13 @@ QUICK = {"users": 5_000, "items": 2_000, "interactions": 100_000, "epochs": 2, "
 class _Given(argparse.Action):
     """Stores the value and records that the option was given (so that ``--quick`` leaves it)."""
 
-    def __call__(self, parser, namespace, values, option_string=None):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Union[str, Sequence[Any], None], option_string: Optional[str] = None) -> None:
         setattr(namespace, self.dest, values)
         namespace.given = getattr(namespace, "given", frozenset()) | {self.dest}
 
 
-def add_arguments(parser):
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``fastadapt recsys`` (defaults are shown by the CLI's help formatter)."""
     from .cli import non_negative_float, positive_float, positive_int
 
@@ -411,11 +413,11 @@ def _read_data(path, min_rating):
         raise UsageError(f"--data: {exc}") from None
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     """Run ``fastadapt recsys``; returns the exit status (raises
     :class:`fastadapt.apps.cli.UsageError` for a data file that cannot be used)."""
     if args.quick:
-        given = getattr(args, "given", frozenset())
+        given: frozenset = getattr(args, "given", frozenset())
         for dest, value in QUICK.items():
             if dest not in given:
                 setattr(args, dest, value)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import traceback
 import zlib
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 
@@ -30,7 +31,7 @@ def _mpi_type(dtype):
     return {np.dtype(np.float32): MPI.FLOAT, np.dtype(np.float64): MPI.DOUBLE}[np.dtype(dtype)]
 
 
-def shard_bounds(n, size):
+def shard_bounds(n: int, size: int) -> np.ndarray:
     """Boundaries of ``size`` contiguous shards of ``range(n)``.
 
     Parameters
@@ -53,7 +54,8 @@ def shard_bounds(n, size):
     return np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
 
 
-def mpiexec_command(n, argv, *, mpiexec=None, env=None):
+def mpiexec_command(n: int, argv: Sequence[str], *, mpiexec: Optional[str] = None,
+                    env: Optional[Mapping[str, str]] = None) -> Tuple[List[str], Dict[str, str]]:
     """A command line and environment that launch ``argv`` on ``n`` local processes.
 
     The one place where fastadapt's tests and examples configure a single-machine MPI
@@ -174,6 +176,9 @@ def _checksum(groups):
     return zlib.crc32(repr([_hyper_items(g) for g in groups]).encode()) & 0x7FFFFFFF
 
 
+_C = TypeVar("_C", bound="_Collective")
+
+
 class _Collective:
     """Shared by both classes: the duplicated communicator, the agreement, the abort guard."""
 
@@ -208,7 +213,7 @@ class _Collective:
                                  "every rank must construct it with the same parameters (shapes, "
                                  "dtypes, order) and the same options")
 
-    def close(self):
+    def close(self) -> None:
         """Collective: free the duplicated communicator (and MPI datatypes) of this object.
 
         Optional (MPI frees everything at exit); useful when a long-running program builds
@@ -221,10 +226,10 @@ class _Collective:
                 handle.Free()
             setattr(self, name, None)
 
-    def __enter__(self):
+    def __enter__(self: "_C") -> "_C":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: Any) -> None:
         self.close()
 
     def _sync_hyper(self):

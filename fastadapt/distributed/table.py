@@ -1,6 +1,7 @@
 """Row-sharded embedding tables trained with row gradients (:class:`ShardedTable`)."""
 
 import time
+from typing import Any, Dict, Optional, Sequence, Type, Union
 
 import numpy as np
 
@@ -75,7 +76,8 @@ class ShardedTable(_Collective):
     >>> items.step(fa.RowGrad(batch_items, grad_vecs))                  # doctest: +SKIP
     """
 
-    def __init__(self, optimizer_class, shape, comm=None, *, dtype=np.float32, init=None, **hyper):
+    def __init__(self, optimizer_class: Type[_optim.Optimizer], shape: Union[int, Sequence[int]], comm: Any = None, *,
+                 dtype: Any = np.float32, init: Any = None, **hyper: Any) -> None:
         comm = self._setup_comm(comm)
         rank, size = comm.Get_rank(), comm.Get_size()
         error, signature = None, None
@@ -197,7 +199,7 @@ class ShardedTable(_Collective):
 
     # ------------------------------------------------------------------ step and lookup
 
-    def step(self, grad):
+    def step(self, grad: Any) -> bool:
         """One collective step with this rank's row gradient.
 
         Parameters
@@ -290,7 +292,7 @@ class ShardedTable(_Collective):
         self.timings["steps"] += applied
         return applied
 
-    def lookup(self, rows):
+    def lookup(self, rows: Any) -> np.ndarray:
         """Collective: the current values of rows (global ids) from their owners.
 
         Parameters
@@ -350,7 +352,7 @@ class ShardedTable(_Collective):
         tm["lookups"] += 1
         return out
 
-    def gather(self, root=0):
+    def gather(self, root: Optional[int] = 0) -> Optional[np.ndarray]:
         """Collective: the whole table on ``root`` (None elsewhere); ``root=None``: on every rank."""
         counts = np.diff(self.bounds)
         displs = self.bounds[:-1]
@@ -359,18 +361,18 @@ class ShardedTable(_Collective):
                 out = np.empty(self.shape, self.dtype)
                 self.comm.Allgatherv([self.local, self._row_type], [out, counts, displs, self._row_type])
                 return out
-            out = np.empty(self.shape, self.dtype) if self.rank == root else None
+            whole = np.empty(self.shape, self.dtype) if self.rank == root else None
             self.comm.Gatherv([self.local, self._row_type],
-                              [out, counts, displs, self._row_type] if self.rank == root else None, root=root)
-            return out
+                              [whole, counts, displs, self._row_type] if self.rank == root else None, root=root)
+            return whole
 
     # ------------------------------------------------------------------ state
 
-    def state_nbytes(self):
+    def state_nbytes(self) -> int:
         """Bytes of optimizer state held on this rank (its rows' buffers)."""
         return sum(v.nbytes for st in self._inner.state for v in st.values() if isinstance(v, np.ndarray))
 
-    def state_dict(self):
+    def state_dict(self) -> Dict[str, Any]:
         """This rank's rows' optimizer state, in an ordinary optimizer's layout plus ``"shard"``.
 
         Returns
@@ -385,7 +387,7 @@ class ShardedTable(_Collective):
                        "shape": self.shape}
         return sd
 
-    def consolidated_state_dict(self, root=0):
+    def consolidated_state_dict(self, root: Optional[int] = 0) -> Optional[Dict[str, Any]]:
         """Collective: the whole table's state as one process's ``state_dict()`` (on ``root``)."""
         local = self.state_dict()
         with self._guard("consolidated_state_dict"):
@@ -403,7 +405,7 @@ class ShardedTable(_Collective):
             state[0] = st
         return {"state": state, "param_groups": local["param_groups"]}
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Collective: load a per-rank shard (same rank, same P) or a consolidated state_dict.
 
         Checked on every rank first; if any rank rejects its input, every rank raises
@@ -441,5 +443,6 @@ class ShardedTable(_Collective):
             failed = self.comm.allreduce(int(error is not None), op=self._MPI.MAX)
         if failed:
             self._raise_agreed_error(error, "load_state_dict")
+        assert new is not None                      # no rank failed: this one prepared it
         self._inner = new
         self.param_groups[0].update({k: v for k, v in new.param_groups[0].items() if k != "params"})

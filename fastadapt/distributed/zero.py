@@ -1,6 +1,7 @@
 """ZeRO-1: dense parameters replicated, optimizer state split over the ranks (:class:`ShardedOptimizer`)."""
 
 import time
+from typing import Any, Dict, Iterable, Optional, Sequence, Type
 
 import numpy as np
 
@@ -142,7 +143,8 @@ class ShardedOptimizer(_Collective):
         opt.step([gw, gb])                 # this rank's gradients; w, b updated on every rank
     """
 
-    def __init__(self, optimizer_class, params, comm=None, *, reduce="sum", **hyper):
+    def __init__(self, optimizer_class: Type[_optim.Optimizer], params: Iterable[Any], comm: Any = None, *,
+                 reduce: str = "sum", **hyper: Any) -> None:
         comm = self._setup_comm(comm)
         rank, size = comm.Get_rank(), comm.Get_size()
         error, signature = None, None
@@ -278,7 +280,7 @@ class ShardedOptimizer(_Collective):
             prepare_grad(g, p, _CPU, f"gradient {j}")
         return grads
 
-    def step(self, grads):
+    def step(self, grads: Sequence[Any]) -> bool:
         """One collective step with this rank's gradients.
 
         Parameters
@@ -412,11 +414,11 @@ class ShardedOptimizer(_Collective):
 
     # ------------------------------------------------------------------ state
 
-    def state_nbytes(self):
+    def state_nbytes(self) -> int:
         """Bytes of optimizer state held on this rank (its shard's buffers)."""
         return sum(v.nbytes for st in self._inner.state for v in st.values() if isinstance(v, np.ndarray))
 
-    def buffer_nbytes(self):
+    def buffer_nbytes(self) -> int:
         """Bytes of communication buffers allocated on this rank.
 
         The combined-gradient shard (1/P of the parameters), the reduce-scatter's
@@ -434,7 +436,7 @@ class ShardedOptimizer(_Collective):
             out.append(tuple(int(x) for x in b.pieces[k]))
         return out
 
-    def state_dict(self):
+    def state_dict(self) -> Dict[str, Any]:
         """This rank's shard of the state (collective only in that every rank keeps its own).
 
         Returns
@@ -455,7 +457,7 @@ class ShardedOptimizer(_Collective):
                        "shapes": [tuple(p.shape) for p in self._params]}
         return sd
 
-    def consolidated_state_dict(self, root=0):
+    def consolidated_state_dict(self, root: Optional[int] = 0) -> Optional[Dict[str, Any]]:
         """Collective: the whole state in a single process's layout (the ordinary state_dict).
 
         Parameters
@@ -495,7 +497,7 @@ class ShardedOptimizer(_Collective):
             state[j] = full
         return {"state": state, "param_groups": local["param_groups"]}
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Collective: load a per-rank shard or a consolidated (single-process) state_dict.
 
         A shard (from :meth:`state_dict`) must come from the same rank of the same
@@ -514,6 +516,7 @@ class ShardedOptimizer(_Collective):
             failed = self.comm.allreduce(int(error is not None), op=self._MPI.MAX)
         if failed:
             self._raise_agreed_error(error, "load_state_dict")
+        assert new is not None                      # no rank failed: this one prepared it
         self._inner = new
         for mine, inner in zip(self.param_groups, new.param_groups):
             mine.update({k: v for k, v in inner.items() if k != "params"})
