@@ -8,14 +8,14 @@ import subprocess
 import sys
 import traceback
 import zlib
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Dict, Iterator, List, Mapping, NoReturn, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 
 __all__ = ["shard_bounds", "mpiexec_command"]
 
 
-def _mpi():
+def _mpi() -> Any:
     try:
         from mpi4py import MPI
     except ImportError as e:                     # pragma: no cover - depends on the install
@@ -25,7 +25,7 @@ def _mpi():
     return MPI
 
 
-def _mpi_type(dtype):
+def _mpi_type(dtype: Any) -> Any:
     """The predefined MPI datatype of a float32/float64 numpy dtype (reductions need it)."""
     MPI = _mpi()
     return {np.dtype(np.float32): MPI.FLOAT, np.dtype(np.float64): MPI.DOUBLE}[np.dtype(dtype)]
@@ -114,7 +114,7 @@ def mpiexec_command(n: int, argv: Sequence[str], *, mpiexec: Optional[str] = Non
     return cmd + [str(a) for a in argv], env
 
 
-def _contiguous_block(arrays, dtype):
+def _contiguous_block(arrays: Any, dtype: Any) -> Any:
     """A flat view covering ``arrays`` if they lie back to back in one buffer, else None."""
     if not arrays or any(a is None for a in arrays):
         return None
@@ -141,12 +141,12 @@ def _contiguous_block(arrays, dtype):
     return block
 
 
-def _is_scalar(value):
+def _is_scalar(value: Any) -> Any:
     """A per-parameter scalar of a state_dict entry (the step, a carried scalar), not a buffer."""
     return isinstance(value, numbers.Real) and not isinstance(value, np.ndarray)
 
 
-def slice_state(st, shape, dtype, take, where):
+def slice_state(st: Any, shape: Any, dtype: Any, take: Any, where: str) -> Any:
     """One parameter's saved state restricted to this rank: ``take(array)`` of every buffer.
 
     ``st`` is a single-process state_dict entry (``{"step": int, name: array}``); each buffer
@@ -167,11 +167,11 @@ def slice_state(st, shape, dtype, take, where):
     return piece
 
 
-def _hyper_items(group):
+def _hyper_items(group: Any) -> Any:
     return sorted((k, v) for k, v in group.items() if k != "params")
 
 
-def _checksum(groups):
+def _checksum(groups: Any) -> Any:
     """A 31-bit checksum of the groups' hyper-parameters (same on every rank iff equal)."""
     return zlib.crc32(repr([_hyper_items(g) for g in groups]).encode()) & 0x7FFFFFFF
 
@@ -182,7 +182,12 @@ _C = TypeVar("_C", bound="_Collective")
 class _Collective:
     """Shared by both classes: the duplicated communicator, the agreement, the abort guard."""
 
-    def _setup_comm(self, comm):
+    comm: Any
+    _MPI: Any
+    _inner: Any
+    param_groups: List[Dict[str, Any]]
+
+    def _setup_comm(self, comm: Any) -> Any:
         MPI = _mpi()
         if comm is None:
             comm = MPI.COMM_WORLD
@@ -192,7 +197,7 @@ class _Collective:
         self._MPI = MPI
         return comm
 
-    def _agree_construction(self, comm, error, signature, describe):
+    def _agree_construction(self, comm: Any, error: Any, signature: Any, describe: Any) -> None:
         """Collective: every rank learns every rank's construction error and signature.
 
         Raises on every rank (nothing built) when any rank failed or the signatures
@@ -232,13 +237,13 @@ class _Collective:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _sync_hyper(self):
+    def _sync_hyper(self) -> None:
         """Copy the user-facing groups' hyper-parameters into the ordinary optimizer's groups."""
         for mine, inner in zip(self.param_groups, self._inner.param_groups):
             inner.update({k: v for k, v in mine.items() if k != "params"})
 
     @contextlib.contextmanager
-    def _guard(self, what):
+    def _guard(self, what: str) -> Iterator[None]:
         """Abort the communicator if anything raises in here (the others are in collectives)."""
         try:
             yield
@@ -253,7 +258,7 @@ class _Collective:
             comm.Abort(1)
             raise                                           # not reached
 
-    def _raise_agreed_error(self, local_error, what):
+    def _raise_agreed_error(self, local_error: Any, what: str) -> NoReturn:
         """Collective: every rank raises; the failing ranks their own error."""
         messages = self.comm.allgather(None if local_error is None
                                        else f"{type(local_error).__name__}: {local_error}")

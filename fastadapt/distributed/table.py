@@ -89,7 +89,7 @@ class ShardedTable(_Collective):
             error = e
         names = ["optimizer class", "table shape", "dtype", "nonfinite", "hyper-parameters"]
 
-        def describe(ref, sig, r):
+        def describe(ref: Any, sig: Any, r: Any) -> str:
             for name, a, b in zip(names, ref, sig):
                 if a != b:
                     return f"the {name} is {a} on rank 0 and {b} on rank {r}"
@@ -101,7 +101,16 @@ class ShardedTable(_Collective):
         self._row_type = _mpi_type(self.dtype).Create_contiguous(self._ncols).Commit()
         self._id_type = MPI.INT64_T
 
-    def _build(self, optimizer_class, shape, dtype, init, hyper, rank, size):
+    def _build(
+            self,
+            optimizer_class: Any,
+            shape: Any,
+            dtype: Any,
+            init: Any,
+            hyper: Any,
+            rank: int,
+            size: int,
+    ) -> None:
         if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, _optim.Optimizer)):
             raise TypeError("optimizer_class must be a fastadapt optimizer class such as fastadapt.Adam, "
                             f"got {optimizer_class!r}")
@@ -152,7 +161,7 @@ class ShardedTable(_Collective):
 
     # ------------------------------------------------------------------ helpers
 
-    def _agree(self, error, has=1):
+    def _agree(self, error: Any, has: int = 1) -> bool:
         """The per-call agreement: raise everywhere if any rank failed; return 'any rank has input'."""
         MPI = self._MPI
         flags = np.zeros(4, dtype=np.int64)
@@ -170,7 +179,7 @@ class ShardedTable(_Collective):
                              "only); change them identically on every rank; nothing was changed")
         return bool(flags[1])
 
-    def _exchange(self, ids, payload=None):
+    def _exchange(self, ids: Any, payload: Any = None) -> Any:
         """Alltoallv ``ids`` (int64, grouped by destination, ascending) and optional rows.
 
         Returns (received ids, received rows or None, receive counts, send counts).
@@ -189,7 +198,7 @@ class ShardedTable(_Collective):
             self.comm.Alltoallv([payload, send, sdispl, self._row_type], [rows, recv, rdispl, self._row_type])
         return got, rows, recv, send
 
-    def _check_hyper(self):
+    def _check_hyper(self) -> None:
         group = self.param_groups[0]
         unknown = set(group) - set(self._inner.defaults) - {"params"}
         if unknown:
@@ -277,7 +286,7 @@ class ShardedTable(_Collective):
         self.timings["steps"] += 1
         return True
 
-    def _solo_step(self, grad):
+    def _solo_step(self, grad: Any) -> Any:
         """One rank: no routing, no agreement; the ordinary optimizer checks and steps."""
         t0 = time.perf_counter()
         self._check_hyper()
