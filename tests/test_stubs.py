@@ -110,3 +110,23 @@ def test_unknown_kind_names_the_fix():
     from fastadapt.algorithms._spec import nonneg
     with pytest.raises(ValueError, match="KINDS"):
         GEN.annotation(Hyper("x", 1, nonneg, kind="complex"))
+
+
+def test_optimizer_stub_covers_the_runtime_class():
+    """fastadapt/optim/base.pyi (hand-written) has every public method of Optimizer, same parameters."""
+    from fastadapt.optim.base import Optimizer
+    tree = _stub_tree("fastadapt/optim/base.pyi")
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Optimizer")
+    stub_methods = {n.name: n for n in cls.body if isinstance(n, ast.FunctionDef)}
+    stub_attrs = {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)}
+    public = [name for name, v in vars(Optimizer).items()
+              if callable(v) and (not name.startswith("_") or name == "__init__")]
+    for name in public:
+        assert name in stub_methods, f"Optimizer.{name} is missing from fastadapt/optim/base.pyi"
+        runtime = [(p.name, p.kind.name) for p in inspect.signature(getattr(Optimizer, name)).parameters.values()]
+        assert [(n, k) for n, k, _ in _stub_signature(stub_methods[name])] == runtime, name
+    w = __import__("numpy").zeros(3)
+    opt = fastadapt.Adam([w])
+    attrs = {k for k in vars(opt) if not k.startswith("_")} | {
+        k for k, v in vars(Optimizer).items() if not k.startswith("_") and not callable(v)}
+    assert attrs <= stub_attrs, f"fastadapt/optim/base.pyi lacks {sorted(attrs - stub_attrs)}"

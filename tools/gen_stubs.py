@@ -5,8 +5,8 @@ functions of :mod:`fastadapt.functional` are made at import time from
 :data:`fastadapt.algorithms.REGISTRY`, so a static type checker (mypy, pyright) cannot see
 them.  This script writes what it would see:
 
-* ``fastadapt/__init__.pyi`` -- the package's public names: :class:`Optimizer` (its typed
-  interface), one class per algorithm with torch's signature (positional / keyword-only split,
+* ``fastadapt/__init__.pyi`` -- the package's public names: :class:`Optimizer` (whose typed
+  interface is the hand-written ``fastadapt/optim/base.pyi``), one class per algorithm with torch's signature (positional / keyword-only split,
   the real defaults), ``RowGrad``, ``DeviceCSR``, ``functional``, ``config``, ``__version__``;
 * ``fastadapt/functional.pyi`` -- one typed function per algorithm that has one.
 
@@ -87,27 +87,6 @@ def class_stub(alg: Algorithm) -> str:
     return "\n".join(lines)
 
 
-OPTIMIZER = '''\
-class Optimizer:
-    """Base class of fastadapt's optimizers (fastadapt/optim/base.py)."""
-
-    algorithm: Algorithm
-    rule: Callable[..., None] | None
-    slots: tuple[str | None, str | None, str | None]
-    accepts_dense: bool
-    defaults: dict[str, Any]
-    nonfinite: _NonFinite
-    skipped_steps: int
-    param_groups: list[dict[str, Any]]
-    state: list[dict[str, Any]]
-
-    def __init__(self, params: _Params, defaults: Mapping[str, Any], *, nonfinite: _NonFinite = "propagate") -> None: ...
-    def add_param_group(self, param_group: dict[str, Any]) -> None: ...
-    def step(self, grads: Sequence[_Grad]) -> bool: ...
-    def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None: ...
-    def state_of(self, p: _Array) -> dict[str, Any]: ...
-'''
 
 
 def init_stub() -> str:
@@ -117,31 +96,19 @@ def init_stub() -> str:
     parts = [
         HEADER,
         '"""fastadapt: torch.optim\'s adaptive optimizers as Numba kernels (type stub of the generated API)."""\n',
-        "from collections.abc import Callable, Iterable, Mapping, Sequence",
-        "from typing import Any, Literal, TypeAlias",
-        "",
-        "import numpy as np",
-        "from numpy.typing import NDArray",
-        
-        "",
+        "from . import algorithms as algorithms",
+        "from . import backends as backends",
         "from . import config as config",
         "from . import functional as functional",
-        "from .algorithms import Algorithm",
+        "from . import grads as grads",
+        "from . import optim as optim",
         "from .grads.device import DeviceCSR as DeviceCSR",
         "from .grads.sparse import RowGrad as RowGrad",
+        "from .optim.base import Optimizer as Optimizer",
+        "from .optim.base import _NonFinite, _Params, _SparseMode",
         "",
         "__version__: str",
         "",
-        "#: a parameter or a state buffer: a float numpy array, or a CUDA array (CuPy, torch, numba)",
-        "_Array: TypeAlias = NDArray[np.floating[Any]] | Any",
-        "#: what an optimizer is built from: arrays, or param-group dicts",
-        "_Params: TypeAlias = Iterable[_Array] | Iterable[dict[str, Any]]",
-        "#: one gradient of Optimizer.step: dense array, scipy CSR matrix, RowGrad, DeviceCSR, or None",
-        "_Grad: TypeAlias = _Array | RowGrad | DeviceCSR | None",
-        '_SparseMode: TypeAlias = Literal["lazy", "exact"]',
-        '_NonFinite: TypeAlias = Literal["propagate", "skip", "raise"]',
-        "",
-        OPTIMIZER,
     ]
     for alg in REGISTRY:
         parts += [class_stub(alg), ""]
