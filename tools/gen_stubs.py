@@ -6,8 +6,9 @@ functions of :mod:`fastadapt.functional` are made at import time from
 them.  This script writes what it would see:
 
 * ``fastadapt/__init__.pyi`` -- the package's public names: :class:`Optimizer` (whose typed
-  interface is the hand-written ``fastadapt/optim/base.pyi``), one class per algorithm with torch's signature (positional / keyword-only split,
-  the real defaults), ``RowGrad``, ``DeviceCSR``, ``functional``, ``config``, ``__version__``;
+  interface is the hand-written ``fastadapt/optim/base.pyi``), one class per algorithm with
+  torch's signature (positional / keyword-only split, the real defaults), ``RowGrad``,
+  ``DeviceCSR``, ``functional``, ``config``, ``__version__``;
 * ``fastadapt/functional.pyi`` -- one typed function per algorithm that has one.
 
 Run it after adding or changing an algorithm (``tests/test_stubs.py`` fails until you do)::

@@ -130,8 +130,9 @@ def make_data(seed: int = 42, n: int = N_SAMPLES, d: int = N_FEATURES, noise: fl
     return X, y, true_theta, rng
 
 
-def train(make_optimizer: Callable[[List[np.ndarray]], Any], X: np.ndarray, y: np.ndarray, rng: np.random.RandomState, *,
-          epochs: int = 50, batch_size: int = 32) -> Tuple[np.ndarray, List[float], float, int]:
+def train(make_optimizer: Callable[[List[np.ndarray]], Any], X: np.ndarray, y: np.ndarray,
+          rng: np.random.RandomState, *, epochs: int = 50, batch_size: int = 32
+          ) -> Tuple[np.ndarray, List[float], float, int]:
     """Mini-batch training of ``theta`` (from zeros) on the MSE loss, as the seed does it.
 
     Parameters

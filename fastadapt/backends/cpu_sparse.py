@@ -594,7 +594,8 @@ class CPUSparseKernels:
 
     @staticmethod
     def csr_lazy(
-            rule: Any, p: Any, s1: Any, s2: Any, s3: Any, rows: Any, indptr: Any, cols: Any, vals: Any, ncols: int, k: Any,
+            rule: Any, p: Any, s1: Any, s2: Any, s3: Any, rows: Any, indptr: Any, cols: Any, vals: Any,
+            ncols: int, k: Any,
     ) -> None:
         """Run ``rule`` at the stored entries of a touched-rows CSR gradient."""
         if vals.size == rows.size * ncols:          # every touched row whole: it is the rows form
@@ -611,7 +612,8 @@ class CPUSparseKernels:
 
     @staticmethod
     def csr_exact(
-            rule: Any, p: Any, s1: Any, s2: Any, s3: Any, nrows: int, ncols: int, rows: Any, indptr: Any, cols: Any, vals: Any, k: Any,
+            rule: Any, p: Any, s1: Any, s2: Any, s3: Any, nrows: int, ncols: int, rows: Any, indptr: Any,
+            cols: Any, vals: Any, k: Any,
     ) -> None:
         """Run ``rule`` on every element: stored entries with their value, others with 0."""
         if vals.size == rows.size * ncols:
@@ -638,7 +640,8 @@ class CPUSparseKernels:
 
     @staticmethod
     def _catch_up(
-            s1: Any, s2: Any, s3: Any, rows: Any, ncols: int, stamp: Any, step: int, base: float, slots: Tuple[bool, bool, bool],
+            s1: Any, s2: Any, s3: Any, rows: Any, ncols: int, stamp: Any, step: int, base: float,
+            slots: Tuple[bool, bool, bool],
     ) -> None:
         u1, u2, u3 = (bool(u) for u in slots)
         if rows.size * ncols >= config.PARALLEL_THRESHOLD:
@@ -650,7 +653,8 @@ class CPUSparseKernels:
 
     @staticmethod
     def csr_decay(
-            rule: Any, p: Any, s1: Any, s2: Any, s3: Any, rows: Any, indptr: Any, cols: Any, vals: Any, ncols: int, k: Any, stamp: Any, step: int, base: float, slots: Tuple[bool, bool, bool],
+            rule: Any, p: Any, s1: Any, s2: Any, s3: Any, rows: Any, indptr: Any, cols: Any, vals: Any,
+            ncols: int, k: Any, stamp: Any, step: int, base: float, slots: Tuple[bool, bool, bool],
     ) -> None:
         """Catch the touched rows up (``base ** gap`` on the flagged ``slots``), stamp them
         ``step``, run ``rule`` on them whole."""
@@ -664,7 +668,8 @@ class CPUSparseKernels:
 
     @staticmethod
     def rows_decay(
-            rule: Any, p: Any, s1: Any, s2: Any, s3: Any, rows: Any, vals: Any, ncols: int, k: Any, stamp: Any, step: int, base: float, slots: Tuple[bool, bool, bool],
+            rule: Any, p: Any, s1: Any, s2: Any, s3: Any, rows: Any, vals: Any, ncols: int, k: Any,
+            stamp: Any, step: int, base: float, slots: Tuple[bool, bool, bool],
     ) -> None:
         """Row-gradient twin of :meth:`csr_decay` (whole rows: the lazy loop runs the rule)."""
         CPUSparseKernels._catch_up(s1, s2, s3, rows, ncols, stamp, step, base, slots)

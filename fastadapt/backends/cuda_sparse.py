@@ -389,7 +389,8 @@ class CUDASparseKernels:
 
     @staticmethod
     def csr_lazy(
-            rule: Any, p: Any, s1: Any, s2: Any, s3: Any, rows: Any, indptr: Any, cols: Any, vals: Any, ncols: int, k: Any,
+            rule: Any, p: Any, s1: Any, s2: Any, s3: Any, rows: Any, indptr: Any, cols: Any, vals: Any,
+            ncols: int, k: Any,
     ) -> None:
         """Run ``rule`` at the stored entries of a CSR gradient (one thread per entry)."""
         ks = _kernels(rule, p.dtype)
@@ -405,7 +406,8 @@ class CUDASparseKernels:
 
     @staticmethod
     def csr_exact(
-            rule: Any, p: Any, s1: Any, s2: Any, s3: Any, nrows: int, ncols: int, rows: Any, indptr: Any, cols: Any, vals: Any, k: Any,
+            rule: Any, p: Any, s1: Any, s2: Any, s3: Any, nrows: int, ncols: int, rows: Any, indptr: Any,
+            cols: Any, vals: Any, k: Any,
     ) -> None:
         """Run ``rule`` on every element: stored entries with their value, others with 0."""
         ks = _kernels(rule, p.dtype)
@@ -423,7 +425,8 @@ class CUDASparseKernels:
 
     @staticmethod
     def csr_decay(
-            rule: Any, p: Any, s1: Any, s2: Any, s3: Any, rows: Any, indptr: Any, cols: Any, vals: Any, ncols: int, k: Any, stamp: Any, step: int, base: float, slots: Tuple[bool, bool, bool],
+            rule: Any, p: Any, s1: Any, s2: Any, s3: Any, rows: Any, indptr: Any, cols: Any, vals: Any,
+            ncols: int, k: Any, stamp: Any, step: int, base: float, slots: Tuple[bool, bool, bool],
     ) -> None:
         """Catch the touched rows up (``base ** gap`` on the flagged ``slots``), run ``rule`` on
         them whole, stamp them ``step``.
@@ -448,7 +451,8 @@ class CUDASparseKernels:
 
     @staticmethod
     def rows_decay(
-            rule: Any, p: Any, s1: Any, s2: Any, s3: Any, rows: Any, vals: Any, ncols: int, k: Any, stamp: Any, step: int, base: float, slots: Tuple[bool, bool, bool],
+            rule: Any, p: Any, s1: Any, s2: Any, s3: Any, rows: Any, vals: Any, ncols: int, k: Any,
+            stamp: Any, step: int, base: float, slots: Tuple[bool, bool, bool],
     ) -> None:
         """Row-gradient twin of :meth:`csr_decay`."""
         ks = _kernels(rule, p.dtype)
