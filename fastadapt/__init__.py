@@ -12,6 +12,8 @@ One public class per algorithm of :data:`fastadapt.algorithms.REGISTRY` (``Adagr
 See the README and the docs for the options, the sparse-gradient semantics and the figures.
 """
 
+from typing import Any
+
 from . import config, functional
 from .grads.sparse import RowGrad
 from .optim import CLASSES, Optimizer
@@ -21,7 +23,7 @@ globals().update(CLASSES)
 __version__ = "0.1.0"
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     # fastadapt.DeviceCSR (a CSR gradient of device arrays) lives in fastadapt.grads.device, which
     # imports numba.cuda: imported on first use, so that `import fastadapt` never needs a GPU stack
     if name == "DeviceCSR":

@@ -4,13 +4,15 @@ Values were measured on the project's 2-core machines (see docs/performance.rst)
 change them here, never in the kernels.
 """
 
+from typing import Any
+
 #: Below this many elements a dense CPU step runs the serial loop: a parallel launch
 #: costs a few microseconds more than a serial call, which only pays off above it.
-PARALLEL_THRESHOLD = 32_768
+PARALLEL_THRESHOLD: int = 32_768
 
 #: Options every numba CPU kernel is compiled with.  ``error_model="numpy"`` lets
 #: divisions vectorise; ``fastmath`` stays off (docs/spec.rst, "Conventions": no reassociation).
-NJIT_OPTIONS = dict(cache=True, error_model="numpy", nogil=True)
+NJIT_OPTIONS: dict[str, Any] = dict(cache=True, error_model="numpy", nogil=True)
 
 #: Threads per block of the CUDA kernels (grid-stride loops).
 CUDA_THREADS_PER_BLOCK = 256

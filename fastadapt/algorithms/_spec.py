@@ -81,7 +81,7 @@ class Decay:
 ExactPlan = Union[str, Decay]
 
 
-def fma(a, b, c):
+def fma(a: Any, b: Any, c: Any) -> Any:
     """``a * b + c`` with one rounding, to the type of ``c``: torch's CPU kernels compute
     ``g.add(p, alpha=weight_decay)`` this way, and where ``g`` and ``weight_decay * p`` nearly
     cancel, rounding the product first would differ from torch by far more than an ulp.
@@ -94,7 +94,7 @@ def fma(a, b, c):
     return round_to(exact, type(c))
 
 
-def round_to(x, dtype):
+def round_to(x: Fraction, dtype: Any) -> Any:
     """The rational ``x`` rounded once (to nearest, ties to even) to float type ``dtype``."""
     if dtype is float or np.dtype(dtype) == np.float64:
         return dtype(float(x))                      # Fraction -> float64 is correctly rounded
@@ -108,7 +108,7 @@ def round_to(x, dtype):
     return best
 
 
-def scale_slots(s1, s2, s3, i, k):
+def scale_slots(s1: Any, s2: Any, s3: Any, i: int, k: Any) -> None:
     """What ``gap`` zero-gradient steps of a :class:`Decay` algorithm do at ``i``.
 
     ``k = (use1, use2, use3, factor)``: each flagged slot is multiplied by ``factor``
@@ -123,7 +123,7 @@ def scale_slots(s1, s2, s3, i, k):
         s3[i] = s3[i] * factor
 
 
-def decay_factor(base, gap):
+def decay_factor(base: float, gap: int) -> float:
     """``base ** gap`` in float64: the factor of :func:`scale_slots` after ``gap`` steps."""
     return base ** (gap * 1.0)
 

@@ -5,11 +5,11 @@ and lr (default 1.0) scales the step, as in torch.
 """
 
 import math
-from typing import NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
-from ._spec import FUSED, Algorithm, Decay, Hyper, flag, fma, nonneg, unit_interval
+from ._spec import FUSED, Algorithm, Decay, ExactPlan, Hyper, flag, fma, nonneg, unit_interval
 
 
 class Scalars(NamedTuple):
@@ -21,7 +21,7 @@ class Scalars(NamedTuple):
     neg_lr: float
 
 
-def rule(p, s1, s2, s3, i, g, k):
+def rule(p: Any, s1: Any, s2: Any, s3: Any, i: int, g: Any, k: Scalars) -> None:
     """Adadelta: ``s1`` = square_avg, ``s2`` = acc_delta."""
     if k.maximize:
         g = -g
@@ -36,13 +36,13 @@ def rule(p, s1, s2, s3, i, g, k):
     p[i] = x + k.neg_lr * delta
 
 
-def scalars(dtype, step, h, carry):
+def scalars(dtype: Any, step: int, h: Mapping[str, Any], carry: Mapping[str, float]) -> Scalars:
     dt = np.dtype(dtype).type
     return Scalars(bool(h["maximize"]), dt(h["weight_decay"]), dt(h["rho"]), dt(1 - h["rho"]),
                    dt(h["eps"]), dt(-h["lr"]))
 
 
-def exact(h):
+def exact(h: Mapping[str, Any]) -> ExactPlan:
     # without weight decay a zero gradient leaves p where it is (delta = ratio * 0 = 0, the
     # ratio being finite when eps > 0) and multiplies both averages by rho
     if h["weight_decay"] == 0 and h["eps"] > 0 and math.isfinite(h["lr"]):

@@ -6,11 +6,11 @@ per-group one).
 """
 
 import math
-from typing import NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
-from ._spec import FUSED, LAZY, Algorithm, Hyper, flag, fma, nonneg
+from ._spec import FUSED, LAZY, Algorithm, ExactPlan, Hyper, flag, fma, nonneg
 
 
 class Scalars(NamedTuple):
@@ -20,7 +20,7 @@ class Scalars(NamedTuple):
     eps: float
 
 
-def rule(p, s1, s2, s3, i, g, k):
+def rule(p: Any, s1: Any, s2: Any, s3: Any, i: int, g: Any, k: Scalars) -> None:
     """Adagrad: ``s1`` = sum."""
     if k.maximize:
         g = -g
@@ -32,13 +32,13 @@ def rule(p, s1, s2, s3, i, g, k):
     p[i] = x + (k.neg_clr * g) / (math.sqrt(s) + k.eps)
 
 
-def scalars(dtype, step, h, carry):
+def scalars(dtype: Any, step: int, h: Mapping[str, Any], carry: Mapping[str, float]) -> Scalars:
     dt = np.dtype(dtype).type
     clr = h["lr"] / (1 + (step - 1) * h["lr_decay"])
     return Scalars(bool(h["maximize"]), dt(h["weight_decay"]), dt(-clr), dt(h["eps"]))
 
 
-def exact(h):
+def exact(h: Mapping[str, Any]) -> ExactPlan:
     # without weight decay a zero gradient leaves sum and p unchanged (eps > 0 keeps 0/0 out)
     if h["weight_decay"] == 0 and h["eps"] > 0 and math.isfinite(h["lr"]):
         return LAZY

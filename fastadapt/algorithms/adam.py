@@ -7,7 +7,7 @@ amsgrad).  Epsilon is added after the bias-corrected square root (Algorithm 1), 
 """
 
 import math
-from typing import NamedTuple
+from typing import Any, Mapping, NamedTuple, Tuple
 
 import numpy as np
 
@@ -29,7 +29,7 @@ class Scalars(NamedTuple):
     eps: float
 
 
-def rule(p, s1, s2, s3, i, g, k):
+def rule(p: Any, s1: Any, s2: Any, s3: Any, i: int, g: Any, k: Scalars) -> None:
     """Adam/AdamW: ``s1`` = exp_avg, ``s2`` = exp_avg_sq, ``s3`` = max_exp_avg_sq."""
     if k.maximize:
         g = -g
@@ -58,7 +58,7 @@ def rule(p, s1, s2, s3, i, g, k):
     p[i] = x + (k.neg_step_size * m) / denom
 
 
-def scalars(dtype, step, h, carry):
+def scalars(dtype: Any, step: int, h: Mapping[str, Any], carry: Mapping[str, float]) -> Scalars:
     dt = np.dtype(dtype).type
     lr, wd = h["lr"], h["weight_decay"]
     beta1, beta2 = float(h["betas"][0]), float(h["betas"][1])
@@ -71,7 +71,7 @@ def scalars(dtype, step, h, carry):
                    dt(bias_correction2 ** 0.5), dt(h["eps"]))
 
 
-def buffers(h):
+def buffers(h: Mapping[str, Any]) -> Tuple[str, ...]:
     return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if h["amsgrad"] else ())
 
 

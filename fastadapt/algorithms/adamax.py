@@ -4,7 +4,7 @@ State: ``exp_avg`` (slot 1), ``exp_inf`` (slot 2).  eps is inside the maximum,
 ``u = max(beta2 * u, |g| + eps)``, as in torch.
 """
 
-from typing import NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
@@ -21,7 +21,7 @@ class Scalars(NamedTuple):
     neg_clr: float               # -lr / (1 - beta1**t)
 
 
-def rule(p, s1, s2, s3, i, g, k):
+def rule(p: Any, s1: Any, s2: Any, s3: Any, i: int, g: Any, k: Scalars) -> None:
     """Adamax: ``s1`` = exp_avg, ``s2`` = exp_inf."""
     if k.maximize:
         g = -g
@@ -42,7 +42,7 @@ def rule(p, s1, s2, s3, i, g, k):
     p[i] = x + (k.neg_clr * m) / u
 
 
-def scalars(dtype, step, h, carry):
+def scalars(dtype: Any, step: int, h: Mapping[str, Any], carry: Mapping[str, float]) -> Scalars:
     dt = np.dtype(dtype).type
     beta1, beta2 = float(h["betas"][0]), float(h["betas"][1])
     clr = h["lr"] / (1 - beta1 ** float(step))

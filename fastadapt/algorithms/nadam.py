@@ -6,7 +6,7 @@ the product of the momentum schedule mu_1 ... mu_t, kept per parameter as a Pyth
 """
 
 import math
-from typing import NamedTuple
+from typing import Any, Dict, Mapping, NamedTuple
 
 import numpy as np
 
@@ -28,7 +28,7 @@ class Scalars(NamedTuple):
     avg_coef: float              # (-lr * mu_{t+1}) / (1 - mu_product * mu_{t+1})
 
 
-def rule(p, s1, s2, s3, i, g, k):
+def rule(p: Any, s1: Any, s2: Any, s3: Any, i: int, g: Any, k: Scalars) -> None:
     """NAdam: ``s1`` = exp_avg, ``s2`` = exp_avg_sq."""
     if k.maximize:
         g = -g
@@ -51,17 +51,17 @@ def rule(p, s1, s2, s3, i, g, k):
     p[i] = x + (k.avg_coef * m) / denom
 
 
-def momentum_cache(beta1, momentum_decay, t):
+def momentum_cache(beta1: float, momentum_decay: float, t: float) -> float:
     """mu_t = beta1 * (1 - 0.5 * 0.96 ** (t * momentum_decay)), in float64."""
     return beta1 * (1.0 - 0.5 * (0.96 ** (t * momentum_decay)))
 
 
-def advance(step, h, carry):
+def advance(step: int, h: Mapping[str, Any], carry: Mapping[str, float]) -> Dict[str, float]:
     mu = momentum_cache(float(h["betas"][0]), h["momentum_decay"], float(step))
     return {"mu_product": carry["mu_product"] * mu}
 
 
-def scalars(dtype, step, h, carry):
+def scalars(dtype: Any, step: int, h: Mapping[str, Any], carry: Mapping[str, float]) -> Scalars:
     dt = np.dtype(dtype).type
     lr, wd = h["lr"], h["weight_decay"]
     beta1, beta2 = float(h["betas"][0]), float(h["betas"][1])

@@ -6,7 +6,7 @@ before that the step is the bias-corrected momentum alone.
 """
 
 import math
-from typing import NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
@@ -31,7 +31,7 @@ class Scalars(NamedTuple):
     rect: float                  # the variance rectification term (1 when not rectifying)
 
 
-def rule(p, s1, s2, s3, i, g, k):
+def rule(p: Any, s1: Any, s2: Any, s3: Any, i: int, g: Any, k: Scalars) -> None:
     """RAdam: ``s1`` = exp_avg, ``s2`` = exp_avg_sq."""
     if k.maximize:
         g = -g
@@ -56,7 +56,7 @@ def rule(p, s1, s2, s3, i, g, k):
     p[i] = x - step
 
 
-def scalars(dtype, step, h, carry):
+def scalars(dtype: Any, step: int, h: Mapping[str, Any], carry: Mapping[str, float]) -> Scalars:
     dt = np.dtype(dtype).type
     lr, wd = h["lr"], h["weight_decay"]
     beta1, beta2 = float(h["betas"][0]), float(h["betas"][1])

@@ -6,11 +6,11 @@ rounding make it negative and returns NaN).
 """
 
 import math
-from typing import NamedTuple
+from typing import Any, Mapping, NamedTuple, Tuple
 
 import numpy as np
 
-from ._spec import FUSED, Algorithm, Decay, Hyper, flag, fma, nonneg
+from ._spec import FUSED, Algorithm, Decay, ExactPlan, Hyper, flag, fma, nonneg
 
 
 class Scalars(NamedTuple):
@@ -26,7 +26,7 @@ class Scalars(NamedTuple):
     neg_lr: float
 
 
-def rule(p, s1, s2, s3, i, g, k):
+def rule(p: Any, s1: Any, s2: Any, s3: Any, i: int, g: Any, k: Scalars) -> None:
     """RMSprop: ``s1`` = square_avg, ``s2`` = momentum_buffer, ``s3`` = grad_avg."""
     if k.maximize:
         g = -g
@@ -58,7 +58,7 @@ def rule(p, s1, s2, s3, i, g, k):
         p[i] = x + (k.neg_lr * g) / d
 
 
-def scalars(dtype, step, h, carry):
+def scalars(dtype: Any, step: int, h: Mapping[str, Any], carry: Mapping[str, float]) -> Scalars:
     dt = np.dtype(dtype).type
     one_minus_alpha = dt(1 - h["alpha"])
     return Scalars(bool(h["maximize"]), bool(h["centered"]), bool(h["momentum"] > 0),
@@ -66,12 +66,12 @@ def scalars(dtype, step, h, carry):
                    dt(h["eps"]), dt(h["momentum"]), dt(-h["lr"]))
 
 
-def buffers(h):
+def buffers(h: Mapping[str, Any]) -> Tuple[str, ...]:
     return ("square_avg",) + (("momentum_buffer",) if h["momentum"] > 0 else ()) + (
         ("grad_avg",) if h["centered"] else ())
 
 
-def exact(h):
+def exact(h: Mapping[str, Any]) -> ExactPlan:
     # without momentum or weight decay a zero gradient leaves p alone and multiplies the
     # averages by alpha: caught up per row in closed form
     if (h["momentum"] == 0 and h["weight_decay"] == 0 and h["eps"] > 0 and h["alpha"] <= 1

@@ -6,11 +6,11 @@ on later needs is created with zeros and follows the general recurrence (see the
 """
 
 import math
-from typing import NamedTuple
+from typing import Any, Mapping, NamedTuple, Tuple
 
 import numpy as np
 
-from ._spec import FUSED, LAZY, Algorithm, Hyper, check_number, flag, fma, nonneg
+from ._spec import FUSED, LAZY, Algorithm, ExactPlan, Hyper, check_number, flag, fma, nonneg
 
 
 class Scalars(NamedTuple):
@@ -24,7 +24,7 @@ class Scalars(NamedTuple):
     neg_lr: float
 
 
-def rule(p, s1, s2, s3, i, g, k):
+def rule(p: Any, s1: Any, s2: Any, s3: Any, i: int, g: Any, k: Scalars) -> None:
     """SGD: ``s1`` = momentum_buffer."""
     if k.maximize:
         g = -g
@@ -44,29 +44,29 @@ def rule(p, s1, s2, s3, i, g, k):
     p[i] = x + k.neg_lr * g
 
 
-def scalars(dtype, step, h, carry):
+def scalars(dtype: Any, step: int, h: Mapping[str, Any], carry: Mapping[str, float]) -> Scalars:
     dt = np.dtype(dtype).type
     return Scalars(bool(h["maximize"]), bool(h["momentum"] != 0), step == 1, bool(h["nesterov"]),
                    dt(h["weight_decay"]), dt(h["momentum"]), dt(1 - h["dampening"]), dt(-h["lr"]))
 
 
-def buffers(h):
+def buffers(h: Mapping[str, Any]) -> Tuple[str, ...]:
     return ("momentum_buffer",) if h["momentum"] != 0 else ()
 
 
-def exact(h):
+def exact(h: Mapping[str, Any]) -> ExactPlan:
     # without momentum or weight decay a zero gradient leaves p where it is
     if h["momentum"] == 0 and h["weight_decay"] == 0 and math.isfinite(h["lr"]):
         return LAZY
     return FUSED
 
 
-def real(name, value):
+def real(name: str, value: Any) -> None:
     """Any real number (torch does not bound SGD's dampening)."""
     check_number(name, value)
 
 
-def validate(h):
+def validate(h: Mapping[str, Any]) -> None:
     if h["nesterov"] and (h["momentum"] <= 0 or h["dampening"] != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 

@@ -6,7 +6,7 @@ step count advances at every step, also when a gradient is empty.  Epsilon in th
 """
 
 import math
-from typing import NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
@@ -21,7 +21,7 @@ class Scalars(NamedTuple):
     eps: float
 
 
-def rule(p, s1, s2, s3, i, g, k):
+def rule(p: Any, s1: Any, s2: Any, s3: Any, i: int, g: Any, k: Scalars) -> None:
     """SparseAdam: ``s1`` = exp_avg, ``s2`` = exp_avg_sq."""
     if k.maximize:
         g = -g
@@ -36,7 +36,7 @@ def rule(p, s1, s2, s3, i, g, k):
     p[i] = p[i] + k.neg_step_size * (numer / denom)
 
 
-def scalars(dtype, step, h, carry):
+def scalars(dtype: Any, step: int, h: Mapping[str, Any], carry: Mapping[str, float]) -> Scalars:
     dt = np.dtype(dtype).type
     beta1, beta2 = float(h["betas"][0]), float(h["betas"][1])
     t = float(step)

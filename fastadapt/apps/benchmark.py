@@ -21,7 +21,9 @@ scripts and suites in the repository's ``bench/`` directory measure with.
 
 from __future__ import annotations
 
+import argparse
 import functools
+from typing import Any
 import json
 import os
 import time
@@ -51,7 +53,7 @@ OPTIMIZERS = {name.lower(): getattr(fa, name) for name in NAMES if isinstance(ge
 TORCH_MODES = ("fused", "foreach")
 
 
-def canonical_name(name):
+def canonical_name(name: str) -> str:
     """The class name (``"RMSprop"``) of an optimizer of :data:`NAMES` that fastadapt has, given
     in any case (``"rmsprop"``)."""
     for canonical in NAMES:
@@ -60,24 +62,24 @@ def canonical_name(name):
     raise KeyError(f"no such dense optimizer in fastadapt: {name!r} (have: {', '.join(OPTIMIZERS)})")
 
 
-def optimizer_class(name):
+def optimizer_class(name: str) -> Any:
     """fastadapt's class for ``name`` (any case): ``getattr(fastadapt, canonical_name(name))``."""
     return getattr(fa, canonical_name(name))
 
 
-def torch_class(torch, name):
+def torch_class(torch: Any, name: str) -> Any:
     """torch.optim's class of the same name, or None when torch has none."""
     return getattr(torch.optim, canonical_name(name), None)
 
 
-def state_buffers(name):
+def state_buffers(name: str) -> Any:
     """Names of the per-element state buffers a default ``name`` step keeps, found by stepping
     once on a tiny array (those of the parameter's shape; the step count is not one)."""
     return _state_buffers(canonical_name(name), optimizer_class(name))
 
 
 @functools.lru_cache(maxsize=None)
-def _state_buffers(name, cls):
+def _state_buffers(name: str, cls: Any) -> Any:
     p = np.zeros(4, np.float32)
     opt = cls([p])
     opt.step([np.full(4, 0.01, np.float32)])
@@ -85,7 +87,7 @@ def _state_buffers(name, cls):
                  if isinstance(v, np.ndarray) and v.shape == p.shape)
 
 
-def arrays_touched(name):
+def arrays_touched(name: str) -> Any:
     """Arrays read or written per element by a default step of ``name``: the parameter (read and
     written), the gradient (read) and each state buffer (read and written) -- 7 for Adam (two
     buffers), 5 for Adagrad and RMSprop (one), 3 for the streaming loop ``"stream"``."""
@@ -94,7 +96,7 @@ def arrays_touched(name):
     return 3 + 2 * len(state_buffers(name))
 
 
-def bytes_per_element(name, dtype=np.float32):
+def bytes_per_element(name: str, dtype: Any = np.float32) -> Any:
     """Bytes a step of ``name`` (an optimizer or ``"stream"``) moves per element."""
     return arrays_touched(name) * np.dtype(dtype).itemsize
 
@@ -106,21 +108,21 @@ def stream(a, b, s):
         a[i] = a[i] * s + b[i]
 
 
-def _arrays(n, dtype, seed):
+def _arrays(n: int, dtype: Any, seed: int) -> Any:
     rng = np.random.default_rng(seed)
     p = rng.standard_normal(n, dtype=np.float64 if np.dtype(dtype) == np.float64 else np.float32)
     g = rng.standard_normal(n, dtype=p.dtype) * p.dtype.type(0.01)
     return p.astype(dtype, copy=False), g.astype(dtype, copy=False)
 
 
-def stream_case(n, dtype=np.float32):
+def stream_case(n: int, dtype: Any = np.float32) -> Any:
     """A no-argument callable running :func:`stream` on two fresh arrays of ``n`` elements."""
     a, b = _arrays(n, dtype, 1)
     s = np.dtype(dtype).type(0.999)
     return lambda: stream(a, b, s)
 
 
-def dense_case(name, n, dtype=np.float32, seed=0):
+def dense_case(name: str, n: int, dtype: Any = np.float32, seed: int = 0) -> Any:
     """A callable doing one fastadapt step of ``name`` on one parameter of ``n`` elements."""
     p, g = _arrays(n, dtype, seed)
     opt = optimizer_class(name)([p])
@@ -128,7 +130,7 @@ def dense_case(name, n, dtype=np.float32, seed=0):
     return lambda: opt.step(grads)
 
 
-def _torch():
+def _torch() -> Any:
     try:
         import torch
     except ImportError:
@@ -136,19 +138,19 @@ def _torch():
     return torch
 
 
-def torch_dense_case(name, n, mode, dtype=np.float32, seed=0):
+def torch_dense_case(name: str, n: int, mode: Any, dtype: Any = np.float32, seed: int = 0) -> Any:
     """A callable doing one torch.optim step (``mode``: "fused" or "foreach"), or None when
     torch is not importable or has no such implementation."""
     return torch_many_case(name, [n], mode, dtype, seed)
 
 
-def log_uniform_sizes(count=200, low=100, high=200_000, seed=0):
+def log_uniform_sizes(count: int = 200, low: int = 100, high: int = 200_000, seed: int = 0) -> Any:
     """``count`` tensor sizes drawn log-uniformly from [low, high] (a model's layers)."""
     rng = np.random.default_rng(seed)
     return [int(x) for x in np.exp(rng.uniform(np.log(low), np.log(high), count))]
 
 
-def many_case(name, sizes, dtype=np.float32, seed=0):
+def many_case(name: str, sizes: Any, dtype: Any = np.float32, seed: int = 0) -> Any:
     """A callable doing one fastadapt step of ``name`` over one parameter per size."""
     pairs = [_arrays(n, dtype, seed + j) for j, n in enumerate(sizes)]
     opt = optimizer_class(name)([p for p, _ in pairs])
@@ -156,7 +158,7 @@ def many_case(name, sizes, dtype=np.float32, seed=0):
     return lambda: opt.step(grads)
 
 
-def torch_many_case(name, sizes, mode, dtype=np.float32, seed=0):
+def torch_many_case(name: str, sizes: Any, mode: Any, dtype: Any = np.float32, seed: int = 0) -> Any:
     """The torch.optim counterpart of :func:`many_case` (``mode``: "fused" or "foreach"), or None."""
     torch = _torch()
     cls = None if torch is None else torch_class(torch, name)
@@ -176,7 +178,14 @@ def torch_many_case(name, sizes, mode, dtype=np.float32, seed=0):
     return opt.step
 
 
-def interleaved(cases, rounds, warmup=2, progress=None, block=3, settle=1):
+def interleaved(
+        cases: Any,
+        rounds: Any,
+        warmup: int = 2,
+        progress: Any = None,
+        block: int = 3,
+        settle: int = 1,
+) -> Any:
     """Time ``cases`` (name -> callable) in ``rounds`` rounds, the cases interleaved.
 
     In each round every case runs ``settle`` untimed calls, then ``block`` timed ones; the order
@@ -194,7 +203,7 @@ def interleaved(cases, rounds, warmup=2, progress=None, block=3, settle=1):
     for name in names:
         for _ in range(warmup):
             cases[name]()
-    times = {name: [] for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
     clock = time.perf_counter
     for r in range(rounds):
         shift = r % len(names)
@@ -211,7 +220,7 @@ def interleaved(cases, rounds, warmup=2, progress=None, block=3, settle=1):
     return times
 
 
-def ratio(times, numerator, denominator, block=3):
+def ratio(times: Any, numerator: Any, denominator: Any, block: int = 3) -> float:
     """Median over the rounds of ``numerator``'s time over ``denominator``'s, each the median of
     its calls in that round (times from :func:`interleaved` with this ``block``): paired within a
     round, a ratio is immune to the load drifting between rounds."""
@@ -222,7 +231,7 @@ def ratio(times, numerator, denominator, block=3):
     return float(np.median(per_round))
 
 
-def threads_info():
+def threads_info() -> Any:
     """numba's thread count and threading layer, and torch's thread count (None without torch)."""
     import numba
 
@@ -237,7 +246,7 @@ def threads_info():
             "torch_version": torch.__version__ if torch is not None else None}
 
 
-def describe_threads(info):
+def describe_threads(info: Any) -> Any:
     """:func:`threads_info`'s figures as text, e.g. ``numba 2 threads (omp layer),
     OMP_WAIT_POLICY unset, torch 2.13.0 with 2 threads`` (or ``torch not installed``)."""
     layer = info.get("threading_layer")
@@ -250,8 +259,14 @@ def describe_threads(info):
     return text + ", torch not installed"
 
 
-def measure_dense(names=tuple(OPTIMIZERS), n=10_000_000, dtype=np.float32, rounds=10, use_torch=True,
-                  progress=None):
+def measure_dense(
+        names: Any = tuple(OPTIMIZERS),
+        n: int = 10_000_000,
+        dtype: Any = np.float32,
+        rounds: int = 10,
+        use_torch: bool = True,
+        progress: Any = None,
+) -> Any:
     """Medians of interleaved rounds: the streaming ceiling, fastadapt and torch, per optimizer.
 
     The ceiling runs in every optimizer's rounds; each optimizer's fraction of the ceiling uses
@@ -303,11 +318,11 @@ def measure_dense(names=tuple(OPTIMIZERS), n=10_000_000, dtype=np.float32, round
             "optimizers": rows}
 
 
-def _fmt(x, spec):
+def _fmt(x: Any, spec: Any) -> Any:
     return "-" if x is None else format(x, spec)
 
 
-def format_table(result):
+def format_table(result: Any) -> str:
     """The human-readable table of :func:`measure_dense`'s result."""
     c = result["ceiling"]
     lines = [
@@ -332,7 +347,7 @@ def format_table(result):
     return "\n".join(lines)
 
 
-def add_arguments(parser):
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``fastadapt bench`` (defaults are shown by the CLI's help formatter)."""
     parser.add_argument("--size", type=float, default="1e7", metavar="N",
                         help="elements of the parameter each step updates")
@@ -354,7 +369,7 @@ def add_arguments(parser):
                         help="set OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep instead of spinning)")
 
 
-def passive_openmp():
+def passive_openmp() -> None:
     """Make idle OpenMP threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``), unless
     the environment already says otherwise.
 
@@ -372,7 +387,7 @@ def passive_openmp():
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     """Run the benchmark; print the table (or JSON).  Returns the exit status; raises
     :class:`fastadapt.apps.cli.UsageError` on bad options."""
     from .cli import UsageError
@@ -387,8 +402,9 @@ def run(args):
     if args.threads is not None:
         import numba
 
-        if not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:
-            raise UsageError(f"--threads must be in 1..{numba.config.NUMBA_NUM_THREADS} (NUMBA_NUM_THREADS), "
+        max_threads: int = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
+        if not 1 <= args.threads <= max_threads:
+            raise UsageError(f"--threads must be in 1..{max_threads} (NUMBA_NUM_THREADS), "
                              f"got {args.threads}")
         numba.set_num_threads(args.threads)
         torch = _torch()
@@ -398,7 +414,7 @@ def run(args):
     progress = Progress(len(names) * args.rounds, "fastadapt bench", "rounds", enabled=not args.no_progress)
     position = {name: j for j, name in enumerate(names, 1)}
 
-    def on_round(name, done, rounds):
+    def on_round(name: str, done: Any, rounds: Any) -> None:
         progress.update(status=f"{name} round {done}/{rounds} (optimizer {position[name]}/{len(names)})")
 
     try:

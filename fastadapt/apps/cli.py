@@ -10,6 +10,8 @@ status 2, without a traceback.
 import argparse
 import importlib
 import sys
+from types import ModuleType
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 PROG = "fastadapt"
 
@@ -31,7 +33,7 @@ class UsageError(Exception):
     """A user error in a subcommand's options or input: reported as one line, exit status 2."""
 
 
-def positive_int(text):
+def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:
         value = int(text)
@@ -42,7 +44,7 @@ def positive_int(text):
     return value
 
 
-def _float(text, ok, what):
+def _float(text: str, ok: Callable[[float], bool], what: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -52,12 +54,12 @@ def _float(text, ok, what):
     return value
 
 
-def positive_float(text):
+def positive_float(text: str) -> float:
     """argparse type: a finite number > 0."""
     return _float(text, lambda v: 0 < v < float("inf"), "a positive number")
 
 
-def non_negative_float(text):
+def non_negative_float(text: str) -> float:
     """argparse type: a finite number >= 0."""
     return _float(text, lambda v: 0 <= v < float("inf"), "a number >= 0")
 
@@ -66,7 +68,7 @@ class HelpFormatter(argparse.HelpFormatter):
     """Shows every option's default after its help text (``(default: 50)``), except where there
     is none to show (flags, options defaulting to None) or the help text already names it."""
 
-    def _get_help_string(self, action):
+    def _get_help_string(self, action: argparse.Action) -> Optional[str]:
         text = action.help or ""
         default = action.default
         if (not action.option_strings or default is None or default is False
@@ -81,11 +83,11 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser, but an error is one line on stderr (``fastadapt recsys: error: argument
     --users: ...``, pointing to ``--help``) instead of the usage block followed by the error."""
 
-    def error(self, message):
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def build_parser():
+def build_parser() -> Tuple[argparse.ArgumentParser, Dict[str, ModuleType]]:
     """The ``fastadapt`` argument parser, with the subcommands whose modules import."""
     import fastadapt as fa
 
@@ -93,7 +95,7 @@ def build_parser():
                                      formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {fa.__version__}")
     sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
-    modules = {}
+    modules: Dict[str, ModuleType] = {}
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         try:
             module = importlib.import_module(module_name)
@@ -108,7 +110,7 @@ def build_parser():
     return parser, modules
 
 
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m fastadapt`` and the ``fastadapt`` script; returns the exit status."""
     parser, modules = build_parser()
     args = parser.parse_args(argv)

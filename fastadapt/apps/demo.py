@@ -37,6 +37,8 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+import argparse
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -89,18 +91,19 @@ class RunResult:
     seed_hyper: str
     call: str
     losses: list = field(default_factory=list)
-    theta: np.ndarray = None
+    theta: Optional[np.ndarray] = None
     distance: float = float("nan")
     wall_s: float = float("nan")
     steps: int = 0
 
     @property
-    def final_loss(self):
+    def final_loss(self) -> float:
         """The last epoch's loss."""
         return self.losses[-1]
 
 
-def make_data(seed=42, n=N_SAMPLES, d=N_FEATURES, noise=NOISE):
+def make_data(seed: int = 42, n: int = N_SAMPLES, d: int = N_FEATURES, noise: float = NOISE
+              ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.random.RandomState]:
     """The seed's regression data, and the random stream positioned after it.
 
     Parameters
@@ -127,7 +130,9 @@ def make_data(seed=42, n=N_SAMPLES, d=N_FEATURES, noise=NOISE):
     return X, y, true_theta, rng
 
 
-def train(make_optimizer, X, y, rng, *, epochs=50, batch_size=32):
+def train(make_optimizer: Callable[[List[np.ndarray]], Any], X: np.ndarray, y: np.ndarray,
+          rng: np.random.RandomState, *, epochs: int = 50, batch_size: int = 32
+          ) -> Tuple[np.ndarray, List[float], float, int]:
     """Mini-batch training of ``theta`` (from zeros) on the MSE loss, as the seed does it.
 
     Parameters
@@ -155,7 +160,7 @@ def train(make_optimizer, X, y, rng, *, epochs=50, batch_size=32):
     n, d = X.shape
     theta = np.zeros(d)
     opt = make_optimizer([theta])
-    losses = []
+    losses: List[float] = []
     start = time.perf_counter()
     for _ in range(epochs):
         order = rng.permutation(n)
@@ -172,7 +177,7 @@ def train(make_optimizer, X, y, rng, *, epochs=50, batch_size=32):
     return theta, losses, wall_s, int(opt.state[0]["step"])
 
 
-def _warm_up():
+def _warm_up() -> float:
     """One step of each optimizer on a throwaway array: loads (or compiles) the float64 kernels so
     that the timed loops measure training, not numba.  Returns the seconds it took."""
     start = time.perf_counter()
@@ -182,7 +187,7 @@ def _warm_up():
     return time.perf_counter() - start
 
 
-def compare(epochs=50, seed=42, batch_size=32):
+def compare(epochs: int = 50, seed: int = 42, batch_size: int = 32) -> Tuple[List[RunResult], Dict[str, Any]]:
     """Run the seed comparison.
 
     Parameters
@@ -216,7 +221,7 @@ def compare(epochs=50, seed=42, batch_size=32):
     return results, info
 
 
-def format_report(results, info):
+def format_report(results: List[RunResult], info: Dict[str, Any]) -> str:
     """The demo's printed report: the hyper-parameter mapping, the table and the notes.
 
     Parameters
@@ -270,7 +275,7 @@ def format_report(results, info):
     return "\n".join(lines)
 
 
-def _require_matplotlib():
+def _require_matplotlib() -> bool:
     try:
         from matplotlib.figure import Figure  # noqa: F401
     except ImportError:
@@ -278,7 +283,7 @@ def _require_matplotlib():
     return True
 
 
-def save_plot(results, info, path):
+def save_plot(results: List[RunResult], info: Dict[str, Any], path: str) -> None:
     """Save the per-epoch loss curves of ``results`` as a PNG at ``path`` (needs matplotlib).
 
     Raises
@@ -306,7 +311,7 @@ def save_plot(results, info, path):
     fig.savefig(path, format="png")
 
 
-def add_arguments(parser):
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the demo's options to ``parser``."""
     from .cli import positive_int
 
@@ -318,7 +323,7 @@ def add_arguments(parser):
                              "default: no plot)")
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     """Run the demo with parsed ``args``; print the report; return the exit status (raises
     :class:`fastadapt.apps.cli.UsageError` when ``--plot`` cannot work)."""
     from .cli import UsageError

@@ -11,11 +11,12 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from typing import IO, Any, Literal, Optional
 
 __all__ = ["Progress", "is_terminal"]
 
 
-def is_terminal(stream):
+def is_terminal(stream: Any) -> bool:
     """Whether ``stream`` is an open terminal (``isatty()``); False for anything without one."""
     try:
         return bool(stream.isatty())
@@ -23,7 +24,7 @@ def is_terminal(stream):
         return False
 
 
-def _seconds(s):
+def _seconds(s: float) -> str:
     return f"{s:.1f} s" if s < 100 else f"{s / 60:.1f} min"
 
 
@@ -54,24 +55,26 @@ class Progress:
     Use :meth:`update` once per unit done, then :meth:`close` (or use it as a context manager).
     """
 
-    def __init__(self, total, desc, unit="steps", *, stream=None, enabled=True, leave=True,
-                 interval=0.2):
+    def __init__(self, total: int, desc: str, unit: str = "steps", *, stream: Optional[IO[str]] = None,
+                 enabled: bool = True, leave: bool = True, interval: float = 0.2) -> None:
         self.total, self.desc, self.unit = int(total), desc, unit
         self.stream = sys.stderr if stream is None else stream
         self.enabled = bool(enabled)
         self.live = self.enabled and is_terminal(self.stream)
         self.leave, self.interval = leave, interval
-        self.done, self.status, self.postfix = 0, None, None
+        self.done = 0
+        self.status: Optional[str] = None
+        self.postfix: Optional[str] = None
         self.start = self._last = time.perf_counter()
         self._width = 0                                   # length of the line on screen
         self.closed = False
 
     # ------------------------------------------------------------------ text
 
-    def _count(self):
+    def _count(self) -> str:
         return self.status if self.status is not None else f"{self.done}/{self.total} {self.unit}"
 
-    def text(self):
+    def text(self) -> str:
         """The live line: what runs, how far, the postfix, elapsed and estimated time left."""
         elapsed = time.perf_counter() - self.start
         parts = [self._count()]
@@ -82,7 +85,7 @@ class Progress:
             parts.append(f"~{_seconds(elapsed / self.done * (self.total - self.done))} left")
         return f"{self.desc}: " + ", ".join(parts)
 
-    def final_text(self):
+    def final_text(self) -> str:
         """The line written at :meth:`close`: what ran, how far, the postfix and the time taken."""
         parts = [f"{self.done}/{self.total} {self.unit}"]
         if self.postfix:
@@ -92,7 +95,7 @@ class Progress:
 
     # ------------------------------------------------------------------ drawing
 
-    def _draw(self, text):
+    def _draw(self, text: str) -> None:
         columns = shutil.get_terminal_size((80, 24)).columns
         text = text[:max(10, columns - 1)]                # never wrap: "\r" only rewinds one row
         pad = " " * max(0, self._width - len(text))
@@ -100,7 +103,7 @@ class Progress:
         self.stream.flush()
         self._width = len(text)
 
-    def update(self, n=1, *, status=None, postfix=None):
+    def update(self, n: int = 1, *, status: Optional[str] = None, postfix: Optional[str] = None) -> None:
         """Count ``n`` more units done; ``status`` replaces the ``done/total unit`` part of the
         live line, ``postfix`` (e.g. the current loss) follows it."""
         self.done += n
@@ -115,7 +118,7 @@ class Progress:
             self._last = now
             self._draw(self.text())
 
-    def close(self, final=None):
+    def close(self, final: Optional[str] = None) -> None:
         """End the line.  ``final`` replaces :meth:`final_text`.  Off a terminal (when enabled),
         write the final line; on one, replace the live line by it (``leave``) or clear it."""
         if self.closed or not self.enabled:
@@ -133,9 +136,9 @@ class Progress:
             self.stream.write(text + "\n")
         self.stream.flush()
 
-    def __enter__(self):
+    def __enter__(self) -> "Progress":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: Any) -> "Literal[False]":
         self.close()
         return False

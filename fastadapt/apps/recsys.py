@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -46,8 +47,15 @@ OPTIMIZERS = {name.lower(): (getattr(fa, name), lr) for name, lr in DEFAULT_LR.i
 
 # =========================================================================== data
 
-def generate_interactions(n_users=50_000, n_items=20_000, n_interactions=2_000_000, topics=50,
-                          zipf=1.0, taste=0.8, seed=0):
+def generate_interactions(
+        n_users: int = 50_000,
+        n_items: int = 20_000,
+        n_interactions: int = 2_000_000,
+        topics: int = 50,
+        zipf: float = 1.0,
+        taste: float = 0.8,
+        seed: int = 0,
+) -> Any:
     """A seeded implicit-feedback matrix with Zipf-like item popularity.
 
     Parameters
@@ -81,12 +89,12 @@ def generate_interactions(n_users=50_000, n_items=20_000, n_interactions=2_000_0
     per_topic = max(1, n_items // topics)
     n_target = min(int(n_interactions), n_users * n_items)
 
-    def zipf_ranks(n, size):
+    def zipf_ranks(n: int, size: int) -> Any:
         w = 1.0 / np.arange(1, n + 1) ** zipf
         cdf = np.cumsum(w)
         return np.minimum(np.searchsorted(cdf, rng.random(size) * cdf[-1]), n - 1)
 
-    def draw(size):
+    def draw(size: int) -> Any:
         users = rng.choice(n_users, size=size, p=activity)
         in_topic = rng.random(size) < taste
         items = np.empty(size, np.int64)
@@ -109,7 +117,7 @@ def generate_interactions(n_users=50_000, n_items=20_000, n_interactions=2_000_0
                          shape=(n_users, n_items))
 
 
-def load_interactions(path, min_rating=0.0):
+def load_interactions(path: str, min_rating: float = 0.0) -> Any:
     """Read a MovieLens-style ``user item rating [timestamp]`` file into a CSR matrix.
 
     Separators may be whitespace, tabs, commas or ``::``; a non-numeric first line (a
@@ -150,7 +158,7 @@ def load_interactions(path, min_rating=0.0):
     return R
 
 
-def _numeric(token):
+def _numeric(token: Any) -> bool:
     try:
         float(token)
         return True
@@ -158,7 +166,7 @@ def _numeric(token):
         return False
 
 
-def split_leave_one_out(R, seed=0):
+def split_leave_one_out(R: Any, seed: int = 0) -> Tuple[Any, np.ndarray, np.ndarray]:
     """Hold out one random interaction of every user who has at least two.
 
     Returns
@@ -184,7 +192,7 @@ def split_leave_one_out(R, seed=0):
 
 # =========================================================================== model
 
-def bpr_gradients(U, V, users, pos, neg, reg):
+def bpr_gradients(U: Any, V: Any, users: Any, pos: Any, neg: Any, reg: Any) -> Any:
     """BPR loss and its gradients for one mini-batch.
 
     Parameters
@@ -218,7 +226,7 @@ def bpr_gradients(U, V, users, pos, neg, reg):
     return loss, gU, np.concatenate([pos, neg]), gV
 
 
-def recall_at_k(U, V, train, users, items, k=10, block=512):
+def recall_at_k(U: Any, V: Any, train: Any, users: Any, items: Any, k: int = 10, block: int = 512) -> float:
     """Fraction of held-out items ranked in the top ``k`` of the items the user has not seen.
 
     Parameters
@@ -241,7 +249,7 @@ def recall_at_k(U, V, train, users, items, k=10, block=512):
     return hits / max(1, users.size)
 
 
-def _as_csr(rows, values, shape):
+def _as_csr(rows: Any, values: Any, shape: Any) -> Any:
     """A gradient as a scipy CSR (duplicate rows summed by scipy's COO -> CSR)."""
     import scipy.sparse as sp
 
@@ -250,15 +258,31 @@ def _as_csr(rows, values, shape):
                          shape=shape)
 
 
-def _as_dense(rows, values, shape):
+def _as_dense(rows: Any, values: Any, shape: Any) -> Any:
     g = np.zeros(shape, values.dtype)
     np.add.at(g, rows, values)
     return g
 
 
-def train(R_train, test_users, test_items, *, dim=32, epochs=5, batch_size=8192, optimizer="adagrad",
-          lr=None, mode="lazy", grad_format="rows", reg=1e-4, k=10, seed=0, dtype=np.float32,
-          log=print, progress=True):
+def train(
+        R_train: Any,
+        test_users: Any,
+        test_items: Any,
+        *,
+        dim: int = 32,
+        epochs: int = 5,
+        batch_size: int = 8192,
+        optimizer: str = "adagrad",
+        lr: Any = None,
+        mode: str = "lazy",
+        grad_format: str = "rows",
+        reg: float = 1e-4,
+        k: int = 10,
+        seed: int = 0,
+        dtype: Any = np.float32,
+        log: Any = print,
+        progress: bool = True,
+) -> Any:
     """Train BPR on ``R_train``; return per-epoch results and the final tables.
 
     Parameters
@@ -346,12 +370,13 @@ QUICK = {"users": 5_000, "items": 2_000, "interactions": 100_000, "epochs": 2, "
 class _Given(argparse.Action):
     """Stores the value and records that the option was given (so that ``--quick`` leaves it)."""
 
-    def __call__(self, parser, namespace, values, option_string=None):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Union[str, Sequence[Any], None], option_string: Optional[str] = None) -> None:
         setattr(namespace, self.dest, values)
         namespace.given = getattr(namespace, "given", frozenset()) | {self.dest}
 
 
-def add_arguments(parser):
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``fastadapt recsys`` (defaults are shown by the CLI's help formatter)."""
     from .cli import non_negative_float, positive_float, positive_int
 
@@ -399,7 +424,7 @@ def add_arguments(parser):
                        f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()) + " (options given explicitly win)")
 
 
-def _read_data(path, min_rating):
+def _read_data(path: str, min_rating: Any) -> Any:
     """:func:`load_interactions`, with its errors as one-line :class:`~fastadapt.apps.cli.UsageError`."""
     from .cli import UsageError
 
@@ -411,11 +436,11 @@ def _read_data(path, min_rating):
         raise UsageError(f"--data: {exc}") from None
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     """Run ``fastadapt recsys``; returns the exit status (raises
     :class:`fastadapt.apps.cli.UsageError` for a data file that cannot be used)."""
     if args.quick:
-        given = getattr(args, "given", frozenset())
+        given: frozenset = getattr(args, "given", frozenset())
         for dest, value in QUICK.items():
             if dest not in given:
                 setattr(args, dest, value)

@@ -8,6 +8,7 @@ dtype, inlined and vectorised, and cached on disk (``cache=True``).
 """
 
 import contextlib
+from typing import Any, ContextManager, Optional, Tuple
 
 import numpy as np
 from numba import njit, prange, types
@@ -17,6 +18,7 @@ from numba.np.arrayobj import populate_array
 from .. import config
 from .cpu_compile import compiled
 from .cpu_sparse import KERNELS as _SPARSE_KERNELS
+from .protocols import SparseKernels
 
 _OPTS = config.NJIT_OPTIONS
 
@@ -108,10 +110,10 @@ def _dense_serial(rule, p, g, s1, s2, s3, k):
     _dense_chunk(rule, p, g, s1, s2, s3, k, 0, p.size)
 
 
-_ENTRIES = {}
+_ENTRIES: dict = {}
 
 
-def direct(loop, key, *args):
+def direct(loop: Any, key: Any, *args: Any) -> None:
     """Run the compiled ``loop`` on ``args``, calling its specialisation directly after the first time.
 
     numba's dispatcher types every argument at every call to pick a specialisation; a rule
@@ -130,7 +132,8 @@ def direct(loop, key, *args):
         _ENTRIES[(loop, key)] = overloads[tuple(loop.typeof_pyval(a) for a in args)].entry_point
 
 
-def dense_step(rule, p, g, s1, s2, s3, k):
+def dense_step(rule: Any, p: np.ndarray, g: np.ndarray, s1: np.ndarray, s2: np.ndarray, s3: np.ndarray,
+               k: Any) -> None:
     """Apply ``rule`` to every element of the flat arrays ``p`` and ``g``.
 
     Parameters
@@ -154,7 +157,7 @@ def dense_step(rule, p, g, s1, s2, s3, k):
         direct(_dense_serial, key, rule, p, g, s1, s2, s3, k)
 
 
-def work_unit(n):
+def work_unit(n: int) -> int:
     """Elements per work unit of a parallel step over ``n`` elements (see config.PARALLEL_CHUNK)."""
     return min(config.PARALLEL_CHUNK, max(config.PARALLEL_MIN_CHUNK, n // 16))
 
@@ -237,7 +240,8 @@ def plan_segments(lengths, unit):
     return segments[:ns].copy(), units[:nu].copy()
 
 
-def dense_step_many(rule, proto, table, segments, units, k, total):
+def dense_step_many(rule: Any, proto: np.ndarray, table: np.ndarray, segments: np.ndarray, units: np.ndarray,
+                    k: Any, total: int) -> None:
     """Apply ``rule`` to every element of many tensors in one call.
 
     Parameters
@@ -286,7 +290,7 @@ def _count_nonfinite_serial(a):
     return 0
 
 
-def all_finite(a):
+def all_finite(a: np.ndarray) -> bool:
     """True when the flat array ``a`` holds no NaN and no infinity."""
     if a.size >= config.PARALLEL_THRESHOLD:
         return _count_nonfinite_parallel(a) == 0
@@ -302,11 +306,11 @@ class CPUBackend:
     name = "cpu"
 
     @staticmethod
-    def owns(a):
+    def owns(a: Any) -> bool:
         return isinstance(a, np.ndarray)
 
     @staticmethod
-    def check_param(p, where):
+    def check_param(p: Any, where: str) -> None:
         if not isinstance(p, np.ndarray):
             raise TypeError(f"{where} must be a numpy array (or a CUDA array), got {type(p).__name__}")
         if p.dtype not in (np.float32, np.float64):
@@ -320,42 +324,42 @@ class CPUBackend:
                              f"(pass a writeable array, e.g. p.copy())")
 
     @staticmethod
-    def dtype_of(a):
+    def dtype_of(a: Any) -> np.dtype:
         return a.dtype
 
     @staticmethod
-    def device_of(a):
+    def device_of(a: Any) -> Optional[int]:
         return None
 
     @staticmethod
-    def check_same_device(a, p, where):
+    def check_same_device(a: Any, p: Any, where: str) -> None:
         return None
 
     @staticmethod
-    def context(p):
+    def context(p: Any) -> ContextManager[Any]:
         return contextlib.nullcontext()
 
     @staticmethod
-    def full_like(p, value):
+    def full_like(p: Any, value: float) -> Any:
         return np.full(p.shape, value, dtype=p.dtype)
 
     @staticmethod
-    def flat(a):
+    def flat(a: Any) -> Any:
         return a.reshape(-1)
 
     @staticmethod
-    def to_numpy(a):
+    def to_numpy(a: Any) -> np.ndarray:
         return np.array(a, copy=True)
 
     @staticmethod
-    def copy_into(dst, src):
+    def copy_into(dst: Any, src: np.ndarray) -> None:
         np.copyto(dst, src, casting="no")
 
     #: address of a 1-D numpy array's first element (fast; see :func:`address`)
     address = staticmethod(address)
 
     @staticmethod
-    def memory_span(a):
+    def memory_span(a: Any) -> Tuple[int, int]:
         """(start, end) byte addresses of ``a``'s buffer, for overlap checks."""
         if a.flags.c_contiguous and a.dtype.char in "fd":
             start = address(a.reshape(-1))     # ~0.3 us, where __array_interface__ takes ~1.6
@@ -364,15 +368,15 @@ class CPUBackend:
         return start, start + a.nbytes
 
     @staticmethod
-    def dense_step(rule, p, g, s1, s2, s3, k):
+    def dense_step(rule: Any, p: Any, g: Any, s1: Any, s2: Any, s3: Any, k: Any) -> None:
         dense_step(compiled(rule), p, g, s1, s2, s3, k)
 
     @staticmethod
-    def all_finite(a):
+    def all_finite(a: Any) -> bool:
         return all_finite(a)
 
     @property
-    def sparse_kernels(self):
+    def sparse_kernels(self) -> SparseKernels:
         """:data:`fastadapt.backends.cpu_sparse.KERNELS`."""
         return _SPARSE_KERNELS
 

@@ -5,6 +5,7 @@ No table of known rules: any plain-Python rule (or scalar helper such as
 """
 
 import hashlib
+from typing import Any
 
 from llvmlite import ir
 from numba import njit, types
@@ -41,7 +42,7 @@ def _fma_cpu(a, b, c):
     return None
 
 
-def _compile_rule(fn):
+def _compile_rule(fn: Any) -> Any:
     """Compile a rule (or any scalar helper) of :mod:`fastadapt.algorithms` for inlining
     into the CPU loops.
 
@@ -64,10 +65,10 @@ def _compile_rule(fn):
     return dispatcher
 
 
-_COMPILED = {}
+_COMPILED: dict[Any, Any] = {}
 
 
-def compiled(fn):
+def compiled(fn: Any) -> Any:
     """The CPU dispatcher of rule ``fn`` (any plain-Python rule), compiled on first use."""
     d = _COMPILED.get(fn)
     if d is None:

@@ -21,6 +21,8 @@ object with the same methods.
 """
 
 import numba
+from typing import Any, Tuple
+
 import numpy as np
 from numba import njit, prange, types
 from numba.core import cgutils
@@ -65,7 +67,7 @@ def _borrowed(typingctx, a):
     return a(a), codegen
 
 
-def _slots(p, s1, s2, s3):
+def _slots(p: Any, s1: Any, s2: Any, s3: Any) -> Any:
     """The rule's slots, an unused one (a 1-element dummy) replaced by the parameter itself.
 
     The rule never touches an unused slot, but a vectorised loop may still issue masked
@@ -77,7 +79,7 @@ def _slots(p, s1, s2, s3):
     return (s1 if s1.size == n else p), (s2 if s2.size == n else p), (s3 if s3.size == n else p)
 
 
-def _nchunks(nrows):
+def _nchunks(nrows: int) -> int:
     """Row chunks for the loops that walk the whole table: a few per thread (load balance)."""
     return max(1, min(nrows, 4 * numba.get_num_threads()))
 
@@ -473,7 +475,7 @@ def _rows_gather_sum_parallel(order, starts, values, out):
         _gather_sum_row(order, starts, values, out, u)
 
 
-def csr_scan(indptr, indices, ncols):
+def csr_scan(indptr: Any, indices: Any, ncols: int) -> Any:
     """Validate a CSR's structure and find its touched rows in one parallel pass.
 
     Parameters
@@ -516,7 +518,7 @@ def csr_scan(indptr, indices, ncols):
     return totals, rows, ptr
 
 
-def csr_sort_rows(cptr, cols, vals):
+def csr_sort_rows(cptr: Any, cols: Any, vals: Any) -> Any:
     """Sort each touched row by column and sum duplicates: new (cptr, cols, vals)."""
     k = cptr.size - 1
     cols_out = np.empty_like(cols)
@@ -533,13 +535,13 @@ def csr_sort_rows(cptr, cols, vals):
     return newptr, cols2, vals2
 
 
-def rows_scan(rows, nrows):
+def rows_scan(rows: Any, nrows: int) -> Any:
     """(number of row ids outside [0, nrows), whether ``rows`` is strictly ascending)."""
     bad, ascending = _rows_scan(rows, nrows)
     return int(bad), bool(ascending)
 
 
-def rows_sum_duplicates(rows, values, nrows):
+def rows_sum_duplicates(rows: Any, values: Any, nrows: int) -> Tuple[np.ndarray, np.ndarray]:
     """Sort row ids, sum the value rows of duplicates in order of appearance.
 
     ``rows`` int64 (k,) in ``[0, nrows)``, ``values`` C-contiguous (k, ncols); returns new
@@ -572,7 +574,7 @@ def rows_sum_duplicates(rows, values, nrows):
 
 # =========================================================================== interface
 
-def _decay_slots(s1, s2, s3):
+def _decay_slots(s1: Any, s2: Any, s3: Any) -> Any:
     """The catch-up's slots: an unused one (a 1-element dummy) replaced by ``s1`` (never
     written: its flag is off; see :func:`_slots` for why not the dummy)."""
     n = s1.size
@@ -591,7 +593,10 @@ class CPUSparseKernels:
     name = "cpu"
 
     @staticmethod
-    def csr_lazy(rule, p, s1, s2, s3, rows, indptr, cols, vals, ncols, k):
+    def csr_lazy(
+            rule: Any, p: Any, s1: Any, s2: Any, s3: Any, rows: Any, indptr: Any, cols: Any, vals: Any,
+            ncols: int, k: Any,
+    ) -> None:
         """Run ``rule`` at the stored entries of a touched-rows CSR gradient."""
         if vals.size == rows.size * ncols:          # every touched row whole: it is the rows form
             CPUSparseKernels.rows_lazy(rule, p, s1, s2, s3, rows, vals, ncols, k)
@@ -600,13 +605,16 @@ class CPUSparseKernels:
         loop(compiled(rule), p, *_slots(p, s1, s2, s3), rows, indptr, cols, vals, ncols, k)
 
     @staticmethod
-    def rows_lazy(rule, p, s1, s2, s3, rows, vals, ncols, k):
+    def rows_lazy(rule: Any, p: Any, s1: Any, s2: Any, s3: Any, rows: Any, vals: Any, ncols: int, k: Any) -> None:
         """Run ``rule`` on every element of the given rows; ``vals`` flat (k * ncols)."""
         loop = _rows_lazy_parallel if vals.size >= config.PARALLEL_THRESHOLD else _rows_lazy_serial
         loop(compiled(rule), p, *_slots(p, s1, s2, s3), rows, vals, ncols, k)
 
     @staticmethod
-    def csr_exact(rule, p, s1, s2, s3, nrows, ncols, rows, indptr, cols, vals, k):
+    def csr_exact(
+            rule: Any, p: Any, s1: Any, s2: Any, s3: Any, nrows: int, ncols: int, rows: Any, indptr: Any,
+            cols: Any, vals: Any, k: Any,
+    ) -> None:
         """Run ``rule`` on every element: stored entries with their value, others with 0."""
         if vals.size == rows.size * ncols:
             CPUSparseKernels.rows_exact(rule, p, s1, s2, s3, nrows, ncols, rows, vals, k)
@@ -619,7 +627,9 @@ class CPUSparseKernels:
                               vals, p.dtype.type(0), k)
 
     @staticmethod
-    def rows_exact(rule, p, s1, s2, s3, nrows, ncols, rows, vals, k):
+    def rows_exact(
+            rule: Any, p: Any, s1: Any, s2: Any, s3: Any, nrows: int, ncols: int, rows: Any, vals: Any, k: Any,
+    ) -> None:
         """Run ``rule`` on every element: the given rows with their values, others with 0."""
         if p.size >= config.PARALLEL_THRESHOLD:
             _rows_exact(compiled(rule), p, *_slots(p, s1, s2, s3), nrows, ncols, rows, vals, p.dtype.type(0),
@@ -629,7 +639,10 @@ class CPUSparseKernels:
                                p.dtype.type(0), k)
 
     @staticmethod
-    def _catch_up(s1, s2, s3, rows, ncols, stamp, step, base, slots):
+    def _catch_up(
+            s1: Any, s2: Any, s3: Any, rows: Any, ncols: int, stamp: Any, step: int, base: float,
+            slots: Tuple[bool, bool, bool],
+    ) -> None:
         u1, u2, u3 = (bool(u) for u in slots)
         if rows.size * ncols >= config.PARALLEL_THRESHOLD:
             _catch_up_parallel(_SCALE, _FACTOR_OF, *_decay_slots(s1, s2, s3), rows, ncols, stamp, step,
@@ -639,7 +652,10 @@ class CPUSparseKernels:
                              float(base), u1, u2, u3)
 
     @staticmethod
-    def csr_decay(rule, p, s1, s2, s3, rows, indptr, cols, vals, ncols, k, stamp, step, base, slots):
+    def csr_decay(
+            rule: Any, p: Any, s1: Any, s2: Any, s3: Any, rows: Any, indptr: Any, cols: Any, vals: Any,
+            ncols: int, k: Any, stamp: Any, step: int, base: float, slots: Tuple[bool, bool, bool],
+    ) -> None:
         """Catch the touched rows up (``base ** gap`` on the flagged ``slots``), stamp them
         ``step``, run ``rule`` on them whole."""
         if vals.size == rows.size * ncols:
@@ -651,13 +667,18 @@ class CPUSparseKernels:
         loop(compiled(rule), p, *_slots(p, s1, s2, s3), rows, indptr, cols, vals, ncols, p.dtype.type(0), k)
 
     @staticmethod
-    def rows_decay(rule, p, s1, s2, s3, rows, vals, ncols, k, stamp, step, base, slots):
+    def rows_decay(
+            rule: Any, p: Any, s1: Any, s2: Any, s3: Any, rows: Any, vals: Any, ncols: int, k: Any,
+            stamp: Any, step: int, base: float, slots: Tuple[bool, bool, bool],
+    ) -> None:
         """Row-gradient twin of :meth:`csr_decay` (whole rows: the lazy loop runs the rule)."""
         CPUSparseKernels._catch_up(s1, s2, s3, rows, ncols, stamp, step, base, slots)
         CPUSparseKernels.rows_lazy(rule, p, s1, s2, s3, rows, vals, ncols, k)
 
     @staticmethod
-    def settle(s1, s2, s3, stamp, step, ncols, base, slots):
+    def settle(
+            s1: Any, s2: Any, s3: Any, stamp: Any, step: int, ncols: int, base: float, slots: Tuple[bool, bool, bool],
+    ) -> None:
         """Catch every row up to ``step`` (state about to be read)."""
         u1, u2, u3 = (bool(u) for u in slots)
         if s1.size >= config.PARALLEL_THRESHOLD:
@@ -668,7 +689,7 @@ class CPUSparseKernels:
                            u1, u2, u3)
 
     @staticmethod
-    def new_stamp(nrows, value):
+    def new_stamp(nrows: int, value: Any) -> Any:
         """A per-row stamp array (int64) filled with ``value``."""
         return np.full(nrows, value, dtype=np.int64)
 

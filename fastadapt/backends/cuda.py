@@ -30,12 +30,15 @@ Under ``NUMBA_ENABLE_CUDASIM=1`` numba's simulator runs the same kernels on the 
 interface-handling code is tested without a GPU.
 """
 
+from typing import Any, ContextManager, Dict, Optional, Tuple
+
 import numpy as np
 
 from .. import config
 from .cuda_arrays import (INSTALL_HINT, SIMULATOR, _c_contiguous, _context_of, _dtype, _fill, _interface,
                           _is_numba_array, _shape, _stream_of, as_device_array, cuda, device_of, launch_dims)
 from .cuda_sparse import KERNELS as _SPARSE_KERNELS
+from .protocols import SparseKernels
 from .cuda_sparse import _fma_cuda  # noqa: F401  (registers the rules' fma for the CUDA target)
 
 __all__ = ["backend", "CUDABackend", "INSTALL_HINT", "SIMULATOR", "kernels"]
@@ -51,7 +54,7 @@ class _RuleKernels:
     they walk memory.
     """
 
-    def __init__(self, rule):
+    def __init__(self, rule: Any) -> None:
         dev = cuda.jit(device=True)(rule)
         self.rule = dev
 
@@ -67,10 +70,10 @@ class _RuleKernels:
         self.dense = dense
 
 
-_KERNELS = {}
+_KERNELS: dict[Any, Any] = {}
 
 
-def kernels(rule):
+def kernels(rule: Any) -> _RuleKernels:
     """The :class:`_RuleKernels` of a rule function of :mod:`fastadapt.algorithms`."""
     ks = _KERNELS.get(rule)
     if ks is None:
@@ -102,17 +105,17 @@ class CUDABackend:
 
     name = "cuda"
 
-    def __init__(self):
-        self._flags = {}            # device ordinal -> (device flag, host flag), for all_finite
+    def __init__(self) -> None:
+        self._flags: Dict[int, Any] = {}            # device ordinal -> (device flag, host flag), for all_finite
 
     # -- arrays ---------------------------------------------------------------
 
     @staticmethod
-    def owns(a):
+    def owns(a: Any) -> bool:
         return _is_numba_array(a) or _interface(a) is not None
 
     @staticmethod
-    def check_param(p, where):
+    def check_param(p: Any, where: str) -> None:
         if not CUDABackend.owns(p):
             raise TypeError(f"{where} must be a CUDA array, got {type(p).__name__}")
         dtype = _dtype(p)
@@ -127,17 +130,17 @@ class CUDABackend:
             raise ValueError(f"{where} is read-only; fastadapt updates parameters in place")
 
     @staticmethod
-    def dtype_of(a):
+    def dtype_of(a: Any) -> np.dtype:
         """The numpy dtype of CUDA array ``a`` (torch tensors have their own dtype type)."""
         return _dtype(a)
 
     @staticmethod
-    def device_of(a):
+    def device_of(a: Any) -> Optional[int]:
         """The ordinal of the GPU holding ``a``."""
         return device_of(a)
 
     @staticmethod
-    def check_same_device(g, p, where):
+    def check_same_device(g: Any, p: Any, where: str) -> None:
         """Raise unless gradient ``g`` lives on parameter ``p``'s GPU."""
         dg, dp = device_of(g), device_of(p)
         if dg != dp:
@@ -145,7 +148,7 @@ class CUDABackend:
                              "move it to the parameter's device first")
 
     @staticmethod
-    def full_like(p, value):
+    def full_like(p: Any, value: float) -> Any:
         """A new device array of ``p``'s shape and dtype on ``p``'s device, filled with ``value``."""
         dtype = _dtype(p)
         shape = _shape(p)
@@ -159,7 +162,7 @@ class CUDABackend:
         return out
 
     @staticmethod
-    def flat(a):
+    def flat(a: Any) -> Any:
         """A 1-D numba device array viewing ``a`` (zero-copy)."""
         view = as_device_array(a)
         n = int(np.prod(_shape(view), dtype=np.int64))
@@ -168,7 +171,7 @@ class CUDABackend:
         return view.reshape(n)
 
     @staticmethod
-    def to_numpy(a):
+    def to_numpy(a: Any) -> np.ndarray:
         """A host copy of device array ``a`` (waits for the work queued on its device)."""
         view = as_device_array(a)
         with _context_of(view):
@@ -177,7 +180,7 @@ class CUDABackend:
             return np.array(view.copy_to_host(), copy=True).reshape(_shape(view))
 
     @staticmethod
-    def copy_into(dst, src):
+    def copy_into(dst: Any, src: np.ndarray) -> None:
         """Copy host array ``src`` into device array ``dst`` (same shape and dtype)."""
         view = as_device_array(dst)
         src = np.ascontiguousarray(src)
@@ -188,7 +191,7 @@ class CUDABackend:
             view.copy_to_device(src)
 
     @staticmethod
-    def memory_span(a):
+    def memory_span(a: Any) -> Tuple[int, int]:
         """(start, end) device addresses of ``a``'s buffer, for overlap checks."""
         cai = _interface(a)
         if cai is not None:
@@ -199,21 +202,21 @@ class CUDABackend:
         return start, start + int(a.nbytes)
 
     @staticmethod
-    def context(p):
+    def context(p: Any) -> ContextManager[Any]:
         """Kernels and allocations on ``p``'s device, whatever device is current."""
         return _context_of(as_device_array(p))
 
     # -- sparse ---------------------------------------------------------------
 
     @property
-    def sparse_kernels(self):
+    def sparse_kernels(self) -> SparseKernels:
         """The sparse loops (:class:`fastadapt.backends.cuda_sparse.CUDASparseKernels`)."""
         return _SPARSE_KERNELS
 
     # -- kernels --------------------------------------------------------------
 
     @staticmethod
-    def dense_step(rule, p, g, s1, s2, s3, k):
+    def dense_step(rule: Any, p: Any, g: Any, s1: Any, s2: Any, s3: Any, k: Any) -> None:
         """Apply ``rule`` to every element of the flat device arrays ``p`` and ``g``."""
         n = p.size
         if n == 0:
@@ -222,7 +225,7 @@ class CUDABackend:
         with _context_of(p):
             kernels(rule).dense[blocks, tpb, _stream_of(p)](p, g, s1, s2, s3, k)
 
-    def all_finite(self, a):
+    def all_finite(self, a: Any) -> bool:
         """True when the device array ``a`` holds no NaN or infinity.
 
         The one host synchronisation of a step: it runs only for ``nonfinite="skip"`` or
@@ -252,7 +255,7 @@ class CUDABackend:
 _BACKEND = None
 
 
-def backend():
+def backend() -> CUDABackend:
     """The CUDA backend, created on first use; raises with install advice when CUDA is unusable."""
     global _BACKEND
     if _BACKEND is None:

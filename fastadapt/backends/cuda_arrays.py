@@ -8,6 +8,7 @@ array is seen.
 """
 
 import contextlib
+from typing import Any, Tuple
 
 import numpy as np
 
@@ -25,7 +26,7 @@ except Exception as exc:                         # pragma: no cover - depends on
                       f"{INSTALL_HINT}") from exc
 
 #: True under NUMBA_ENABLE_CUDASIM=1 (numba's CUDA simulator: one fake device, host memory)
-SIMULATOR = bool(_numba_config.ENABLE_CUDASIM)
+SIMULATOR = bool(getattr(_numba_config, "ENABLE_CUDASIM", False))
 
 __all__ = ["INSTALL_HINT", "SIMULATOR", "cuda", "launch_dims", "as_device_array", "device_of"]
 
@@ -33,7 +34,7 @@ __all__ = ["INSTALL_HINT", "SIMULATOR", "cuda", "launch_dims", "as_device_array"
 
 # --------------------------------------------------------------------------- launch geometry
 
-def launch_dims(n):
+def launch_dims(n: int) -> Tuple[int, int]:
     """(blocks, threads per block) of a grid-stride loop over ``n`` items.
 
     Read from :mod:`fastadapt.config` at every launch, so tests can patch them small.
@@ -57,11 +58,11 @@ def _fill(a, value):
 
 
 
-def _is_numba_array(a):
+def _is_numba_array(a: Any) -> bool:
     return bool(getattr(a, "__cuda_ndarray__", False))
 
 
-def _interface(a):
+def _interface(a: Any) -> Any:
     """``a.__cuda_array_interface__``, or None (numba's simulated arrays have none)."""
     try:
         return a.__cuda_array_interface__
@@ -69,17 +70,17 @@ def _interface(a):
         return None
 
 
-def _dtype(a):
+def _dtype(a: Any) -> np.dtype:
     if _is_numba_array(a):
         return np.dtype(a.dtype)
     return np.dtype(_interface(a)["typestr"])
 
 
-def _shape(a):
+def _shape(a: Any) -> Tuple[int, ...]:
     return tuple(int(n) for n in a.shape)
 
 
-def _c_contiguous(a):
+def _c_contiguous(a: Any) -> bool:
     if _is_numba_array(a):
         return bool(a.is_c_contiguous())
     cai = _interface(a)
@@ -95,7 +96,7 @@ def _c_contiguous(a):
     return True
 
 
-def _from_host_pointer(cai, owner):
+def _from_host_pointer(cai: Any, owner: Any) -> Any:
     """Simulator only: wrap an interface over host memory as a simulated device array."""
     import ctypes
     dtype = np.dtype(cai["typestr"])
@@ -104,12 +105,12 @@ def _from_host_pointer(cai, owner):
     buf = (ctypes.c_char * (count * dtype.itemsize)).from_address(cai["data"][0]) if count else b""
     host = np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray   # to_device would copy
-    arr = FakeCUDAArray(host)
+    arr: Any = FakeCUDAArray(host)
     arr._fastadapt_owner = owner            # keeps the exporting object alive
     return arr
 
 
-def as_device_array(a):
+def as_device_array(a: Any) -> Any:
     """A numba device array viewing ``a`` (zero-copy, no stream synchronisation)."""
     if _is_numba_array(a):
         return a
@@ -123,7 +124,7 @@ def as_device_array(a):
 
 # --------------------------------------------------------------------------- devices
 
-def device_of(a):
+def device_of(a: Any) -> int:
     """Ordinal of the GPU holding array ``a`` (0 under the simulator)."""
     dev = getattr(a, "device", None)         # (numpy 2 arrays, inside simulated ones, have device "cpu")
     if SIMULATOR:                            # one simulated device; test doubles may name another
@@ -141,7 +142,7 @@ def device_of(a):
     return _pointer_device(_interface(a)["data"][0])
 
 
-def _pointer_device(ptr):
+def _pointer_device(ptr: int) -> int:
     """Ask the driver which device a pointer belongs to; the current device if it cannot."""
     if ptr:
         try:
@@ -155,13 +156,13 @@ def _pointer_device(ptr):
     return _current_device()
 
 
-def _current_device():
+def _current_device() -> int:
     if SIMULATOR:
         return 0
     return int(cuda.current_context().device.id)
 
 
-def _context_of(devary):
+def _context_of(devary: Any) -> Any:
     """A context manager making ``devary``'s device current (a no-op when it already is)."""
     if SIMULATOR:
         return contextlib.nullcontext()
@@ -171,6 +172,6 @@ def _context_of(devary):
     return cuda.gpus[dev]
 
 
-def _stream_of(devary):
+def _stream_of(devary: Any) -> Any:
     return getattr(devary, "stream", 0) or 0
 

@@ -41,6 +41,8 @@ value by binary search in its row).  Exact-decay stamps live on the parameter's 
 written by a second kernel, after every thread has read them.
 """
 
+from typing import Any, Tuple
+
 import numpy as np
 
 from ..algorithms import decay_factor, fma, scale_slots
@@ -49,10 +51,10 @@ from .cuda_arrays import (SIMULATOR, _context_of, _fill, _shape, _stream_of, as_
 
 
 
-def _fma_cuda(a, b, c):
+def _fma_cuda(a: Any, b: Any, c: Any) -> Any:
     """The rules' :func:`fastadapt.algorithms.fma` on the device: CUDA's fused multiply-add.
     (Under numba's simulator device functions run as Python, with the exact Python ``fma``.)"""
-    return cuda.fma(a, b, c)
+    return cuda.fma(a, b, c)  # type: ignore[call-arg]  # numba.cuda.fma: the device intrinsic
 
 
 if not SIMULATOR:
@@ -173,7 +175,7 @@ class _SparseRuleKernels:
     parameter dtype inside the kernel, as the CPU loops do.
     """
 
-    def __init__(self, rule, dtype):
+    def __init__(self, rule: Any, dtype: Any) -> None:
         dev = cuda.jit(device=True)(rule)
         decay, factor_of, cast = _decay_functions(dtype)
 
@@ -293,10 +295,10 @@ class _SparseRuleKernels:
         self.csr_decay, self.rows_decay = csr_decay, rows_decay
 
 
-_DECAY = {}
+_DECAY: dict[Any, Any] = {}
 
 
-def _decay_functions(dtype):
+def _decay_functions(dtype: Any) -> Any:
     """The closed-form catch-up (algorithms.scale_slots, decay_factor) as device functions,
     and the cast of the factor to ``dtype``."""
     key = np.dtype(dtype).str
@@ -307,10 +309,10 @@ def _decay_functions(dtype):
     return fns
 
 
-_SETTLE = {}
+_SETTLE: dict[Any, Any] = {}
 
 
-def _settle_kernel(dtype):
+def _settle_kernel(dtype: Any) -> Any:
     """Catch every element up to ``step`` (state about to be read); one kernel per dtype."""
     key = np.dtype(dtype).str
     kernel = _SETTLE.get(key)
@@ -331,10 +333,10 @@ def _settle_kernel(dtype):
     return kernel
 
 
-_KERNELS = {}
+_KERNELS: dict[Any, Any] = {}
 
 
-def _kernels(rule, dtype):
+def _kernels(rule: Any, dtype: Any) -> Any:
     key = (rule, np.dtype(dtype).str)
     ks = _KERNELS.get(key)
     if ks is None:
@@ -342,7 +344,7 @@ def _kernels(rule, dtype):
     return ks
 
 
-def _launch(kernel, n, like, *args):
+def _launch(kernel: Any, n: int, like: Any, *args: Any) -> None:
     if n <= 0:
         return
     blocks, tpb = launch_dims(n)
@@ -354,16 +356,16 @@ def _launch(kernel, n, like, *args):
 ROW_LANES = 32
 
 
-def row_lanes(ncols):
+def row_lanes(ncols: int) -> int:
     """Threads per row of the exact-decay CSR loop: the power of two >= ``ncols``, at most
     :data:`ROW_LANES` (a group never straddles a warp; lanes stride over wider rows)."""
     return min(ROW_LANES, 1 << max(int(ncols) - 1, 0).bit_length())
 
 
-_NO_ROWS = {}
+_NO_ROWS: dict[Any, Any] = {}
 
 
-def _no_rows(like):
+def _no_rows(like: Any) -> Any:
     """A 1-element int64 device array standing for "rows = identity" (full-indptr CSR)."""
     key = device_of(like)
     d = _NO_ROWS.get(key)
@@ -386,7 +388,10 @@ class CUDASparseKernels:
     name = "cuda"
 
     @staticmethod
-    def csr_lazy(rule, p, s1, s2, s3, rows, indptr, cols, vals, ncols, k):
+    def csr_lazy(
+            rule: Any, p: Any, s1: Any, s2: Any, s3: Any, rows: Any, indptr: Any, cols: Any, vals: Any,
+            ncols: int, k: Any,
+    ) -> None:
         """Run ``rule`` at the stored entries of a CSR gradient (one thread per entry)."""
         ks = _kernels(rule, p.dtype)
         identity = rows is None
@@ -394,13 +399,16 @@ class CUDASparseKernels:
                 indptr, cols, vals, vals.size, ncols, k)
 
     @staticmethod
-    def rows_lazy(rule, p, s1, s2, s3, rows, vals, ncols, k):
+    def rows_lazy(rule: Any, p: Any, s1: Any, s2: Any, s3: Any, rows: Any, vals: Any, ncols: int, k: Any) -> None:
         """Run ``rule`` on every element of the given rows; ``vals`` flat (k * ncols)."""
         ks = _kernels(rule, p.dtype)
         _launch(ks.rows_lazy, vals.size, p, p, s1, s2, s3, rows, vals, vals.size, ncols, k)
 
     @staticmethod
-    def csr_exact(rule, p, s1, s2, s3, nrows, ncols, rows, indptr, cols, vals, k):
+    def csr_exact(
+            rule: Any, p: Any, s1: Any, s2: Any, s3: Any, nrows: int, ncols: int, rows: Any, indptr: Any,
+            cols: Any, vals: Any, k: Any,
+    ) -> None:
         """Run ``rule`` on every element: stored entries with their value, others with 0."""
         ks = _kernels(rule, p.dtype)
         identity = rows is None
@@ -408,13 +416,18 @@ class CUDASparseKernels:
                 indptr, cols, vals, p.dtype.type(0), ncols, k)
 
     @staticmethod
-    def rows_exact(rule, p, s1, s2, s3, nrows, ncols, rows, vals, k):
+    def rows_exact(
+            rule: Any, p: Any, s1: Any, s2: Any, s3: Any, nrows: int, ncols: int, rows: Any, vals: Any, k: Any,
+    ) -> None:
         """Run ``rule`` on every element: the given rows with their values, others with 0."""
         ks = _kernels(rule, p.dtype)
         _launch(ks.rows_exact, p.size, p, p, s1, s2, s3, rows, vals, p.dtype.type(0), ncols, k)
 
     @staticmethod
-    def csr_decay(rule, p, s1, s2, s3, rows, indptr, cols, vals, ncols, k, stamp, step, base, slots):
+    def csr_decay(
+            rule: Any, p: Any, s1: Any, s2: Any, s3: Any, rows: Any, indptr: Any, cols: Any, vals: Any,
+            ncols: int, k: Any, stamp: Any, step: int, base: float, slots: Tuple[bool, bool, bool],
+    ) -> None:
         """Catch the touched rows up (``base ** gap`` on the flagged ``slots``), run ``rule`` on
         them whole, stamp them ``step``.
 
@@ -437,7 +450,10 @@ class CUDASparseKernels:
         _launch(_stamp_rows, nwalk, p, rows_, identity, indptr, nwalk, stamp, step)
 
     @staticmethod
-    def rows_decay(rule, p, s1, s2, s3, rows, vals, ncols, k, stamp, step, base, slots):
+    def rows_decay(
+            rule: Any, p: Any, s1: Any, s2: Any, s3: Any, rows: Any, vals: Any, ncols: int, k: Any,
+            stamp: Any, step: int, base: float, slots: Tuple[bool, bool, bool],
+    ) -> None:
         """Row-gradient twin of :meth:`csr_decay`."""
         ks = _kernels(rule, p.dtype)
         _launch(ks.rows_decay, vals.size, p, p, s1, s2, s3, rows, vals, vals.size, ncols, k, stamp, step,
@@ -445,14 +461,16 @@ class CUDASparseKernels:
         _launch(_stamp_rows, rows.size, p, rows, False, rows, rows.size, stamp, step)
 
     @staticmethod
-    def settle(s1, s2, s3, stamp, step, ncols, base, slots):
+    def settle(
+            s1: Any, s2: Any, s3: Any, stamp: Any, step: int, ncols: int, base: float, slots: Tuple[bool, bool, bool],
+    ) -> None:
         """Catch every row up to ``step`` (state about to be read)."""
         _launch(_settle_kernel(s1.dtype), s1.size, s1, s1, s2, s3, stamp, step, s1.size, ncols, float(base),
                 *(bool(u) for u in slots))
         _launch(_stamp_all, stamp.size, s1, stamp, step)
 
     @staticmethod
-    def new_stamp(nrows, value):
+    def new_stamp(nrows: int, value: Any) -> Any:
         """A per-row stamp array (int64) filled with ``value``, on the current device.
 
         Called from a sparse step, which runs in its parameter's device context
@@ -474,10 +492,10 @@ KERNELS = CUDASparseKernels()
 
 # =========================================================================== validation scans, transfers
 
-_STATS = {}
+_STATS: dict[Any, Any] = {}
 
 
-def _stats_buffers(like):
+def _stats_buffers(like: Any) -> Any:
     key = device_of(like)
     bufs = _STATS.get(key)
     if bufs is None:
@@ -486,7 +504,7 @@ def _stats_buffers(like):
     return bufs
 
 
-def _run_scan(kernel, n, like, *args):
+def _run_scan(kernel: Any, n: int, like: Any, *args: Any) -> Any:
     """Run a validation kernel into the device counters and read them back (one sync)."""
     dev_stats, host_stats = _stats_buffers(like)
     stream = _stream_of(like)
@@ -501,18 +519,18 @@ def _run_scan(kernel, n, like, *args):
     return host_stats.copy()
 
 
-def scan_rows(rows, nrows, like):
+def scan_rows(rows: Any, nrows: int, like: Any) -> Any:
     """Counters of a device row-id array: ``[0]`` ids out of ``[0, nrows)``, ``[1]`` not
     strictly ascending (one host synchronisation)."""
     return _run_scan(_rows_scan, rows.size, like, rows, nrows)
 
 
-def scan_csr(indptr, indices, nrows, ncols, like):
+def scan_csr(indptr: Any, indices: Any, nrows: int, ncols: int, like: Any) -> Any:
     """Counters of a device CSR (see ``_csr_scan``): ``[1..4]`` problems, ``[5]`` nnz."""
     return _run_scan(_csr_scan, nrows, like, indptr, indices, ncols)
 
 
-def to_host(a):
+def to_host(a: Any) -> np.ndarray:
     """A host copy of device array ``a``."""
     view = as_device_array(a)
     if not SIMULATOR:
@@ -520,7 +538,7 @@ def to_host(a):
     return np.array(view.copy_to_host(), copy=True).reshape(_shape(view))
 
 
-def upload(a, like):
+def upload(a: Any, like: Any) -> Any:
     """Host array ``a`` copied to ``like``'s device."""
     with _context_of(like):
         return cuda.to_device(np.ascontiguousarray(a))

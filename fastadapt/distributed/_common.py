@@ -8,13 +8,14 @@ import subprocess
 import sys
 import traceback
 import zlib
+from typing import Any, Dict, Iterator, List, Mapping, NoReturn, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 
 __all__ = ["shard_bounds", "mpiexec_command"]
 
 
-def _mpi():
+def _mpi() -> Any:
     try:
         from mpi4py import MPI
     except ImportError as e:                     # pragma: no cover - depends on the install
@@ -24,13 +25,13 @@ def _mpi():
     return MPI
 
 
-def _mpi_type(dtype):
+def _mpi_type(dtype: Any) -> Any:
     """The predefined MPI datatype of a float32/float64 numpy dtype (reductions need it)."""
     MPI = _mpi()
     return {np.dtype(np.float32): MPI.FLOAT, np.dtype(np.float64): MPI.DOUBLE}[np.dtype(dtype)]
 
 
-def shard_bounds(n, size):
+def shard_bounds(n: int, size: int) -> np.ndarray:
     """Boundaries of ``size`` contiguous shards of ``range(n)``.
 
     Parameters
@@ -53,7 +54,8 @@ def shard_bounds(n, size):
     return np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
 
 
-def mpiexec_command(n, argv, *, mpiexec=None, env=None):
+def mpiexec_command(n: int, argv: Sequence[str], *, mpiexec: Optional[str] = None,
+                    env: Optional[Mapping[str, str]] = None) -> Tuple[List[str], Dict[str, str]]:
     """A command line and environment that launch ``argv`` on ``n`` local processes.
 
     The one place where fastadapt's tests and examples configure a single-machine MPI
@@ -112,7 +114,7 @@ def mpiexec_command(n, argv, *, mpiexec=None, env=None):
     return cmd + [str(a) for a in argv], env
 
 
-def _contiguous_block(arrays, dtype):
+def _contiguous_block(arrays: Any, dtype: Any) -> Any:
     """A flat view covering ``arrays`` if they lie back to back in one buffer, else None."""
     if not arrays or any(a is None for a in arrays):
         return None
@@ -139,12 +141,12 @@ def _contiguous_block(arrays, dtype):
     return block
 
 
-def _is_scalar(value):
+def _is_scalar(value: Any) -> Any:
     """A per-parameter scalar of a state_dict entry (the step, a carried scalar), not a buffer."""
     return isinstance(value, numbers.Real) and not isinstance(value, np.ndarray)
 
 
-def slice_state(st, shape, dtype, take, where):
+def slice_state(st: Any, shape: Any, dtype: Any, take: Any, where: str) -> Any:
     """One parameter's saved state restricted to this rank: ``take(array)`` of every buffer.
 
     ``st`` is a single-process state_dict entry (``{"step": int, name: array}``); each buffer
@@ -165,19 +167,27 @@ def slice_state(st, shape, dtype, take, where):
     return piece
 
 
-def _hyper_items(group):
+def _hyper_items(group: Any) -> Any:
     return sorted((k, v) for k, v in group.items() if k != "params")
 
 
-def _checksum(groups):
+def _checksum(groups: Any) -> Any:
     """A 31-bit checksum of the groups' hyper-parameters (same on every rank iff equal)."""
     return zlib.crc32(repr([_hyper_items(g) for g in groups]).encode()) & 0x7FFFFFFF
+
+
+_C = TypeVar("_C", bound="_Collective")
 
 
 class _Collective:
     """Shared by both classes: the duplicated communicator, the agreement, the abort guard."""
 
-    def _setup_comm(self, comm):
+    comm: Any
+    _MPI: Any
+    _inner: Any
+    param_groups: List[Dict[str, Any]]
+
+    def _setup_comm(self, comm: Any) -> Any:
         MPI = _mpi()
         if comm is None:
             comm = MPI.COMM_WORLD
@@ -187,7 +197,7 @@ class _Collective:
         self._MPI = MPI
         return comm
 
-    def _agree_construction(self, comm, error, signature, describe):
+    def _agree_construction(self, comm: Any, error: Any, signature: Any, describe: Any) -> None:
         """Collective: every rank learns every rank's construction error and signature.
 
         Raises on every rank (nothing built) when any rank failed or the signatures
@@ -208,7 +218,7 @@ class _Collective:
                                  "every rank must construct it with the same parameters (shapes, "
                                  "dtypes, order) and the same options")
 
-    def close(self):
+    def close(self) -> None:
         """Collective: free the duplicated communicator (and MPI datatypes) of this object.
 
         Optional (MPI frees everything at exit); useful when a long-running program builds
@@ -221,19 +231,19 @@ class _Collective:
                 handle.Free()
             setattr(self, name, None)
 
-    def __enter__(self):
+    def __enter__(self: "_C") -> "_C":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _sync_hyper(self):
+    def _sync_hyper(self) -> None:
         """Copy the user-facing groups' hyper-parameters into the ordinary optimizer's groups."""
         for mine, inner in zip(self.param_groups, self._inner.param_groups):
             inner.update({k: v for k, v in mine.items() if k != "params"})
 
     @contextlib.contextmanager
-    def _guard(self, what):
+    def _guard(self, what: str) -> Iterator[None]:
         """Abort the communicator if anything raises in here (the others are in collectives)."""
         try:
             yield
@@ -248,7 +258,7 @@ class _Collective:
             comm.Abort(1)
             raise                                           # not reached
 
-    def _raise_agreed_error(self, local_error, what):
+    def _raise_agreed_error(self, local_error: Any, what: str) -> NoReturn:
         """Collective: every rank raises; the failing ranks their own error."""
         messages = self.comm.allgather(None if local_error is None
                                        else f"{type(local_error).__name__}: {local_error}")

@@ -1,6 +1,7 @@
 """Row-sharded embedding tables trained with row gradients (:class:`ShardedTable`)."""
 
 import time
+from typing import Any, Dict, Optional, Sequence, Type, Union
 
 import numpy as np
 
@@ -75,7 +76,8 @@ class ShardedTable(_Collective):
     >>> items.step(fa.RowGrad(batch_items, grad_vecs))                  # doctest: +SKIP
     """
 
-    def __init__(self, optimizer_class, shape, comm=None, *, dtype=np.float32, init=None, **hyper):
+    def __init__(self, optimizer_class: Type[_optim.Optimizer], shape: Union[int, Sequence[int]], comm: Any = None, *,
+                 dtype: Any = np.float32, init: Any = None, **hyper: Any) -> None:
         comm = self._setup_comm(comm)
         rank, size = comm.Get_rank(), comm.Get_size()
         error, signature = None, None
@@ -87,7 +89,7 @@ class ShardedTable(_Collective):
             error = e
         names = ["optimizer class", "table shape", "dtype", "nonfinite", "hyper-parameters"]
 
-        def describe(ref, sig, r):
+        def describe(ref: Any, sig: Any, r: Any) -> str:
             for name, a, b in zip(names, ref, sig):
                 if a != b:
                     return f"the {name} is {a} on rank 0 and {b} on rank {r}"
@@ -99,7 +101,16 @@ class ShardedTable(_Collective):
         self._row_type = _mpi_type(self.dtype).Create_contiguous(self._ncols).Commit()
         self._id_type = MPI.INT64_T
 
-    def _build(self, optimizer_class, shape, dtype, init, hyper, rank, size):
+    def _build(
+            self,
+            optimizer_class: Any,
+            shape: Any,
+            dtype: Any,
+            init: Any,
+            hyper: Any,
+            rank: int,
+            size: int,
+    ) -> None:
         if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, _optim.Optimizer)):
             raise TypeError("optimizer_class must be a fastadapt optimizer class such as fastadapt.Adam, "
                             f"got {optimizer_class!r}")
@@ -150,7 +161,7 @@ class ShardedTable(_Collective):
 
     # ------------------------------------------------------------------ helpers
 
-    def _agree(self, error, has=1):
+    def _agree(self, error: Any, has: int = 1) -> bool:
         """The per-call agreement: raise everywhere if any rank failed; return 'any rank has input'."""
         MPI = self._MPI
         flags = np.zeros(4, dtype=np.int64)
@@ -168,7 +179,7 @@ class ShardedTable(_Collective):
                              "only); change them identically on every rank; nothing was changed")
         return bool(flags[1])
 
-    def _exchange(self, ids, payload=None):
+    def _exchange(self, ids: Any, payload: Any = None) -> Any:
         """Alltoallv ``ids`` (int64, grouped by destination, ascending) and optional rows.
 
         Returns (received ids, received rows or None, receive counts, send counts).
@@ -187,7 +198,7 @@ class ShardedTable(_Collective):
             self.comm.Alltoallv([payload, send, sdispl, self._row_type], [rows, recv, rdispl, self._row_type])
         return got, rows, recv, send
 
-    def _check_hyper(self):
+    def _check_hyper(self) -> None:
         group = self.param_groups[0]
         unknown = set(group) - set(self._inner.defaults) - {"params"}
         if unknown:
@@ -197,7 +208,7 @@ class ShardedTable(_Collective):
 
     # ------------------------------------------------------------------ step and lookup
 
-    def step(self, grad):
+    def step(self, grad: Any) -> bool:
         """One collective step with this rank's row gradient.
 
         Parameters
@@ -275,7 +286,7 @@ class ShardedTable(_Collective):
         self.timings["steps"] += 1
         return True
 
-    def _solo_step(self, grad):
+    def _solo_step(self, grad: Any) -> Any:
         """One rank: no routing, no agreement; the ordinary optimizer checks and steps."""
         t0 = time.perf_counter()
         self._check_hyper()
@@ -290,7 +301,7 @@ class ShardedTable(_Collective):
         self.timings["steps"] += applied
         return applied
 
-    def lookup(self, rows):
+    def lookup(self, rows: Any) -> np.ndarray:
         """Collective: the current values of rows (global ids) from their owners.
 
         Parameters
@@ -350,7 +361,7 @@ class ShardedTable(_Collective):
         tm["lookups"] += 1
         return out
 
-    def gather(self, root=0):
+    def gather(self, root: Optional[int] = 0) -> Optional[np.ndarray]:
         """Collective: the whole table on ``root`` (None elsewhere); ``root=None``: on every rank."""
         counts = np.diff(self.bounds)
         displs = self.bounds[:-1]
@@ -359,18 +370,18 @@ class ShardedTable(_Collective):
                 out = np.empty(self.shape, self.dtype)
                 self.comm.Allgatherv([self.local, self._row_type], [out, counts, displs, self._row_type])
                 return out
-            out = np.empty(self.shape, self.dtype) if self.rank == root else None
+            whole = np.empty(self.shape, self.dtype) if self.rank == root else None
             self.comm.Gatherv([self.local, self._row_type],
-                              [out, counts, displs, self._row_type] if self.rank == root else None, root=root)
-            return out
+                              [whole, counts, displs, self._row_type] if self.rank == root else None, root=root)
+            return whole
 
     # ------------------------------------------------------------------ state
 
-    def state_nbytes(self):
+    def state_nbytes(self) -> int:
         """Bytes of optimizer state held on this rank (its rows' buffers)."""
         return sum(v.nbytes for st in self._inner.state for v in st.values() if isinstance(v, np.ndarray))
 
-    def state_dict(self):
+    def state_dict(self) -> Dict[str, Any]:
         """This rank's rows' optimizer state, in an ordinary optimizer's layout plus ``"shard"``.
 
         Returns
@@ -385,7 +396,7 @@ class ShardedTable(_Collective):
                        "shape": self.shape}
         return sd
 
-    def consolidated_state_dict(self, root=0):
+    def consolidated_state_dict(self, root: Optional[int] = 0) -> Optional[Dict[str, Any]]:
         """Collective: the whole table's state as one process's ``state_dict()`` (on ``root``)."""
         local = self.state_dict()
         with self._guard("consolidated_state_dict"):
@@ -403,7 +414,7 @@ class ShardedTable(_Collective):
             state[0] = st
         return {"state": state, "param_groups": local["param_groups"]}
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Collective: load a per-rank shard (same rank, same P) or a consolidated state_dict.
 
         Checked on every rank first; if any rank rejects its input, every rank raises
@@ -441,5 +452,6 @@ class ShardedTable(_Collective):
             failed = self.comm.allreduce(int(error is not None), op=self._MPI.MAX)
         if failed:
             self._raise_agreed_error(error, "load_state_dict")
+        assert new is not None                      # no rank failed: this one prepared it
         self._inner = new
         self.param_groups[0].update({k: v for k, v in new.param_groups[0].items() if k != "params"})

@@ -1,6 +1,7 @@
 """ZeRO-1: dense parameters replicated, optimizer state split over the ranks (:class:`ShardedOptimizer`)."""
 
 import time
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Type
 
 import numpy as np
 
@@ -18,7 +19,7 @@ __all__ = ["ShardedOptimizer"]
 class _Bucket:
     """The parameters of one dtype: their flat index space and this rank's shard of it."""
 
-    def __init__(self, dtype, indices, params, rank, size):
+    def __init__(self, dtype: Any, indices: Any, params: Any, rank: int, size: int) -> None:
         self.dtype = np.dtype(dtype)
         self.indices = indices                      # positions of the params in the optimizer
         self.params = params
@@ -28,10 +29,10 @@ class _Bucket:
         self.lo, self.hi = int(self.bounds[rank]), int(self.bounds[rank + 1])
         self.counts = np.diff(self.bounds).tolist()
         self.displs = self.bounds[:-1].tolist()
-        self.grad_shard = None                      # this rank's combined gradient (allocated on use)
+        self.grad_shard: Any = None                      # this rank's combined gradient (allocated on use)
         self.param_block = _contiguous_block(params, self.dtype)   # allgather straight into params
-        self._buffer = None
-        self._recv = None
+        self._buffer: Any = None
+        self._recv: Any = None
         # this rank's piece of each parameter: [a, b) in the parameter's flat index
         self.pieces = []
         for p, o in zip(params, self.offsets[:-1]):
@@ -39,13 +40,13 @@ class _Bucket:
             b = max(min(self.hi - int(o), p.size), a)
             self.pieces.append((a, b))
 
-    def buffer(self):
+    def buffer(self) -> Any:
         """The full-size communication buffer (allocated once, only when needed)."""
         if self._buffer is None:
             self._buffer = np.zeros(self.numel, dtype=self.dtype)
         return self._buffer
 
-    def reduce_scatter(self, comm, send):
+    def reduce_scatter(self, comm: Any, send: Any) -> None:
         """``grad_shard`` = the sum over ranks, in rank order, of ``send[lo:hi]``.
 
         A reduce-scatter as rounds of ``MPI_Alltoallv`` (each rank sends every other
@@ -142,7 +143,8 @@ class ShardedOptimizer(_Collective):
         opt.step([gw, gb])                 # this rank's gradients; w, b updated on every rank
     """
 
-    def __init__(self, optimizer_class, params, comm=None, *, reduce="sum", **hyper):
+    def __init__(self, optimizer_class: Type[_optim.Optimizer], params: Iterable[Any], comm: Any = None, *,
+                 reduce: str = "sum", **hyper: Any) -> None:
         comm = self._setup_comm(comm)
         rank, size = comm.Get_rank(), comm.Get_size()
         error, signature = None, None
@@ -163,7 +165,7 @@ class ShardedOptimizer(_Collective):
 
     # ------------------------------------------------------------------ construction
 
-    def _build(self, optimizer_class, params, reduce, hyper, rank, size):
+    def _build(self, optimizer_class: Any, params: Any, reduce: Any, hyper: Any, rank: int, size: int) -> None:
         if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, _optim.Optimizer)):
             raise TypeError("optimizer_class must be a fastadapt optimizer class such as fastadapt.Adam "
                             f"(the class, not an instance); got {optimizer_class!r}")
@@ -186,7 +188,8 @@ class ShardedOptimizer(_Collective):
             raise ValueError("ShardedOptimizer got an empty parameter list")
         if not isinstance(params[0], dict):
             params = [{"params": params}]
-        groups, flat = [], []
+        groups: List[Dict[str, Any]] = []
+        flat: List[Any] = []
         for group in params:
             if not isinstance(group, dict) or "params" not in group:
                 raise TypeError("param groups must be dicts with a 'params' list")
@@ -206,7 +209,7 @@ class ShardedOptimizer(_Collective):
             [_CPU.memory_span(p) + ("cpu", j) for j, p in enumerate(flat)])
         self._params = flat
         # one flat index space per dtype, in order of first appearance
-        by_dtype = {}
+        by_dtype: Dict[Any, Any] = {}
         for j, p in enumerate(flat):
             by_dtype.setdefault(p.dtype, []).append(j)
         self._buckets = [_Bucket(dt, idx, [flat[j] for j in idx], rank, size) for dt, idx in by_dtype.items()]
@@ -230,14 +233,14 @@ class ShardedOptimizer(_Collective):
         self.timings = dict(prepare=0.0, agree=0.0, reduce_scatter=0.0, kernel=0.0, allgather=0.0, copy=0.0,
                             steps=0)
 
-    def _signature(self):
+    def _signature(self) -> Any:
         return (f"{self.optimizer_class.__module__}.{self.optimizer_class.__qualname__}", self.reduce,
                 self.nonfinite, [(tuple(p.shape), str(p.dtype)) for p in self._params],
                 [len(g["params"]) for g in self.param_groups], _checksum(self.param_groups),
                 repr([_hyper_items(g) for g in self.param_groups]))
 
     @staticmethod
-    def _describe_difference(ref, sig, r):
+    def _describe_difference(ref: Any, sig: Any, r: Any) -> str:
         names = ["optimizer class", "reduce", "nonfinite"]
         for name, a, b in zip(names, ref, sig):
             if a != b:
@@ -254,7 +257,7 @@ class ShardedOptimizer(_Collective):
 
     # ------------------------------------------------------------------ the step
 
-    def _check_local(self, grads):
+    def _check_local(self, grads: Any) -> Any:
         """Validate this rank's gradients and hyper-parameters; write nothing."""
         if isinstance(grads, np.ndarray):
             raise TypeError("step() takes a sequence of gradients, one per parameter: write "
@@ -278,7 +281,7 @@ class ShardedOptimizer(_Collective):
             prepare_grad(g, p, _CPU, f"gradient {j}")
         return grads
 
-    def step(self, grads):
+    def step(self, grads: Sequence[Any]) -> bool:
         """One collective step with this rank's gradients.
 
         Parameters
@@ -348,7 +351,7 @@ class ShardedOptimizer(_Collective):
         self.timings["steps"] += 1
         return True
 
-    def _reduce_scatter(self, grads, stepped):
+    def _reduce_scatter(self, grads: Any, stepped: Any) -> Any:
         """Combine the ranks' gradients; return this rank's piece of each (None: no step)."""
         tm = self.timings
         if self.size == 1:                  # the sum (and mean) of one gradient is itself: no copy
@@ -380,7 +383,7 @@ class ShardedOptimizer(_Collective):
                 local[j] = b.grad_shard[o:o + e - a]
         return local
 
-    def _update_and_gather(self, local):
+    def _update_and_gather(self, local: Any) -> None:
         """The ordinary optimizer on this rank's pieces, then all-gather the parameters."""
         MPI, tm = self._MPI, self.timings
         t = time.perf_counter()
@@ -412,11 +415,11 @@ class ShardedOptimizer(_Collective):
 
     # ------------------------------------------------------------------ state
 
-    def state_nbytes(self):
+    def state_nbytes(self) -> int:
         """Bytes of optimizer state held on this rank (its shard's buffers)."""
         return sum(v.nbytes for st in self._inner.state for v in st.values() if isinstance(v, np.ndarray))
 
-    def buffer_nbytes(self):
+    def buffer_nbytes(self) -> int:
         """Bytes of communication buffers allocated on this rank.
 
         The combined-gradient shard (1/P of the parameters), the reduce-scatter's
@@ -427,14 +430,14 @@ class ShardedOptimizer(_Collective):
         return sum(a.nbytes for b in self._buckets for a in (b.grad_shard, b._recv, b._buffer)
                    if a is not None)
 
-    def _layout(self):
+    def _layout(self) -> Any:
         out = []
         for j in range(len(self._params)):
             b, k = self._where[j]
             out.append(tuple(int(x) for x in b.pieces[k]))
         return out
 
-    def state_dict(self):
+    def state_dict(self) -> Dict[str, Any]:
         """This rank's shard of the state (collective only in that every rank keeps its own).
 
         Returns
@@ -455,7 +458,7 @@ class ShardedOptimizer(_Collective):
                        "shapes": [tuple(p.shape) for p in self._params]}
         return sd
 
-    def consolidated_state_dict(self, root=0):
+    def consolidated_state_dict(self, root: Optional[int] = 0) -> Optional[Dict[str, Any]]:
         """Collective: the whole state in a single process's layout (the ordinary state_dict).
 
         Parameters
@@ -495,7 +498,7 @@ class ShardedOptimizer(_Collective):
             state[j] = full
         return {"state": state, "param_groups": local["param_groups"]}
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Collective: load a per-rank shard or a consolidated (single-process) state_dict.
 
         A shard (from :meth:`state_dict`) must come from the same rank of the same
@@ -514,11 +517,12 @@ class ShardedOptimizer(_Collective):
             failed = self.comm.allreduce(int(error is not None), op=self._MPI.MAX)
         if failed:
             self._raise_agreed_error(error, "load_state_dict")
+        assert new is not None                      # no rank failed: this one prepared it
         self._inner = new
         for mine, inner in zip(self.param_groups, new.param_groups):
             mine.update({k: v for k, v in inner.items() if k != "params"})
 
-    def _prepare_load(self, sd):
+    def _prepare_load(self, sd: Any) -> Any:
         if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
             raise ValueError("not a fastadapt state_dict: it needs 'state' and 'param_groups'")
         layout = self._layout()

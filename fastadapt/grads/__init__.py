@@ -7,23 +7,27 @@ formats of CUDA parameters (:mod:`.device`, imported only for them).  Preparing 
 to a parameter or to state.
 """
 
+from typing import Any
+
 import numpy as np
 
 from ..backends import is_device_array
+from ..backends.protocols import Backend
 from .dense import DenseGrad, dense_host_grad
 from .sparse import RowGrad, prepare_sparse_grad
 
 __all__ = ["prepare_grad", "dense_host_grad", "DenseGrad", "RowGrad"]
 
 
-def _is_sparse(g):
+def _is_sparse(g: Any) -> bool:
     if type(g).__name__ in ("RowGrad", "DeviceCSR"):      # DeviceCSR: fastadapt.cuda_sparse
         return True
     module = type(g).__module__ or ""
     return module.startswith(("scipy.sparse", "cupyx.scipy.sparse"))
 
 
-def prepare_grad(g, p, backend, where, *, accepts_dense=True, optimizer_name="this optimizer"):
+def prepare_grad(g: Any, p: Any, backend: Backend, where: str, *, accepts_dense: bool = True,
+                 optimizer_name: str = "this optimizer") -> Any:
     """Check gradient ``g`` of parameter ``p`` and wrap it for the step.
 
     Parameters
@@ -81,7 +85,7 @@ def prepare_grad(g, p, backend, where, *, accepts_dense=True, optimizer_name="th
                     "shape and dtype, a scipy CSR matrix, a fastadapt.RowGrad, or None")
 
 
-def _c_contiguous(a):
+def _c_contiguous(a: Any) -> bool:
     flags = getattr(a, "flags", None)
     if flags is not None:
         try:

@@ -12,10 +12,13 @@ Canonical input is used zero-copy; anything else goes through the host canonical
 the CUDA backend's sparse kernels.  Imported only for CUDA parameters.
 """
 
+from typing import Any, Iterable, Sequence, Tuple
+
 import numpy as np
 
 from ..backends.cuda_arrays import _dtype, _shape, as_device_array
 from ..backends.cuda_sparse import scan_csr, scan_rows, to_host, upload
+from ..backends.protocols import Backend
 from .sparse import CSRGrad, RowsGrad, canonical_csr, canonical_rows, row_view
 
 __all__ = ["DeviceCSR", "prepare_device_sparse_grad"]
@@ -39,18 +42,18 @@ class DeviceCSR:
 
     format = "csr"
 
-    def __init__(self, arg, shape):
+    def __init__(self, arg: Tuple[Any, Any, Any], shape: Iterable[int]) -> None:
         self.data, self.indices, self.indptr = arg
         self.shape = tuple(int(s) for s in shape)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"DeviceCSR(shape={self.shape}, {_shape(self.data)[0]} stored entries)"
 
 
 # =========================================================================== device helpers
 
 
-def _require_device(arrays, p, where, backend):
+def _require_device(arrays: Sequence[Tuple[str, Any]], p: Any, where: str, backend: Backend) -> None:
     for name, a in arrays:
         if isinstance(a, np.ndarray) or not backend.owns(a):
             raise TypeError(f"{where}: its {name} is a {type(a).__name__}, not a device array, but the "
@@ -58,11 +61,11 @@ def _require_device(arrays, p, where, backend):
         backend.check_same_device(a, p, f"{where} ({name})")
 
 
-def _is_int(dtype):
+def _is_int(dtype: np.dtype) -> bool:
     return dtype.kind in "iu" and dtype != np.bool_
 
 
-def prepare_device_sparse_grad(g, p, backend, where):
+def prepare_device_sparse_grad(g: Any, p: Any, backend: Backend, where: str) -> "CSRGrad | RowsGrad":
     """Check a device sparse gradient of device parameter ``p``; nothing is written.
 
     Returns a :class:`~fastadapt.grads.sparse.CSRGrad` or
@@ -85,7 +88,8 @@ def prepare_device_sparse_grad(g, p, backend, where):
     return _prepare_csr(backend, g, p, where, dtype, nrows, ncols)
 
 
-def _prepare_rows(backend, g, p, where, dtype, nrows, ncols):
+def _prepare_rows(backend: Backend, g: Any, p: Any, where: str, dtype: np.dtype, nrows: int,
+                  ncols: int) -> RowsGrad:
     rows, values = g.rows, g.values
     _require_device([("rows", rows), ("values", values)], p, where, backend)
     vshape = _shape(values)
@@ -114,7 +118,8 @@ def _prepare_rows(backend, g, p, where, dtype, nrows, ncols):
     return RowsGrad(rows_d, values_2d, nrows, ncols, backend)
 
 
-def _prepare_csr(backend, g, p, where, dtype, nrows, ncols):
+def _prepare_csr(backend: Backend, g: Any, p: Any, where: str, dtype: np.dtype, nrows: int,
+                 ncols: int) -> "CSRGrad | RowsGrad":
     pshape = _shape(p)
     if len(pshape) > 2:
         raise ValueError(f"{where}: a CSR gradient needs a 1-D or 2-D parameter, this one has shape "
@@ -161,11 +166,11 @@ def _prepare_csr(backend, g, p, where, dtype, nrows, ncols):
 class _HostCSR:
     format = "csr"
 
-    def __init__(self, data, indices, indptr, shape):
+    def __init__(self, data: Any, indices: Any, indptr: Any, shape: Tuple[int, int]) -> None:
         self.data, self.indices, self.indptr, self.shape = data, indices, indptr, shape
 
 
-def _no_overlap(backend, values, p, where):
+def _no_overlap(backend: Backend, values: Any, p: Any, where: str) -> None:
     a0, a1 = backend.memory_span(values)
     b0, b1 = backend.memory_span(p)
     if a0 < b1 and b0 < a1:

@@ -61,10 +61,15 @@ gradient.  The algorithm declares how (``Algorithm.exact``, :mod:`fastadapt.algo
   entries, never building a dense gradient.
 """
 
+from typing import Any, Iterable, Mapping, MutableMapping, Optional, Tuple
+
 import numpy as np
+import numpy.typing as npt
 
 from ..algorithms import LAZY, Decay
+from ..algorithms._spec import ExactPlan
 from ..backends import backend_for, is_device_array, unused_slot
+from ..backends.protocols import Backend
 
 __all__ = ["RowGrad", "row_view", "canonical_csr", "canonical_rows", "prepare_sparse_grad",
            "CSRGrad", "RowsGrad", "PendingDecay", "settle", "settle_unless_continued"]
@@ -104,7 +109,7 @@ class RowGrad:
 
     __slots__ = ("rows", "values")
 
-    def __init__(self, rows, values):
+    def __init__(self, rows: Any, values: Any) -> None:
         if not is_device_array(rows):             # device arrays (CuPy, torch CUDA, numba) are kept as they are
             rows = np.asarray(rows)
         if not is_device_array(values):
@@ -118,13 +123,13 @@ class RowGrad:
         self.rows = rows
         self.values = values
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"RowGrad(k={self.rows.shape[0]}, values {tuple(self.values.shape)} {self.values.dtype})"
 
 
 # =========================================================================== views and checks
 
-def row_view(shape):
+def row_view(shape: Iterable[int]) -> Tuple[int, int]:
     """The ``(nrows, ncols)`` table a parameter of ``shape`` is seen as by the sparse loops.
 
     ``(n, 1)`` for a 1-D parameter; ``(shape[0], prod(shape[1:]))`` otherwise.
@@ -137,7 +142,7 @@ def row_view(shape):
     return shape[0], int(np.prod(shape[1:], dtype=np.int64))
 
 
-def _float_dtype_check(dtype, what, where):
+def _float_dtype_check(dtype: npt.DTypeLike, what: str, where: str) -> None:
     dtype = np.dtype(dtype)
     if dtype.kind == "f":
         return
@@ -146,12 +151,12 @@ def _float_dtype_check(dtype, what, where):
                     f"(convert with .astype(np.float32) or np.float64)")
 
 
-def _int_index(a, what, where):
+def _int_index(a: np.ndarray, what: str, where: str) -> None:
     if a.dtype.kind not in "iu" or a.dtype == np.bool_:
         raise TypeError(f"{where}: {what} must be an integer array, got dtype {a.dtype}")
 
 
-def _cast(a, dtype):
+def _cast(a: np.ndarray, dtype: npt.DTypeLike) -> np.ndarray:
     """``a`` as a C-contiguous array of ``dtype`` (no copy when it already is one)."""
     if a.dtype != dtype:
         with np.errstate(over="ignore"):       # a value beyond the dtype's range becomes inf:
@@ -159,7 +164,8 @@ def _cast(a, dtype):
     return np.ascontiguousarray(a)
 
 
-def canonical_csr(g, shape2d, dtype, where="gradient"):
+def canonical_csr(g: Any, shape2d: Tuple[int, int], dtype: npt.DTypeLike, where: str = "gradient"
+                  ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Validate a scipy CSR gradient and bring it into touched-rows canonical form.
 
     Parameters
@@ -253,7 +259,8 @@ def canonical_csr(g, shape2d, dtype, where="gradient"):
     return rows, cptr, cols, vals
 
 
-def canonical_rows(rows, values, nrows, ncols, dtype, where="gradient"):
+def canonical_rows(rows: Any, values: Any, nrows: int, ncols: int, dtype: npt.DTypeLike,
+                   where: str = "gradient") -> Tuple[np.ndarray, np.ndarray]:
     """Validate a row-indexed gradient and bring it into rows canonical form.
 
     Parameters
@@ -319,14 +326,14 @@ def canonical_rows(rows, values, nrows, ncols, dtype, where="gradient"):
 
 # =========================================================================== prepared steps
 
-def _plan(opt, group):
+def _plan(opt: Any, group: Mapping[str, Any]) -> ExactPlan:
     """"lazy" (also sparse_mode="lazy"), "fused", or a Decay: how this group's sparse step runs."""
     if group.get("sparse_mode", "lazy") != "exact":
         return LAZY
     return opt.algorithm.exact(group)
 
 
-def _no_overlap(values, p, backend, where):
+def _no_overlap(values: Any, p: Any, backend: Backend, where: str) -> None:
     a0, a1 = backend.memory_span(values)
     b0, b1 = backend.memory_span(p)
     if a0 < b1 and b0 < a1:
@@ -350,7 +357,7 @@ class PendingDecay:
 
     __slots__ = ("stamp", "plan", "names", "pending")
 
-    def __init__(self, stamp, plan, names):
+    def __init__(self, stamp: Any, plan: Any, names: Iterable[Optional[str]]) -> None:
         self.stamp, self.plan, self.names, self.pending = stamp, plan, tuple(names), False
 
 
@@ -359,15 +366,32 @@ class _Prepared:
 
     __slots__ = ("rows", "nrows", "ncols", "backend", "kernels")
 
-    def nnz(self):
+    rows: Any
+    vals: Any
+    nrows: int
+    ncols: int
+    backend: Backend
+    kernels: Any
+
+    def _lazy(self, rule: Any, p: Any, s1: Any, s2: Any, s3: Any, k: Any) -> None:
+        raise NotImplementedError
+
+    def _exact(self, rule: Any, p: Any, s1: Any, s2: Any, s3: Any, k: Any) -> None:
+        raise NotImplementedError
+
+    def _decay(self, rule: Any, p: Any, s1: Any, s2: Any, s3: Any, k: Any, stamp: Any, step: int,
+               base: float, slots: Tuple[bool, bool, bool]) -> None:
+        raise NotImplementedError
+
+    def nnz(self) -> int:
         """Number of stored (touched) elements after canonicalisation."""
         return int(self.vals.size)
 
-    def all_finite(self):
+    def all_finite(self) -> bool:
         """True when no stored value is NaN or infinite (after the cast to the param dtype)."""
         return self.backend.all_finite(self.vals)
 
-    def apply(self, opt, group, p, state):
+    def apply(self, opt: Any, group: Mapping[str, Any], p: Any, state: MutableMapping[str, Any]) -> None:
         """Run the step (``state["step"]`` already advanced by the optimizer)."""
         backend = self.backend
         with backend.context(p):
@@ -404,21 +428,23 @@ class CSRGrad(_Prepared):
 
     __slots__ = ("indptr", "cols", "vals")
 
-    def __init__(self, rows, indptr, cols, vals, nrows, ncols, backend):
+    def __init__(self, rows: Any, indptr: Any, cols: Any, vals: Any, nrows: int, ncols: int,
+                 backend: Backend) -> None:
         self.rows, self.indptr, self.cols, self.vals = rows, indptr, cols, vals
         self.nrows, self.ncols = int(nrows), int(ncols)
         self.backend = backend
         self.kernels = backend.sparse_kernels
 
-    def _lazy(self, rule, p, s1, s2, s3, k):
+    def _lazy(self, rule: Any, p: Any, s1: Any, s2: Any, s3: Any, k: Any) -> None:
         self.kernels.csr_lazy(rule, p, s1, s2, s3, self.rows, self.indptr, self.cols, self.vals,
                               self.ncols, k)
 
-    def _exact(self, rule, p, s1, s2, s3, k):
+    def _exact(self, rule: Any, p: Any, s1: Any, s2: Any, s3: Any, k: Any) -> None:
         self.kernels.csr_exact(rule, p, s1, s2, s3, self.nrows, self.ncols, self.rows, self.indptr,
                                self.cols, self.vals, k)
 
-    def _decay(self, rule, p, s1, s2, s3, k, stamp, step, base, slots):
+    def _decay(self, rule: Any, p: Any, s1: Any, s2: Any, s3: Any, k: Any, stamp: Any, step: int,
+               base: float, slots: Tuple[bool, bool, bool]) -> None:
         self.kernels.csr_decay(rule, p, s1, s2, s3, self.rows, self.indptr, self.cols, self.vals, self.ncols, k,
                                stamp, step, base, slots)
 
@@ -437,25 +463,26 @@ class RowsGrad(_Prepared):
 
     __slots__ = ("vals",)
 
-    def __init__(self, rows, values, nrows, ncols, backend):
+    def __init__(self, rows: Any, values: Any, nrows: int, ncols: int, backend: Backend) -> None:
         self.rows = rows
         self.vals = values.reshape(-1)
         self.nrows, self.ncols = int(nrows), int(ncols)
         self.backend = backend
         self.kernels = backend.sparse_kernels
 
-    def _lazy(self, rule, p, s1, s2, s3, k):
+    def _lazy(self, rule: Any, p: Any, s1: Any, s2: Any, s3: Any, k: Any) -> None:
         self.kernels.rows_lazy(rule, p, s1, s2, s3, self.rows, self.vals, self.ncols, k)
 
-    def _exact(self, rule, p, s1, s2, s3, k):
+    def _exact(self, rule: Any, p: Any, s1: Any, s2: Any, s3: Any, k: Any) -> None:
         self.kernels.rows_exact(rule, p, s1, s2, s3, self.nrows, self.ncols, self.rows, self.vals, k)
 
-    def _decay(self, rule, p, s1, s2, s3, k, stamp, step, base, slots):
+    def _decay(self, rule: Any, p: Any, s1: Any, s2: Any, s3: Any, k: Any, stamp: Any, step: int,
+               base: float, slots: Tuple[bool, bool, bool]) -> None:
         self.kernels.rows_decay(rule, p, s1, s2, s3, self.rows, self.vals, self.ncols, k, stamp, step, base,
                                 slots)
 
 
-def prepare_sparse_grad(g, p, backend, where):
+def prepare_sparse_grad(g: Any, p: Any, backend: Backend, where: str) -> "_Prepared":
     """Check a sparse gradient of host parameter ``p`` and canonicalise it; nothing is written.
 
     (A CUDA parameter's sparse gradients are prepared by
@@ -508,7 +535,7 @@ def prepare_sparse_grad(g, p, backend, where):
 
 # =========================================================================== pending exact-mode decay
 
-def settle(p, state, forget=False):
+def settle(p: Any, state: MutableMapping[str, Any], forget: bool = False) -> None:
     """Bring every row of ``p``'s pending exact-mode decay up to ``state["step"]``.
 
     Called by the optimizer before the state is read, saved or replaced; a no-op
@@ -524,13 +551,15 @@ def settle(p, state, forget=False):
         bufs = [backend.flat(state[name]) if (name is not None and name in state) else unused_slot(backend, p)
                 for name in dec.names]
         with backend.context(p):
-            backend.sparse_kernels.settle(*bufs, dec.stamp, state["step"], ncols, dec.plan.base, dec.plan.slots)
+            s1, s2, s3 = bufs
+            backend.sparse_kernels.settle(s1, s2, s3, dec.stamp, state["step"], ncols, dec.plan.base, dec.plan.slots)
         dec.pending = False
     if forget:
         del state["_decay"]
 
 
-def settle_unless_continued(opt, group, p, state, g):
+def settle_unless_continued(opt: Any, group: Mapping[str, Any], p: Any, state: MutableMapping[str, Any],
+                            g: Any) -> None:
     """Before a step with prepared gradient ``g``: settle pending decay unless ``g`` continues it.
 
     A step continues the pending decay when it is a sparse step in exact mode with the same

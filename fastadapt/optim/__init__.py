@@ -4,12 +4,14 @@
 (:func:`~fastadapt.optim.classes.optimizer_class`); :data:`CLASSES` maps their names to them.
 """
 
+from typing import Dict, Type
+
 from ..algorithms import REGISTRY
 from .base import NONFINITE, Optimizer
 from .classes import optimizer_class
 
 #: public class name -> class, in registry order
-CLASSES = {}
+CLASSES: Dict[str, Type[Optimizer]] = {}
 for _alg in REGISTRY:
     CLASSES[_alg.name] = optimizer_class(_alg, CLASSES[_alg.parent] if _alg.parent else Optimizer)
 del _alg

@@ -8,7 +8,9 @@ docstring lists every parameter.  Nothing about an optimizer is written here.
 """
 
 import inspect
+from typing import Any, Type
 
+from ..algorithms import Algorithm
 from .base import Optimizer
 
 __all__ = ["optimizer_class"]
@@ -16,11 +18,11 @@ __all__ = ["optimizer_class"]
 _P = inspect.Parameter
 
 
-def _fmt(value):
+def _fmt(value: Any) -> str:
     return repr(value) if not isinstance(value, float) else f"{value:g}"
 
 
-def _docstring(alg):
+def _docstring(alg: Algorithm) -> str:
     lines = [inspect.cleandoc(alg.summary), "", "Parameters", "----------",
              "params : iterable of arrays or of dicts",
              "    The arrays to optimise (C-contiguous, writeable float32/float64 numpy arrays, or",
@@ -49,7 +51,7 @@ def _docstring(alg):
     return "\n".join(lines)
 
 
-def optimizer_class(alg, base=Optimizer):
+def optimizer_class(alg: Algorithm, base: Type[Optimizer] = Optimizer) -> Type[Optimizer]:
     """The public optimizer class of algorithm ``alg``.
 
     Parameters
@@ -74,7 +76,7 @@ def optimizer_class(alg, base=Optimizer):
     signature = inspect.Signature(params)
     hyper_names = [h.name for h in alg.hypers] + (["sparse_mode"] if alg.sparse_mode else [])
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self: Optimizer, *args: Any, **kwargs: Any) -> None:
         try:
             bound = signature.bind(self, *args, **kwargs)
         except TypeError as exc:
@@ -87,7 +89,7 @@ def optimizer_class(alg, base=Optimizer):
         defaults.update(alg.fixed)
         Optimizer.__init__(self, a["params"], defaults, nonfinite=a["nonfinite"])
 
-    __init__.__signature__ = signature
+    __init__.__signature__ = signature  # type: ignore[attr-defined]
     __init__.__doc__ = f"Build a {alg.name} optimizer (see the class docstring)."
     namespace = {
         "__init__": __init__,
@@ -99,6 +101,7 @@ def optimizer_class(alg, base=Optimizer):
         "slots": alg.slots,
         "accepts_dense": alg.accepts_dense,
     }
-    return type(alg.name, (base,), namespace)
+    cls: Type[Optimizer] = type(alg.name, (base,), namespace)
+    return cls
 
 
