@@ -63,7 +63,8 @@ def check_wheel(path):
                 problems.append(f"wheel: {n} is outside {PACKAGE}/ and the .dist-info")
             if _JUNK.search(n):
                 problems.append(f"wheel: {n} is a compiled or cache file")
-        for required in (f"{PACKAGE}/__init__.py", f"{PACKAGE}/py.typed"):
+        for required in (f"{PACKAGE}/__init__.py", f"{PACKAGE}/py.typed", f"{PACKAGE}/__init__.pyi",
+                         f"{PACKAGE}/functional.pyi", f"{PACKAGE}/optim/base.pyi"):
             if required not in names:
                 problems.append(f"wheel: {required} is missing")
         if dist_info is None:
