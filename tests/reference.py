@@ -1,6 +1,6 @@
 """Plain numpy reference implementations of the fastadapt update rules.
 
-Written straight from /work/shared/SPEC.md (Part B = torch.optim 2.13 semantics, Part A = fastadapt's
+Written straight from the project's specification, docs/spec.rst (torch.optim 2.13's rules, and fastadapt's
 decisions). These are the oracles the test suite compares fastadapt against; they are deliberately
 simple, elementwise and slow.
 
@@ -8,11 +8,11 @@ Conventions
 -----------
 * Every rule works **in place** on ``p`` and on the arrays of ``state``; ``state["step"]`` is a Python
   int that the rule increments (before the math, as torch does).
-* Every scalar marked [py] in the SPEC is computed in Python float64 exactly as written there and then
+* Every scalar marked [py] in the spec ("Conventions") is computed in Python float64 exactly as written there and then
   cast to the parameter dtype (``dt = p.dtype.type; dt(scalar)``) before it meets an array, so float32
-  arrays are never promoted to float64.  The operation order of SPEC Part B is kept literally.
+  arrays are never promoted to float64.  The spec's evaluation order is kept literally.
 * numpy does not contract ``x*y+z`` into an FMA and its sqrt is correctly rounded, so against torch these
-  rules agree to plain-IEEE accuracy (SPEC §9: ~1e-15 relative in float64, <1e-6 in float32), not bit-for-bit.
+  rules agree to plain-IEEE accuracy (the spec, "Agreement with torch.optim": ~1e-15 relative in float64, <1e-6 in float32), not bit-for-bit.
 * Sparse gradients are given as COO triples ``(rows, cols, vals)`` for the parameter's 2-D shape
   (``(1, n)`` for a 1-D parameter, rows all 0); see :func:`coalesce`, :func:`lazy_step`,
   :func:`exact_step`.
@@ -70,7 +70,7 @@ def _check(p, g):
 
 
 def lerp(a, b, w):
-    """ATen's lerp (SPEC §0): ``a + w*(b-a)`` if ``|w| < 0.5`` else ``b - (b-a)*(1-w)``.
+    """ATen's lerp (the spec, "Conventions"): ``a + w*(b-a)`` if ``|w| < 0.5`` else ``b - (b-a)*(1-w)``.
 
     ``w`` must already be a scalar of the arrays' dtype; ``1 - w`` is then computed in that dtype, as the
     kernel does (opmath_t of float is float).
@@ -121,13 +121,13 @@ def _buf(state, key, p, fill=0.0):
 
 
 # --------------------------------------------------------------------------------------------------
-# dense rules (SPEC §1-§4)
+# dense rules (the spec, sections "Adagrad" to "RAdam")
 # --------------------------------------------------------------------------------------------------
 
 
 def adagrad(p, g, state, *, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False,
             initial_accumulator_value=0.0):
-    """SPEC §1, dense Adagrad. ``initial_accumulator_value`` only matters to :func:`init_state`
+    """The spec's section "Adagrad", dense. ``initial_accumulator_value`` only matters to :func:`init_state`
     (it is accepted here so that one hyper-parameter dict can serve both)."""
     dt = _check(p, g)
     s = _buf(state, "sum", p, initial_accumulator_value)
@@ -145,7 +145,7 @@ def adagrad(p, g, state, *, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10, 
 
 def rmsprop(p, g, state, *, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False,
             maximize=False, clamp=True):
-    """SPEC §2, RMSprop. ``clamp=True`` is fastadapt's Part A.4 (``max(v - gavg**2, 0)`` before the sqrt;
+    """The spec's section "RMSprop". ``clamp=True`` is fastadapt's clamp ("Deliberate differences from torch.optim") (``max(v - gavg**2, 0)`` before the sqrt;
     NaN still propagates); ``clamp=False`` is torch's behaviour."""
     dt = _check(p, g)
     v = _buf(state, "square_avg", p)
@@ -175,7 +175,7 @@ def rmsprop(p, g, state, *, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, mom
 
 def adam(p, g, state, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
          decoupled_weight_decay=False):
-    """SPEC §3 (and §4 with ``decoupled_weight_decay=True``), Adam, Kingma & Ba Algorithm 1."""
+    """The spec's section "Adam" (and "AdamW" with ``decoupled_weight_decay=True``), Adam, Kingma & Ba Algorithm 1."""
     dt = _check(p, g)
     beta1, beta2 = betas
     m = _buf(state, "exp_avg", p)
@@ -206,7 +206,7 @@ def adam(p, g, state, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0
 
 def adamw(p, g, state, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
           maximize=False):
-    """SPEC §4: Adam with decoupled weight decay, weight_decay default 1e-2."""
+    """The spec's section "AdamW": Adam with decoupled weight decay, weight_decay default 1e-2."""
     adam(p, g, state, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
          maximize=maximize, decoupled_weight_decay=True)
 
@@ -334,13 +334,13 @@ def radam(p, g, state, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.
 
 
 # --------------------------------------------------------------------------------------------------
-# sparse rules (SPEC §5, §6); the *_rule functions are the per-touched-element math, written as dense
+# sparse rules (the spec, "SparseAdam" and "Adagrad's sparse path"); the *_rule functions are the per-touched-element math, written as dense
 # elementwise rules so that lazy_step can apply them to the gathered touched elements.
 # --------------------------------------------------------------------------------------------------
 
 
 def sparse_adam_rule(p, g, state, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False):
-    """SPEC §5 steps 1 and 4-8 applied to every element of ``p`` (epsilon-hat form).
+    """The spec's "SparseAdam" update applied to every element of ``p`` (epsilon-hat form).
 
     Meant for the gathered touched elements (see :func:`sparse_adam`); applied densely it is NOT a valid
     SparseAdam step (untouched entries must not change)."""
@@ -368,7 +368,7 @@ def sparse_adam_rule(p, g, state, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maxi
 
 def sparse_adagrad_rule(p, g, state, *, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False,
                         initial_accumulator_value=0.0):
-    """SPEC §6 (torch's sparse Adagrad path) per touched element. Same result as :func:`adagrad` up to the
+    """torch's sparse Adagrad path (the spec, "Adagrad's sparse path") per touched element. Same result as :func:`adagrad` up to the
     rounding of ``(-clr)*(g/std)`` vs ``((-clr)*g)/std``."""
     dt = _check(p, g)
     if weight_decay != 0:
@@ -385,14 +385,14 @@ def sparse_adagrad_rule(p, g, state, *, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
 
 
 def sparse_adam(p, rows, cols, vals, state, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False):
-    """torch.optim.SparseAdam (SPEC §5) for a COO gradient of p's 2-D shape ((1, n) for a 1-D p):
+    """torch.optim.SparseAdam (the spec, "SparseAdam") for a COO gradient of p's 2-D shape ((1, n) for a 1-D p):
     duplicates summed, explicit zeros touched, lazy, the step advances even when nnz == 0."""
     lazy_step(sparse_adam_rule, p, None, rows, cols, vals, state, lr=lr, betas=betas, eps=eps, maximize=maximize)
 
 
 def sparse_adagrad(p, rows, cols, vals, state, *, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10,
                    maximize=False, initial_accumulator_value=0.0):
-    """torch.optim.Adagrad with a sparse COO gradient (SPEC §6)."""
+    """torch.optim.Adagrad with a sparse COO gradient (the spec, "Adagrad's sparse path")."""
     lazy_step(sparse_adagrad_rule, p, None, rows, cols, vals, state, lr=lr, lr_decay=lr_decay,
               weight_decay=weight_decay, eps=eps, maximize=maximize,
               initial_accumulator_value=initial_accumulator_value)
@@ -451,7 +451,7 @@ def init_state(name, p, **hyper):
 
 
 # --------------------------------------------------------------------------------------------------
-# sparse helpers (SPEC Part A.7)
+# sparse helpers (the spec, "Sparse gradients")
 # --------------------------------------------------------------------------------------------------
 
 

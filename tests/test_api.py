@@ -391,7 +391,7 @@ def test_all_none_gradients_change_nothing():
 
 
 # --------------------------------------------------------------------------------------------------
-# non-finite gradients (SPEC Part A.8)
+# non-finite gradients (the spec, "Non-finite gradients")
 # --------------------------------------------------------------------------------------------------
 
 NONFINITE_VALUES = [np.nan, np.inf, -np.inf]
@@ -463,7 +463,7 @@ def test_nonfinite_propagate_is_torchs_behaviour():
 
 
 # --------------------------------------------------------------------------------------------------
-# Adagrad's eager state, per-group initial_accumulator_value (SPEC Part A.5)
+# Adagrad's eager state, per-group initial_accumulator_value (the spec, "Adagrad")
 # --------------------------------------------------------------------------------------------------
 
 
@@ -494,7 +494,7 @@ def test_adagrad_state_is_eager_and_per_group_initial_accumulator_is_honoured():
 
 
 # --------------------------------------------------------------------------------------------------
-# the int64 step counter (SPEC Part A.3)
+# the int64 step counter (the spec, "The step counter")
 # --------------------------------------------------------------------------------------------------
 
 
@@ -537,7 +537,7 @@ def test_functional_step_counter_is_an_int():
 
 
 # --------------------------------------------------------------------------------------------------
-# centered RMSprop: v - g_avg**2 clamped at 0 (SPEC Part A.4)
+# centered RMSprop: v - g_avg**2 clamped at 0 (the spec, "RMSprop")
 # --------------------------------------------------------------------------------------------------
 
 

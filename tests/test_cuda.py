@@ -199,7 +199,7 @@ def problem(dtype, seed, shape=SHAPE, n=N_STEPS):
 
 
 def assert_close(actual, expected, dtype, what=""):
-    """SPEC.md's rtol per element, plus rtol * rms(expected) absolute: a real GPU contracts FMAs, whose
+    """the spec's rtol per element, plus rtol * rms(expected) absolute: a real GPU contracts FMAs, whose
     rounding differs from the CPU's by an ulp of the operands, not of a result near zero."""
     expected = np.asarray(expected)
     rms = float(np.sqrt(np.mean(np.square(expected, dtype=np.float64)))) if expected.size else 0.0

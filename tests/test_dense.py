@@ -108,10 +108,10 @@ def test_every_option_matches_reference(case, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_operation_order_is_the_references_bit_for_bit(dtype):
-    """SPEC §9: keep Part B's operation order (lerp branches, where each scalar enters). Numba without
+    """The spec ("Conventions"): keep its evaluation order (lerp branches, where each scalar enters). Numba without
     fastmath neither contracts nor reassociates, and numpy's sqrt and division are correctly rounded, so
     kernel and reference agree bit for bit; a changed order shows here even when it stays inside the
-    parity tolerance. (SPEC A.2 allows FMA contraction: a change that enables it deliberately should
+    parity tolerance. (Contraction beyond the fma calls the rules make would break this; a change that enables it should
     turn this into a ~1-ulp comparison.)"""
     for case in OPTION_GRID:
         c, hyper = case

@@ -157,7 +157,7 @@ def test_sparse_adam_vs_torch(dtype, one_d, betas, maximize):
 
 
 def test_sparse_adam_differs_from_dense_adam_with_full_gradients():
-    """negative control: the epsilon-hat form is not Adam's (SPEC §5)."""
+    """negative control: the epsilon-hat form is not Adam's (the spec, "SparseAdam")."""
     p0, grads = dense_problem(np.float64, 2)
     grads = [g * 1e-7 for g in grads]  # eps vs eps/sqrt(bc2) only shows when sqrt(v) is not >> eps
     rows, cols = np.nonzero(np.ones(SHAPE, dtype=bool))
@@ -427,7 +427,7 @@ def test_init_state_keys():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_lerp_branches(dtype):
-    """ATen's two lerp formulas (SPEC §0); they round differently, so the branch is pinned here."""
+    """ATen's two lerp formulas (the spec, "Conventions"); they round differently, so the branch is pinned here."""
     rng = np.random.default_rng(15)
     a = rng.standard_normal(1000).astype(dtype)
     b = rng.standard_normal(1000).astype(dtype)

@@ -4,8 +4,8 @@ torch.optim.RMSprop adds the weight decay to the gradient as ``grad.add(param, a
 CPU one fused multiply-add, a single rounding of ``g + wd*p``.  Rounding ``wd*p`` first and then
 adding (two roundings) differs from that by up to half an ulp of ``wd*p``; where ``g`` nearly
 cancels ``wd*p`` (to a few ulps) that half ulp is a large part of the decayed gradient, and with a
-small ``eps`` the update ``lr * g' / (sqrt(v) + eps)`` carries it into the parameter.  SPEC Part
-A.2 promises 1e-5 (relative, with the array's magnitude as absolute floor) against torch in float32.
+small ``eps`` the update ``lr * g' / (sqrt(v) + eps)`` carries it into the parameter.  The spec
+("Agreement with torch.optim") promises 1e-5 (relative, with the array's magnitude as absolute floor) against torch in float32.
 
 The gradients are built from torch's own trajectory at every step: ``g = -(wd*p)`` rounded to
 float32, plus -3..3 ulps.  A numpy emulation of the fix (``g + wd*p`` computed in float64, where

@@ -1,6 +1,6 @@
 """Sparse gradients (scipy CSR and RowGrad): lazy and exact modes, SparseAdam, hostile input.
 
-Everything is compared against the numpy references of tests/reference.py (SPEC.md Part A.7,
+Everything is compared against the numpy references of tests/reference.py (the spec, "Sparse gradients",
 Part B §5-§7): ``lazy_step`` (the dense rule run on the touched entries only), ``exact_step``
 (the dense rule on the densified gradient), ``sparse_adam``; and, where torch is importable,
 against torch.optim.SparseAdam and Adagrad with sparse COO gradients.  Gradients are
@@ -220,7 +220,7 @@ def test_sparse_adam_matches_reference(options, dtype):
     assert_close(p, p_ref, RTOL[np.dtype(dtype)], "param")
     assert_state_matches(opt, p, st_ref, RTOL[np.dtype(dtype)])
     assert np.array_equal(p[-1], p0[-1])
-    # epsilon-hat form: a gradient holding every entry is not Adam's step (SPEC §5)
+    # epsilon-hat form: a gradient holding every entry is not Adam's step (the spec, "SparseAdam")
     full = sp.csr_matrix(np.ones(SHAPE, dtype))
     q1, q2 = p0.copy(), p0.copy()
     fa.SparseAdam([q1], lr=0.1, eps=1e-3).step([full])

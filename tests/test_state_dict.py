@@ -1,5 +1,5 @@
 """state_dict / load_state_dict: torch's layout with numpy arrays, copies both ways, a round trip that
-continues bit-exactly, and every mismatch refused before anything is replaced (SPEC Part A.9)."""
+continues bit-exactly, and every mismatch refused before anything is replaced (the spec, "State and state_dict")."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """fastadapt against torch.optim 2.13 itself: 50 steps, every option combination, float32 and float64,
-within SPEC Part A.2's tolerances (rel. 1e-5 float32, 1e-12 float64), step counts equal. Also param
+within the spec's tolerances ("Agreement with torch.optim") (rel. 1e-5 float32, 1e-12 float64), step counts equal. Also param
 groups, lr schedules, None gradients and both CPU loops. Skipped when torch is not importable."""
 
 from __future__ import annotations

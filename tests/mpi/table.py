@@ -111,7 +111,7 @@ passed("bit-for-bit equivalence with one process on the concatenated row gradien
 
 table, (ref, ref_p) = run(fa.Adam, dict(lr=0.05), SHAPE, np.float64, 10, dyadic=False)
 np.testing.assert_allclose(table.gather(root=None), ref_p, rtol=1e-12, atol=1e-12)
-passed("general row gradients within SPEC tolerances")
+passed("general row gradients within the spec's tolerances")
 
 # each rank owns a contiguous block of rows and only their state
 table = ShardedTable(fa.Adam, (1000, 4), comm=COMM, init=lambda lo, hi: np.arange(lo * 4, hi * 4).reshape(-1, 4))
