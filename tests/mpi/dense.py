@@ -93,7 +93,7 @@ def assert_same_state(full, ref_sd):
         assert set(full["state"][j]) == set(st), (j, sorted(full["state"][j]), sorted(st))
         for name, v in st.items():
             got = full["state"][j][name]
-            if name == "step":
+            if name == "step" or isinstance(v, float):           # the count, or a carried scalar
                 assert got == v and type(got) is type(v), (j, got, v)
             else:
                 assert got.dtype == v.dtype and got.shape == v.shape, (j, name)
