@@ -24,12 +24,23 @@ from ..algorithms._spec import MAX_STEP, short_repr
 from ..backends import backend_for, device_key, is_device_array, unused_slot
 from ..grads import DenseGrad, dense_host_grad, prepare_grad
 from ..grads.sparse import settle, settle_unless_continued
-from .many import apply_dense
 
 __all__ = ["Optimizer", "NONFINITE", "MAX_STEP"]
 
 #: the values of the ``nonfinite`` option
 NONFINITE = ("propagate", "skip", "raise")
+
+
+_MANY: list = []
+
+
+def _many():
+    """:mod:`fastadapt.optim.many`, imported on first use: it imports numba, which ``import
+    fastadapt`` does not need (an import statement in the step would cost ~1 us per call)."""
+    if not _MANY:
+        from . import many
+        _MANY.append(many)
+    return _MANY[0]
 
 
 #: value types a group's validation may be cached for (see Optimizer._checked)
@@ -391,7 +402,7 @@ class Optimizer:
             else:
                 self._apply(group, p, state, g)
         if len(dense) > 1:
-            apply_dense(self, dense)
+            _many().apply_dense(self, dense)
         else:
             for j, group, p, state, g in dense:
                 self._apply(group, p, state, g)
