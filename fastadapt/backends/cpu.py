@@ -16,7 +16,7 @@ from numba.extending import intrinsic
 from numba.np.arrayobj import populate_array
 
 from .. import config
-from .cpu_compile import compiled
+from .cpu_compile import compiled, direct
 from .cpu_sparse import KERNELS as _SPARSE_KERNELS
 from .protocols import SparseKernels
 
@@ -108,28 +108,6 @@ def _dense_parallel(rule, p, g, s1, s2, s3, k, chunk):
 @njit(**_OPTS)
 def _dense_serial(rule, p, g, s1, s2, s3, k):
     _dense_chunk(rule, p, g, s1, s2, s3, k, 0, p.size)
-
-
-_ENTRIES: dict = {}
-
-
-def direct(loop: Any, key: Any, *args: Any) -> None:
-    """Run the compiled ``loop`` on ``args``, calling its specialisation directly after the first time.
-
-    numba's dispatcher types every argument at every call to pick a specialisation; a rule
-    passed as an argument and a NamedTuple of scalars cost ~18 us of that per call (measured:
-    20 us through the dispatcher, 1.8 us through the entry point, for a 10-element Adam step).
-    ``key`` must determine the numba type of every argument (the rule, the dtype, the arrays'
-    alignment and writeability); the entry point found for it is kept and called from then on.
-    """
-    entry = _ENTRIES.get((loop, key))
-    if entry is not None:
-        entry(*args)
-        return
-    loop(*args)                                           # compiles (or loads) and runs
-    overloads = getattr(loop, "overloads", None)          # (a test may have put a plain function there)
-    if overloads is not None:
-        _ENTRIES[(loop, key)] = overloads[tuple(loop.typeof_pyval(a) for a in args)].entry_point
 
 
 def dense_step(rule: Any, p: np.ndarray, g: np.ndarray, s1: np.ndarray, s2: np.ndarray, s3: np.ndarray,

@@ -30,7 +30,7 @@ from numba.extending import intrinsic
 
 from .. import config
 from ..algorithms import decay_factor, scale_slots
-from .cpu_compile import compiled
+from .cpu_compile import compiled, direct, type_key
 
 #: the closed-form catch-up of a Decay algorithm (algorithms.scale_slots, factor
 #: algorithms.decay_factor), passed to the loops as arguments like every rule, so that their
@@ -581,6 +581,12 @@ def _decay_slots(s1: Any, s2: Any, s3: Any) -> Any:
     return s1, (s2 if s2.size == n else s1), (s3 if s3.size == n else s1)
 
 
+def _run(loop, *args):
+    """``loop(*args)`` through its compiled entry point (:func:`fastadapt.backends.cpu.direct`):
+    numba's dispatcher would type the rule and the NamedTuple of scalars at every call."""
+    direct(loop, type_key(args), *args)
+
+
 class CPUSparseKernels:
     """The sparse-step interface of the CPU backend (what :mod:`fastadapt.grads.sparse` calls;
     :class:`fastadapt.backends.protocols.SparseKernels`).
@@ -602,13 +608,13 @@ class CPUSparseKernels:
             CPUSparseKernels.rows_lazy(rule, p, s1, s2, s3, rows, vals, ncols, k)
             return
         loop = _csr_lazy_parallel if vals.size >= config.PARALLEL_THRESHOLD else _csr_lazy_serial
-        loop(compiled(rule), p, *_slots(p, s1, s2, s3), rows, indptr, cols, vals, ncols, k)
+        _run(loop, compiled(rule), p, *_slots(p, s1, s2, s3), rows, indptr, cols, vals, ncols, k)
 
     @staticmethod
     def rows_lazy(rule: Any, p: Any, s1: Any, s2: Any, s3: Any, rows: Any, vals: Any, ncols: int, k: Any) -> None:
         """Run ``rule`` on every element of the given rows; ``vals`` flat (k * ncols)."""
         loop = _rows_lazy_parallel if vals.size >= config.PARALLEL_THRESHOLD else _rows_lazy_serial
-        loop(compiled(rule), p, *_slots(p, s1, s2, s3), rows, vals, ncols, k)
+        _run(loop, compiled(rule), p, *_slots(p, s1, s2, s3), rows, vals, ncols, k)
 
     @staticmethod
     def csr_exact(
@@ -620,10 +626,10 @@ class CPUSparseKernels:
             CPUSparseKernels.rows_exact(rule, p, s1, s2, s3, nrows, ncols, rows, vals, k)
             return
         if p.size >= config.PARALLEL_THRESHOLD:
-            _csr_exact(compiled(rule), p, *_slots(p, s1, s2, s3), nrows, ncols, rows, indptr, cols, vals,
+            _run(_csr_exact, compiled(rule), p, *_slots(p, s1, s2, s3), nrows, ncols, rows, indptr, cols, vals,
                        p.dtype.type(0), k, _nchunks(nrows))
         else:
-            _csr_exact_serial(compiled(rule), p, *_slots(p, s1, s2, s3), nrows, ncols, rows, indptr, cols,
+            _run(_csr_exact_serial, compiled(rule), p, *_slots(p, s1, s2, s3), nrows, ncols, rows, indptr, cols,
                               vals, p.dtype.type(0), k)
 
     @staticmethod
@@ -632,10 +638,10 @@ class CPUSparseKernels:
     ) -> None:
         """Run ``rule`` on every element: the given rows with their values, others with 0."""
         if p.size >= config.PARALLEL_THRESHOLD:
-            _rows_exact(compiled(rule), p, *_slots(p, s1, s2, s3), nrows, ncols, rows, vals, p.dtype.type(0),
+            _run(_rows_exact, compiled(rule), p, *_slots(p, s1, s2, s3), nrows, ncols, rows, vals, p.dtype.type(0),
                         k, _nchunks(nrows))
         else:
-            _rows_exact_serial(compiled(rule), p, *_slots(p, s1, s2, s3), nrows, ncols, rows, vals,
+            _run(_rows_exact_serial, compiled(rule), p, *_slots(p, s1, s2, s3), nrows, ncols, rows, vals,
                                p.dtype.type(0), k)
 
     @staticmethod
@@ -645,10 +651,10 @@ class CPUSparseKernels:
     ) -> None:
         u1, u2, u3 = (bool(u) for u in slots)
         if rows.size * ncols >= config.PARALLEL_THRESHOLD:
-            _catch_up_parallel(_SCALE, _FACTOR_OF, *_decay_slots(s1, s2, s3), rows, ncols, stamp, step,
+            _run(_catch_up_parallel, _SCALE, _FACTOR_OF, *_decay_slots(s1, s2, s3), rows, ncols, stamp, step,
                                float(base), u1, u2, u3, _nchunks(rows.size))
         else:
-            _catch_up_serial(_SCALE, _FACTOR_OF, *_decay_slots(s1, s2, s3), rows, ncols, stamp, step,
+            _run(_catch_up_serial, _SCALE, _FACTOR_OF, *_decay_slots(s1, s2, s3), rows, ncols, stamp, step,
                              float(base), u1, u2, u3)
 
     @staticmethod
@@ -664,7 +670,7 @@ class CPUSparseKernels:
         CPUSparseKernels._catch_up(s1, s2, s3, rows, ncols, stamp, step, base, slots)
         loop = (_csr_full_rows_parallel if rows.size * ncols >= config.PARALLEL_THRESHOLD
                 else _csr_full_rows_serial)
-        loop(compiled(rule), p, *_slots(p, s1, s2, s3), rows, indptr, cols, vals, ncols, p.dtype.type(0), k)
+        _run(loop, compiled(rule), p, *_slots(p, s1, s2, s3), rows, indptr, cols, vals, ncols, p.dtype.type(0), k)
 
     @staticmethod
     def rows_decay(
@@ -682,10 +688,10 @@ class CPUSparseKernels:
         """Catch every row up to ``step`` (state about to be read)."""
         u1, u2, u3 = (bool(u) for u in slots)
         if s1.size >= config.PARALLEL_THRESHOLD:
-            _settle_parallel(_SCALE, _FACTOR_OF, *_decay_slots(s1, s2, s3), stamp, step, ncols, float(base),
+            _run(_settle_parallel, _SCALE, _FACTOR_OF, *_decay_slots(s1, s2, s3), stamp, step, ncols, float(base),
                              u1, u2, u3, _nchunks(stamp.size))
         else:
-            _settle_serial(_SCALE, _FACTOR_OF, *_decay_slots(s1, s2, s3), stamp, step, ncols, float(base),
+            _run(_settle_serial, _SCALE, _FACTOR_OF, *_decay_slots(s1, s2, s3), stamp, step, ncols, float(base),
                            u1, u2, u3)
 
     @staticmethod
