@@ -101,6 +101,7 @@ class Optimizer:
         self._meta = []            # their (shape, dtype), re-checked at every step
         self._group_sizes = []     # parameters per group, re-checked at every step
         self._group_cache = {}     # id(group) -> (its values when last checked, buffer names)
+        self._flats = {}           # id(state dict) -> (names, flat, buffers, their flat views)
         self._lock = threading.Lock()
         if isinstance(params, np.ndarray) or is_device_array(params):
             raise TypeError("params must be a list of arrays or of param-group dicts, not an array "
@@ -409,14 +410,14 @@ class Optimizer:
 
     def _slot_arrays(self, group, p, state, flat):
         """The rule's (s1, s2, s3): flat state buffers, dummies for unused slots."""
-        backend = backend_for(p)
         names = self._checked(group)
-        out = []
-        for name in self.slots:
-            if name is not None and name in names:
-                out.append(flat(state[name]))
-            else:
-                out.append(unused_slot(backend, p))
+        bufs = tuple(state[name] if (name is not None and name in names) else None for name in self.slots)
+        hit = self._flats.get(id(state))
+        if hit is not None and hit[0] is names and hit[1] is flat and all(map(is_, hit[2], bufs)):
+            return hit[3]                       # the same buffers as last step: their views too
+        backend = backend_for(p)
+        out = [flat(b) if b is not None else unused_slot(backend, p) for b in bufs]
+        self._flats[id(state)] = (names, flat, bufs, out)
         return out
 
     # ------------------------------------------------------------------ state_dict
@@ -561,6 +562,7 @@ class Optimizer:
                     raise ValueError(f"state of parameter {idx}: {name!r} has shape {arr.shape} and dtype "
                                      f"{arr.dtype}, the parameter has {tuple(p.shape)} and {p_dtype}")
         # everything checked: now write
+        self._flats.clear()                     # (it would keep the replaced buffers alive)
         for j in range(len(self._params)):
             self._read_state(j)        # settle anything pending before it is replaced
         for group, mine in zip(new_groups, self.param_groups):
