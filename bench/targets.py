@@ -11,7 +11,8 @@ and each is timed in its own steady state; see fastadapt.apps.benchmark.interlea
    per-parameter cost of a step in microseconds (200 tensors of 100 elements);
 3. the memory a 10M-element step allocates (tracemalloc, after the first step);
 4. ``import fastadapt`` + the first step in a fresh process with a warm numba cache;
-5. 1 and 2 numba threads giving bit-identical results.
+5. 1 and 2 numba threads giving bit-identical results;
+6. the per-step fixed cost on small models (bench/small_steps.py) beside a bare numba loop and torch.
 
 and a last table of the targets, each MET or MISSED.  Exit status 0 either way (this is a
 measurement, not a test); ``--strict`` exits 1 when a target is missed.  Takes ~2 minutes.
@@ -37,6 +38,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 import fastadapt as fa  # noqa: E402
 from fastadapt.apps import benchmark as B  # noqa: E402
 from fastadapt.apps.cli import HelpFormatter  # noqa: E402
+import small_steps  # noqa: E402
 from seed_numpy import seed_case, seed_many_case  # noqa: E402
 
 NAMES = ["adagrad", "rmsprop", "adam", "adamw"]
@@ -201,6 +203,7 @@ def main(argv=None):
     overhead = overhead_per_parameter(max(rounds, 20))
     alloc = step_allocation(n)
     cold_inside, cold_wall = cold_start()
+    small = small_steps.rows()
     same = threads_identical()
     info = B.threads_info()
     elapsed = time.perf_counter() - t_start
@@ -235,6 +238,13 @@ def main(argv=None):
           f"{cold_inside:.2f} s (whole process, interpreter start to exit: {cold_wall:.2f} s)")
     print(f"5. 1 and 2 numba threads bit-identical: {same}\n")
 
+    print("6. Per-step fixed cost on small models (bench/small_steps.py), microseconds per call, median of 7 blocks")
+    print(f"{'':<44}{'fastadapt':>10}{'floor':>9}{'torch':>9}{'fused':>9}")
+    for r in small:
+        print(f"{r['case']:<44}{r['fastadapt_us']:>10.1f}{fmt(r.get('floor_us'), '.1f'):>9}"
+              f"{fmt(r.get('torch_us'), '.1f'):>9}{fmt(r.get('torch_fused_us'), '.1f'):>9}")
+    print("   floor: a bare numba loop doing the same update on the same arrays, scalars computed in Python\n")
+
     by = {r["name"]: r for r in dense}
     targets = []
     for name in ("adam", "adamw", "adagrad"):
@@ -252,6 +262,15 @@ def main(argv=None):
     targets.append(("import + first step <= 1 s (warm cache) (s)", cold_inside, -1.0))
     if same is not None:
         targets.append(("1 and 2 threads bit-identical", 1.0 if same else 0.0, 1.0))
+    sm = {r["case"]: r for r in small}
+    one, fun, hundred, rowg = (sm[c] for c in sorted(sm, key=[r["case"] for r in small].index))
+    targets.append(("small: Adam.step, 1 x 10 <= 3 us (us / 3)", one["fastadapt_us"] / 3.0, -1.0))
+    targets.append(("small: functional.adam, 10 <= 2 us (us / 2)", fun["fastadapt_us"] / 2.0, -1.0))
+    targets.append(("small: Adam.step, 100 x 100 <= 60 us (us / 60)", hundred["fastadapt_us"] / 60.0, -1.0))
+    if "torch_fused_us" in hundred:
+        targets.append(("small: 100 x 100 >= 8x torch fused", hundred["torch_fused_us"] / hundred["fastadapt_us"], 8.0))
+    targets.append(("small: RowGrad 1000 x 64 >= 0.5 of the same-bytes loop",
+                    rowg["floor_us"] / rowg["fastadapt_us"], 0.5))
     missed = 0
     print(f"{'target':<50}{'measured':>10}  result")
     for label, value, threshold in targets:
@@ -262,7 +281,7 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(dict(n=n, rounds=rounds, info=info, dense=dense, many=many, overhead_us=overhead,
                            alloc_peak_bytes=alloc, cold_start_s=cold_inside, cold_process_s=cold_wall,
-                           threads_identical=same), f, indent=2)
+                           threads_identical=same, small_steps=small), f, indent=2)
     return 1 if (args.strict and missed) else 0
 
 
