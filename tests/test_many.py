@@ -73,10 +73,7 @@ def test_many_tensors_equal_one_launch_each(name, dtype, loop, monkeypatch):
     real = cpu.dense_step_many
     monkeypatch.setattr(many, "dense_step_many", lambda *a: calls.append(a[-1]) or real(*a))
     result = _run(name, dtype, 4, lambda s: _grads(rng, params0), params0)
-    if CONFIGS[name][0].algorithm.carry:                      # per-parameter carried scalars (NAdam):
-        assert calls == []                                    # one launch per parameter, by design
-    else:
-        assert calls == [sum(p.size for p in params0)] * 4  # one call per step, every element
+    assert calls == [sum(p.size for p in params0)] * 4      # one call per step, every element
     _assert_same(*result)
 
 
@@ -186,3 +183,36 @@ def test_many_kernels_compile_once_per_rule_and_dtype(monkeypatch):
     before = counts()
     run([(c.cls, o) for c in DENSE for o in [{}] + list(c.options)])     # every other option combination
     assert counts() == before
+
+
+def test_carried_scalars_split_batches(monkeypatch):
+    """NAdam carries mu_product per parameter: parameters with the same step count but different
+    carried values (here after a state_dict load) are stepped in separate calls, each with its own
+    scalars, and the result equals one optimizer per parameter."""
+    monkeypatch.setattr(config, "PARALLEL_THRESHOLD", 10**9)
+    rng = np.random.default_rng(11)
+    params0 = [rng.standard_normal(n) for n in (40, 7, 300)]
+    grads = [[rng.standard_normal(p.shape) for p in params0] for _ in range(3)]
+    ps = [p.copy() for p in params0]
+    opt = fa.NAdam(ps, lr=0.01)
+    opt.step(grads[0])
+    sd = opt.state_dict()
+    sd["state"][1]["mu_product"] *= 0.5                       # parameter 1 now carries another value
+    opt.load_state_dict(sd)
+    calls = []
+    real = cpu.dense_step_many
+    monkeypatch.setattr(many, "dense_step_many", lambda *a: calls.append(a[-1]) or real(*a))
+    for g in grads[1:]:
+        opt.step(g)
+    assert calls == [40 + 300, 40 + 300]                      # 0 and 2 together; 1 on its own
+    for j, p0 in enumerate(params0):                         # one optimizer per parameter, same history
+        q = [p0.copy()]
+        single = fa.NAdam(q, lr=0.01)
+        single.step([grads[0][j]])
+        one = single.state_dict()
+        one["state"][0]["mu_product"] = sd["state"][j]["mu_product"]
+        single.load_state_dict(one)
+        for g in grads[1:]:
+            single.step([g[j]])
+        assert np.array_equal(q[0], ps[j])
+        assert single.state[0]["mu_product"] == opt.state[j]["mu_product"]

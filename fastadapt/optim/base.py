@@ -395,11 +395,10 @@ class Optimizer:
         applied together by :mod:`fastadapt.many` (one kernel call per param group, step
         count and dtype, not one per parameter); the results are the same."""
         dense = []
-        batchable = not self.algorithm.carry     # per-parameter carried scalars: one call each
         for item in work:
             j, group, p, state, g = item
-            if type(g) is DenseGrad and g.address is not None and "_decay" not in state and batchable:
-                dense.append(item)                                                    # host arrays
+            if type(g) is DenseGrad and g.address is not None and "_decay" not in state:   # host arrays
+                dense.append(item)
             else:
                 self._apply(group, p, state, g)
         if len(dense) > 1:

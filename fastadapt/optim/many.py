@@ -10,8 +10,8 @@ more than torch's fused multi-tensor kernels spend in total.
 The table of a set of parameters is built once and kept (per optimizer); a step only
 checks that the parameter and its state buffers are still the same arrays and writes
 the gradients' addresses.  The math is the rules' (:mod:`fastadapt.rules`), element by
-element, so the result is bit-identical to one launch per parameter.  (Algorithms with
-carried per-parameter scalars, such as NAdam's ``mu_product``, step one parameter at a time.)
+element, so the result is bit-identical to one launch per parameter.  Parameters whose carried
+scalars differ (NAdam's ``mu_product`` after a state_dict load, say) go into separate batches.
 """
 
 import numpy as np
@@ -69,8 +69,9 @@ class _Plan:
         return addresses
 
 
-def _batches(opt, items):
-    """[(step count, dtype, items)]: the items grouped by param group, step count and dtype."""
+def _batches(opt, items, carried):
+    """[(step count, dtype, items)]: the items grouped by param group, step count, dtype and
+    carried scalars (``carried``: their names, e.g. NAdam's ``mu_product``)."""
     batches = {}
     for item in items:
         state = item[3]
@@ -78,12 +79,12 @@ def _batches(opt, items):
         if step is None:                     # first step: state created here (or below)
             opt._ensure_state(item[1], item[2], state)
             step = state["step"]
-        key = (id(item[1]), step, item[2].dtype)
+        key = (id(item[1]), step, item[2].dtype, tuple(state[n] for n in carried))
         batch = batches.get(key)
         if batch is None:
             batches[key] = batch = []
         batch.append(item)
-    return [(step, dtype, batch) for (_, step, dtype), batch in batches.items()]
+    return [(step, dtype, batch) for (_, step, dtype, _), batch in batches.items()]
 
 
 def apply_dense(opt, items):
@@ -98,13 +99,16 @@ def apply_dense(opt, items):
     """
     first = items[0]
     group, dtype, step = first[1], first[2].dtype, first[3].get("step")
+    carried = tuple(name for name, _ in opt.algorithm.carry)
     uniform = step is not None               # the usual case: one group, one step count, one dtype
     if uniform:
+        values = tuple(first[3][n] for n in carried)
         for item in items:
-            if item[1] is not group or item[2].dtype is not dtype or item[3].get("step") != step:
+            if item[1] is not group or item[2].dtype is not dtype or item[3].get("step") != step \
+                    or (carried and tuple(item[3][n] for n in carried) != values):
                 uniform = False
                 break
-    batches = [(step, dtype, items)] if uniform else _batches(opt, items)
+    batches = [(step, dtype, items)] if uniform else _batches(opt, items, carried)
     plans = opt.__dict__.setdefault("_many_plans", {})
     if len(plans) > 16:             # the set of parameters with gradients keeps changing
         plans.clear()
@@ -115,6 +119,7 @@ def apply_dense(opt, items):
             _, _, p, state, g = batch[0]
             opt._ensure_state(group, p, state)
             state["step"] = step
+            opt._advance_carry(group, state)
             g.apply(opt, group, p, state)
             continue
         used = opt._buffer_names(group)
@@ -129,5 +134,10 @@ def apply_dense(opt, items):
             plan = plans[key] = _Plan(batch, names, proto)
             addresses = plan.check(batch, names, step)
         plan.table[:, 1] = addresses
+        if carried:                          # the same carried values in the batch: advanced once
+            opt._advance_carry(group, batch[0][3])
+            advanced = {n: batch[0][3][n] for n in carried}
+            for item in batch[1:]:
+                item[3].update(advanced)
         k = opt._scalars(group, batch[0][3], dtype)
         dense_step_many(compiled(opt.rule), proto, plan.table, plan.segments, plan.units, k, plan.total)
