@@ -43,6 +43,8 @@ def _many():
     return _MANY[0]
 
 
+_NO_CARRY: dict = {}
+
 #: value types a group's validation may be cached for (see Optimizer._checked)
 _IMMUTABLE = frozenset({float, int, bool, str, tuple, type(None), np.bool_, np.float32, np.float64, np.int64})
 
@@ -224,13 +226,16 @@ class Optimizer:
     def _ensure_state(self, group, p, state):
         """Create the step count, carried scalars and the buffers the group's current options
         need (lazily, on first use)."""
-        backend = backend_for(p)
         if "step" not in state:
             state["step"] = 0
             for name, value in self.algorithm.carry:
                 state[name] = value
+        names = self._checked(group)
+        if all(map(state.__contains__, names)):
+            return                                  # the usual case: nothing to create
+        backend = backend_for(p)
         fill = self.algorithm.fill
-        for name in self._checked(group):
+        for name in names:
             if name not in state:
                 state[name] = backend.full_like(p, fill(group, name))
 
@@ -243,7 +248,7 @@ class Optimizer:
     def _scalars(self, group, state, dtype):
         """The rule's per-step scalars for a parameter whose ``state`` was just advanced."""
         alg = self.algorithm
-        carry = {name: state[name] for name, _ in alg.carry}
+        carry = {name: state[name] for name, _ in alg.carry} if alg.carry else _NO_CARRY
         return alg.scalars(dtype, state["step"], group, carry)
 
     def step(self, grads):
