@@ -47,7 +47,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
-__all__ = ["Algorithm", "Hyper", "Decay", "LAZY", "FUSED", "fma", "scale_slots", "decay_factor", "short_repr", "MAX_STEP",
+__all__ = ["Algorithm", "Hyper", "Decay", "LAZY", "FUSED", "fma", "rule_helper", "RULE_HELPERS", "scale_slots", "decay_factor", "short_repr", "MAX_STEP",
            "nonneg", "positive", "below_one", "unit_interval", "flag", "betas", "check_number"]
 
 #: exact mode: a zero gradient changes nothing, so the lazy loop is already exact (O(nnz))
@@ -79,6 +79,21 @@ class Decay:
 
 
 ExactPlan = Union[str, Decay]
+
+
+#: functions that rules call besides ``math`` and :func:`fma` (see :func:`rule_helper`)
+RULE_HELPERS: list = []
+
+
+def rule_helper(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Declare ``fn`` a rule helper: update math shared by several rules, written once.
+
+    A helper has a rule's signature ``(p, s1, s2, s3, i, g, k)`` and may return values; every
+    backend compiles calls to it inline (numba CPU loops and CUDA device code alike; in Python --
+    numba's CUDA simulator, the tests -- it is simply called).
+    """
+    RULE_HELPERS.append(fn)
+    return fn
 
 
 def fma(a: Any, b: Any, c: Any) -> Any:

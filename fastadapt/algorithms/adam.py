@@ -11,7 +11,7 @@ from typing import Any, Mapping, NamedTuple, Tuple
 
 import numpy as np
 
-from ._spec import Algorithm, Hyper, betas, flag, fma, nonneg
+from ._spec import Algorithm, Hyper, betas, flag, fma, nonneg, rule_helper
 
 
 class Scalars(NamedTuple):
@@ -29,8 +29,12 @@ class Scalars(NamedTuple):
     eps: float
 
 
-def rule(p: Any, s1: Any, s2: Any, s3: Any, i: int, g: Any, k: Scalars) -> None:
-    """Adam/AdamW: ``s1`` = exp_avg, ``s2`` = exp_avg_sq, ``s3`` = max_exp_avg_sq."""
+@rule_helper
+def moments(p: Any, s1: Any, s2: Any, s3: Any, i: int, g: Any, k: Any) -> Any:
+    """The Adam family's first lines (Adam, AdamW, NAdam, RAdam): the sign, the weight decay (L2 or
+    decoupled), then both moments, stored.  Returns ``(g, x, m, v)``: the gradient after maximize
+    and L2, the parameter after decoupled decay, the new ``exp_avg`` and ``exp_avg_sq``.  ``k``
+    has the fields used here (each family member's Scalars declares them)."""
     if k.maximize:
         g = -g
     x = p[i]
@@ -47,6 +51,12 @@ def rule(p: Any, s1: Any, s2: Any, s3: Any, i: int, g: Any, k: Scalars) -> None:
     s1[i] = m
     v = s2[i] * k.beta2 + (k.one_minus_beta2 * g) * g
     s2[i] = v
+    return g, x, m, v
+
+
+def rule(p: Any, s1: Any, s2: Any, s3: Any, i: int, g: Any, k: Scalars) -> None:
+    """Adam/AdamW: ``s1`` = exp_avg, ``s2`` = exp_avg_sq, ``s3`` = max_exp_avg_sq."""
+    g, x, m, v = moments(p, s1, s2, s3, i, g, k)
     if k.amsgrad:
         vmax = s3[i]
         if v > vmax or v != v:      # torch.maximum: NaN from either side wins

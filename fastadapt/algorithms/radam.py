@@ -10,7 +10,8 @@ from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
-from ._spec import Algorithm, Hyper, betas, flag, fma, nonneg
+from .adam import moments
+from ._spec import Algorithm, Hyper, betas, flag, nonneg
 
 
 class Scalars(NamedTuple):
@@ -33,22 +34,7 @@ class Scalars(NamedTuple):
 
 def rule(p: Any, s1: Any, s2: Any, s3: Any, i: int, g: Any, k: Scalars) -> None:
     """RAdam: ``s1`` = exp_avg, ``s2`` = exp_avg_sq."""
-    if k.maximize:
-        g = -g
-    x = p[i]
-    if k.weight_decay != 0:
-        if k.decoupled:
-            x = x * k.decay_factor
-        else:
-            g = fma(k.weight_decay, x, g)               # torch: g.add(p, alpha=wd), one rounding
-    m = s1[i]
-    if k.one_minus_beta1 < 0.5:                                # lerp(m, g, 1 - beta1)
-        m = m + k.one_minus_beta1 * (g - m)
-    else:
-        m = g - (g - m) * k.lerp_one_minus_w
-    s1[i] = m
-    v = s2[i] * k.beta2 + (k.one_minus_beta2 * g) * g
-    s2[i] = v
+    g, x, m, v = moments(p, s1, s2, s3, i, g, k)      # the Adam family's common lines
     step = (m / k.bias_correction1) * k.lr
     if k.rectify:
         adaptive = (k.one / (math.sqrt(v) + k.eps)) * k.bc2_sqrt

@@ -5,6 +5,7 @@ No table of known rules: any plain-Python rule (or scalar helper such as
 """
 
 import hashlib
+import inspect
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ from numba.extending import intrinsic, overload
 
 from .. import config
 from ..algorithms import fma
+from ..algorithms._spec import RULE_HELPERS
 
 __all__ = ["compiled", "direct", "type_key"]
 
@@ -51,8 +53,8 @@ def _compile_rule(fn: Any) -> Any:
     loop's signature, and numba's on-disk cache can only find a cached loop again if
     the rule dispatcher unpickles to the same object in a new process.  Numba
     identifies a dispatcher across pickling by its uuid, random by default; here it
-    is derived from the rule's module, name and bytecode, which makes the cache work
-    across processes and invalidates it whenever a rule changes.
+    is derived from the rule's module, name and bytecode (and the rule helpers' bytecode), which
+    makes the cache work across processes and invalidates it whenever a rule or a helper changes.
     """
     # forceinline: LLVM's cost model declines to inline the larger rules (RMSprop) and
     # left a call per element.  cache=False: the loops that inline a rule are cached
@@ -60,8 +62,8 @@ def _compile_rule(fn: Any) -> Any:
     # keep whatever LLVM attributes it was first compiled with (its cache key is its
     # bytecode only).
     dispatcher = njit(inline="always", forceinline=True, **dict(_OPTS, cache=False))(fn)
-    code = fn.__code__
-    digest = hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(c.co_code + repr(c.co_consts).encode()
+                                     for c in [fn.__code__] + [h.__code__ for h in RULE_HELPERS])).hexdigest()[:16]
     dispatcher._set_uuid(f"fastadapt.cpu.{fn.__module__}.{fn.__qualname__}.{digest}")
     return dispatcher
 
@@ -75,6 +77,19 @@ def compiled(fn: Any) -> Any:
     if d is None:
         d = _COMPILED[fn] = _compile_rule(fn)
     return d
+
+
+def _compile_helper(helper: Any) -> None:
+    """Rules call ``helper`` (:func:`fastadapt.algorithms.rule_helper`): numba compiles it inline."""
+    def typer(*args: Any) -> Any:
+        return helper
+
+    typer.__signature__ = inspect.signature(helper)   # type: ignore[attr-defined]  # numba compares them
+    overload(helper, inline="always")(typer)
+
+
+for _helper in RULE_HELPERS:
+    _compile_helper(_helper)
 
 
 # --------------------------------------------------------------------------- calling compiled loops

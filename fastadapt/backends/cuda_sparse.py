@@ -46,6 +46,7 @@ from typing import Any, Tuple
 import numpy as np
 
 from ..algorithms import decay_factor, fma, scale_slots
+from ..algorithms._spec import RULE_HELPERS
 from .cuda_arrays import (SIMULATOR, _context_of, _fill, _shape, _stream_of, as_device_array, cuda, device_of,
                           launch_dims)
 
@@ -58,11 +59,24 @@ def _fma_cuda(a: Any, b: Any, c: Any) -> Any:
 
 
 if not SIMULATOR:
+    import inspect
+
     from numba.core.extending import overload as _overload
 
     @_overload(fma, target="cuda")
     def _fma_cuda_overload(a, b, c):
         return _fma_cuda
+
+    def _device_helper(helper):
+        """Rules call ``helper`` (:func:`fastadapt.algorithms.rule_helper`): compiled as device code."""
+        def typer(*args):
+            return helper
+
+        typer.__signature__ = inspect.signature(helper)   # numba compares the two signatures
+        _overload(helper, target="cuda", inline="always")(typer)
+
+    for _helper in RULE_HELPERS:
+        _device_helper(_helper)
 
 __all__ = ["CUDASparseKernels", "KERNELS", "ROW_LANES", "row_lanes", "scan_csr", "scan_rows", "to_host",
            "upload"]
