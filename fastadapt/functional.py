@@ -70,6 +70,54 @@ def _host_arrays(param, grad, buffers):
     return backend, dtype, flats[1], [f if f is not None else dummy for f in slots]
 
 
+_CPU: list = []
+_DUMMIES: dict = {}
+_PLAIN: dict = {}       # numba fingerprint of (param, grad, s1, s2, s3) -> all C-contiguous, p and slots writeable
+
+
+def _cpu():
+    """:mod:`fastadapt.backends.cpu`, imported on first use (it imports numba)."""
+    if not _CPU:
+        from .backends import cpu
+        _CPU.append(cpu)
+    return _CPU[0]
+
+
+def _plain_arrays(param, grad, buffers):
+    """The common case, checked in bulk: ``(p, g, s1, s2, s3, fingerprint)`` when ``param``, ``grad``
+    and the used buffers are numpy arrays (not subclasses) of one dtype object and one shape, and
+    numba's fingerprint of them says C-contiguous, with ``param`` and the buffers writeable; else
+    None.  What is left -- alignment and shared memory -- the compiled loop checks
+    (:func:`fastadapt.backends.cpu.dense_step_checked`)."""
+    if type(param) is not np.ndarray or type(grad) is not np.ndarray:
+        return None
+    dtype, shape = param.dtype, param.shape
+    if grad.dtype is not dtype or grad.shape != shape:
+        return None
+    out = [param, grad]
+    for _, buf in buffers:
+        if buf is None:
+            dummy = _DUMMIES.get(dtype)
+            if dummy is None:
+                if dtype.char not in "fd":
+                    return None
+                dummy = _DUMMIES[dtype] = unused_slot(backend_for(param), param)
+            out.append(dummy)
+        elif type(buf) is not np.ndarray or buf.dtype is not dtype or buf.shape != shape:
+            return None
+        else:
+            out.append(buf)
+    fp = _cpu().fingerprint(tuple(out))
+    plain = _PLAIN.get(fp)
+    if plain is None:
+        plain = _PLAIN[fp] = (dtype.char in "fd" and all(a.flags.c_contiguous for a in out)
+                              and param.flags.writeable and all(a.flags.writeable for a in out[2:]))
+    if not plain:
+        return None
+    out.append(fp)
+    return out
+
+
 def _check_arrays(param, grad, buffers):
     """Check the arrays of one update; returns (backend, numpy dtype, flat gradient, [s1, s2, s3]).
 
@@ -155,7 +203,11 @@ def _update(spec, param, grad, buffers, step, values, carried):
             slot_arrays.append((spec.arg_of[n], buf))
         else:
             slot_arrays.append((n or "unused", None))
-    backend, dtype, g, (s1, s2, s3) = _check_arrays(param, grad, slot_arrays)
+    plain = _plain_arrays(param, grad, slot_arrays)
+    if plain is not None:
+        dtype = param.dtype
+    else:
+        backend, dtype, g, (s1, s2, s3) = _check_arrays(param, grad, slot_arrays)
     carry = {}
     for (name, _), value in zip(alg.carry, carried):
         check_number(name, value)
@@ -163,6 +215,11 @@ def _update(spec, param, grad, buffers, step, values, carried):
     if alg.advance is not None:
         carry = dict(carry, **alg.advance(step, h, carry))
     k = alg.scalars(dtype, step, h, carry)
+    if plain is not None:
+        cpu = _cpu()
+        if cpu.dense_step_checked(cpu.compiled(alg.rule), *plain[:5], k, plain[5]):
+            return carry if alg.carry else None
+        backend, dtype, g, (s1, s2, s3) = _check_arrays(param, grad, slot_arrays)   # names the problem
     backend.dense_step(alg.rule, backend.flat(param), g, s1, s2, s3, k)
     return carry if alg.carry else None
 

@@ -123,8 +123,10 @@ def test_cli_output(capsys):
     for name in ("AdaGrad", "RMSprop", "Adam"):
         row = [line for line in out.splitlines() if line.startswith(name + " ")]
         assert len(row) == 1, name
-        final_loss, distance, steps = row[0].split()[1:4]
-        assert float(final_loss) > 0 and float(distance) > 0 and steps == "96" and row[0].endswith("ms")
+        final_loss, distance, steps, time, share, per_step = row[0].split()[1:7]
+        assert float(final_loss) > 0 and float(distance) > 0 and steps == "96" and time.endswith("ms")
+        assert share.endswith("%") and 0 <= float(share[:-1]) <= 100 and per_step.endswith("us")
+    assert "against the same loop with an update that does nothing" in out
     assert "alpha=0.9" in out and "eps=1e-8" in out and "beta=0.9" in out
     assert "Notes" in out
     assert "restarted the step counter at every epoch" in out and "t = 1..96" in out

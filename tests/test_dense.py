@@ -148,17 +148,19 @@ def test_shapes_and_loops(case, shape, dtype, loop, monkeypatch):
 
 @pytest.mark.parametrize("size,expected", [(7, "serial"), (15, "serial"), (16, "parallel"), (33, "parallel")])
 def test_threshold_picks_the_loop(size, expected, monkeypatch):
-    """The loop choice follows config.PARALLEL_THRESHOLD, read at every step."""
+    """The loop choice follows config.PARALLEL_THRESHOLD, read at every step (the first step runs
+    the one-tensor loops, the next the steady-state plan's many-tensor loops)."""
     monkeypatch.setattr(config, "PARALLEL_THRESHOLD", SMALL_THRESHOLD)
     calls = []
-    for loop in ("serial", "parallel"):
-        real = getattr(cpu, f"_dense_{loop}")
+    for kind in ("dense", "many"):
+        for loop in ("serial", "parallel"):
+            real = getattr(cpu, f"_{kind}_{loop}")
 
-        def spy(*args, _real=real, _loop=loop):
-            calls.append(_loop)
-            return _real(*args)
+            def spy(*args, _real=real, _loop=loop):
+                calls.append(_loop)
+                return _real(*args)
 
-        monkeypatch.setattr(cpu, f"_dense_{loop}", spy)
+            monkeypatch.setattr(cpu, f"_{kind}_{loop}", spy)
     p0, grads = problem((size,), np.float64, 2)
     run_pair(CASES["Adam"], p0, grads, {})
     assert calls == [expected, expected]

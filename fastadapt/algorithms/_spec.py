@@ -47,7 +47,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
-__all__ = ["Algorithm", "Hyper", "Decay", "LAZY", "FUSED", "fma", "rule_helper", "RULE_HELPERS", "scale_slots", "decay_factor", "short_repr", "MAX_STEP",
+__all__ = ["Algorithm", "Hyper", "Decay", "LAZY", "FUSED", "fma", "scalar_type", "rule_helper", "RULE_HELPERS", "scale_slots", "decay_factor", "short_repr", "MAX_STEP",
            "nonneg", "positive", "below_one", "unit_interval", "flag", "betas", "check_number"]
 
 #: exact mode: a zero gradient changes nothing, so the lazy loop is already exact (O(nnz))
@@ -107,6 +107,22 @@ def fma(a: Any, b: Any, c: Any) -> Any:
     """
     exact = Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c))
     return round_to(exact, type(c))
+
+
+_SCALAR_TYPES: dict = {}
+
+
+def scalar_type(dtype: Any) -> Any:
+    """The type a ``scalars`` function rounds its numbers to for arrays of ``dtype``: ``float`` for
+    float64 (the same IEEE double as ``np.float64``, and numba types both as float64, but built
+    several times faster), ``np.float32`` for float32."""
+    t = _SCALAR_TYPES.get(dtype)
+    if t is None:
+        t = np.dtype(dtype).type
+        if t is np.float64:
+            t = float
+        _SCALAR_TYPES[dtype] = t
+    return t
 
 
 def round_to(x: Fraction, dtype: Any) -> Any:

@@ -7,9 +7,8 @@ and lr (default 1.0) scales the step, as in torch.
 import math
 from typing import Any, Mapping, NamedTuple
 
-import numpy as np
 
-from ._spec import FUSED, Algorithm, Decay, ExactPlan, Hyper, flag, fma, nonneg, unit_interval
+from ._spec import Algorithm, Decay, ExactPlan, FUSED, Hyper, flag, fma, nonneg, scalar_type, unit_interval
 
 
 class Scalars(NamedTuple):
@@ -37,7 +36,7 @@ def rule(p: Any, s1: Any, s2: Any, s3: Any, i: int, g: Any, k: Scalars) -> None:
 
 
 def scalars(dtype: Any, step: int, h: Mapping[str, Any], carry: Mapping[str, float]) -> Scalars:
-    dt = np.dtype(dtype).type
+    dt = scalar_type(dtype)
     return Scalars(bool(h["maximize"]), dt(h["weight_decay"]), dt(h["rho"]), dt(1 - h["rho"]),
                    dt(h["eps"]), dt(-h["lr"]))
 

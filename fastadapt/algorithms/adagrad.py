@@ -8,9 +8,8 @@ per-group one).
 import math
 from typing import Any, Mapping, NamedTuple
 
-import numpy as np
 
-from ._spec import FUSED, LAZY, Algorithm, ExactPlan, Hyper, flag, fma, nonneg
+from ._spec import Algorithm, ExactPlan, FUSED, Hyper, LAZY, flag, fma, nonneg, scalar_type
 
 
 class Scalars(NamedTuple):
@@ -33,7 +32,7 @@ def rule(p: Any, s1: Any, s2: Any, s3: Any, i: int, g: Any, k: Scalars) -> None:
 
 
 def scalars(dtype: Any, step: int, h: Mapping[str, Any], carry: Mapping[str, float]) -> Scalars:
-    dt = np.dtype(dtype).type
+    dt = scalar_type(dtype)
     clr = h["lr"] / (1 + (step - 1) * h["lr_decay"])
     return Scalars(bool(h["maximize"]), dt(h["weight_decay"]), dt(-clr), dt(h["eps"]))
 

@@ -9,9 +9,8 @@ amsgrad).  Epsilon is added after the bias-corrected square root (Algorithm 1), 
 import math
 from typing import Any, Mapping, NamedTuple, Tuple
 
-import numpy as np
 
-from ._spec import Algorithm, Hyper, betas, flag, fma, nonneg, rule_helper
+from ._spec import Algorithm, Hyper, betas, flag, fma, nonneg, rule_helper, scalar_type
 
 
 class Scalars(NamedTuple):
@@ -69,7 +68,7 @@ def rule(p: Any, s1: Any, s2: Any, s3: Any, i: int, g: Any, k: Scalars) -> None:
 
 
 def scalars(dtype: Any, step: int, h: Mapping[str, Any], carry: Mapping[str, float]) -> Scalars:
-    dt = np.dtype(dtype).type
+    dt = scalar_type(dtype)
     lr, wd = h["lr"], h["weight_decay"]
     beta1, beta2 = float(h["betas"][0]), float(h["betas"][1])
     t = float(step)

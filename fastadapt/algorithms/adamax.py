@@ -6,9 +6,8 @@ State: ``exp_avg`` (slot 1), ``exp_inf`` (slot 2).  eps is inside the maximum,
 
 from typing import Any, Mapping, NamedTuple
 
-import numpy as np
 
-from ._spec import Algorithm, Hyper, betas, flag, fma, nonneg
+from ._spec import Algorithm, Hyper, betas, flag, fma, nonneg, scalar_type
 
 
 class Scalars(NamedTuple):
@@ -43,7 +42,7 @@ def rule(p: Any, s1: Any, s2: Any, s3: Any, i: int, g: Any, k: Scalars) -> None:
 
 
 def scalars(dtype: Any, step: int, h: Mapping[str, Any], carry: Mapping[str, float]) -> Scalars:
-    dt = np.dtype(dtype).type
+    dt = scalar_type(dtype)
     beta1, beta2 = float(h["betas"][0]), float(h["betas"][1])
     clr = h["lr"] / (1 - beta1 ** float(step))
     w = dt(1 - beta1)

@@ -11,7 +11,7 @@ from typing import Any, Dict, Mapping, NamedTuple
 import numpy as np
 
 from .adam import moments
-from ._spec import Algorithm, Hyper, betas, flag, nonneg
+from ._spec import Algorithm, Hyper, betas, flag, nonneg, scalar_type
 
 
 class Scalars(NamedTuple):
@@ -48,7 +48,7 @@ def advance(step: int, h: Mapping[str, Any], carry: Mapping[str, float]) -> Dict
 
 
 def scalars(dtype: Any, step: int, h: Mapping[str, Any], carry: Mapping[str, float]) -> Scalars:
-    dt = np.dtype(dtype).type
+    dt = scalar_type(dtype)
     lr, wd = h["lr"], h["weight_decay"]
     beta1, beta2 = float(h["betas"][0]), float(h["betas"][1])
     t = float(step)

@@ -8,10 +8,9 @@ before that the step is the bias-corrected momentum alone.
 import math
 from typing import Any, Mapping, NamedTuple
 
-import numpy as np
 
 from .adam import moments
-from ._spec import Algorithm, Hyper, betas, flag, nonneg
+from ._spec import Algorithm, Hyper, betas, flag, nonneg, scalar_type
 
 
 class Scalars(NamedTuple):
@@ -43,7 +42,7 @@ def rule(p: Any, s1: Any, s2: Any, s3: Any, i: int, g: Any, k: Scalars) -> None:
 
 
 def scalars(dtype: Any, step: int, h: Mapping[str, Any], carry: Mapping[str, float]) -> Scalars:
-    dt = np.dtype(dtype).type
+    dt = scalar_type(dtype)
     lr, wd = h["lr"], h["weight_decay"]
     beta1, beta2 = float(h["betas"][0]), float(h["betas"][1])
     t = float(step)

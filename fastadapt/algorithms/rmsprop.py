@@ -8,9 +8,8 @@ rounding make it negative and returns NaN).
 import math
 from typing import Any, Mapping, NamedTuple, Tuple
 
-import numpy as np
 
-from ._spec import FUSED, Algorithm, Decay, ExactPlan, Hyper, flag, fma, nonneg
+from ._spec import Algorithm, Decay, ExactPlan, FUSED, Hyper, flag, fma, nonneg, scalar_type
 
 
 class Scalars(NamedTuple):
@@ -59,7 +58,7 @@ def rule(p: Any, s1: Any, s2: Any, s3: Any, i: int, g: Any, k: Scalars) -> None:
 
 
 def scalars(dtype: Any, step: int, h: Mapping[str, Any], carry: Mapping[str, float]) -> Scalars:
-    dt = np.dtype(dtype).type
+    dt = scalar_type(dtype)
     one_minus_alpha = dt(1 - h["alpha"])
     return Scalars(bool(h["maximize"]), bool(h["centered"]), bool(h["momentum"] > 0),
                    dt(h["weight_decay"]), dt(h["alpha"]), one_minus_alpha, dt(1) - one_minus_alpha,

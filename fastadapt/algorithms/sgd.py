@@ -8,9 +8,8 @@ on later needs is created with zeros and follows the general recurrence (see the
 import math
 from typing import Any, Mapping, NamedTuple, Tuple
 
-import numpy as np
 
-from ._spec import FUSED, LAZY, Algorithm, ExactPlan, Hyper, check_number, flag, fma, nonneg
+from ._spec import Algorithm, ExactPlan, FUSED, Hyper, LAZY, check_number, flag, fma, nonneg, scalar_type
 
 
 class Scalars(NamedTuple):
@@ -45,7 +44,7 @@ def rule(p: Any, s1: Any, s2: Any, s3: Any, i: int, g: Any, k: Scalars) -> None:
 
 
 def scalars(dtype: Any, step: int, h: Mapping[str, Any], carry: Mapping[str, float]) -> Scalars:
-    dt = np.dtype(dtype).type
+    dt = scalar_type(dtype)
     return Scalars(bool(h["maximize"]), bool(h["momentum"] != 0), step == 1, bool(h["nesterov"]),
                    dt(h["weight_decay"]), dt(h["momentum"]), dt(1 - h["dampening"]), dt(-h["lr"]))
 

@@ -8,9 +8,8 @@ step count advances at every step, also when a gradient is empty.  Epsilon in th
 import math
 from typing import Any, Mapping, NamedTuple
 
-import numpy as np
 
-from ._spec import Algorithm, Hyper, betas, flag, positive
+from ._spec import Algorithm, Hyper, betas, flag, positive, scalar_type
 
 
 class Scalars(NamedTuple):
@@ -37,7 +36,7 @@ def rule(p: Any, s1: Any, s2: Any, s3: Any, i: int, g: Any, k: Scalars) -> None:
 
 
 def scalars(dtype: Any, step: int, h: Mapping[str, Any], carry: Mapping[str, float]) -> Scalars:
-    dt = np.dtype(dtype).type
+    dt = scalar_type(dtype)
     beta1, beta2 = float(h["betas"][0]), float(h["betas"][1])
     t = float(step)
     bias_correction1 = 1 - beta1 ** t

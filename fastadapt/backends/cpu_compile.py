@@ -97,7 +97,7 @@ for _helper in RULE_HELPERS:
 _ENTRIES: dict = {}
 
 
-def direct(loop: Any, key: Any, *args: Any) -> None:
+def direct(loop: Any, key: Any, *args: Any) -> Any:
     """Run the compiled ``loop`` on ``args``, calling its specialisation directly after the first time.
 
     numba's dispatcher types every argument at every call to pick a specialisation; a rule
@@ -105,15 +105,16 @@ def direct(loop: Any, key: Any, *args: Any) -> None:
     20 us through the dispatcher, 1.8 us through the entry point, for a 10-element Adam step).
     ``key`` must determine the numba type of every argument (the rule, the dtype, the arrays'
     alignment and writeability); the entry point found for it is kept and called from then on.
+    Returns what the loop returns.
     """
     entry = _ENTRIES.get((loop, key))
     if entry is not None:
-        entry(*args)
-        return
-    loop(*args)                                           # compiles (or loads) and runs
+        return entry(*args)
+    result = loop(*args)                                  # compiles (or loads) and runs
     overloads = getattr(loop, "overloads", None)          # (a test may have put a plain function there)
     if overloads is not None:
         _ENTRIES[(loop, key)] = overloads[tuple(loop.typeof_pyval(a) for a in args)].entry_point
+    return result
 
 
 def type_key(args: Any) -> tuple:

@@ -43,6 +43,17 @@ def _many():
     return _MANY[0]
 
 
+_STEADY: list = []
+
+
+def _steady():
+    """:mod:`fastadapt.optim.steady`, imported on first use (as :func:`_many`)."""
+    if not _STEADY:
+        from . import steady
+        _STEADY.append(steady)
+    return _STEADY[0]
+
+
 _NO_CARRY: dict = {}
 
 #: value types a group's validation may be cached for (see Optimizer._checked)
@@ -105,6 +116,7 @@ class Optimizer:
         self._group_cache = {}     # id(group) -> (its values when last checked, buffer names)
         self._flats = {}           # id(state dict) -> (names, flat, buffers, their flat views)
         self._lock = threading.Lock()
+        self._plan = None          # the steady-state plan (fastadapt.optim.steady), once a step made one
         if isinstance(params, np.ndarray) or is_device_array(params):
             raise TypeError("params must be a list of arrays or of param-group dicts, not an array "
                             f"itself: write {type(self).__name__}([w]) rather than "
@@ -188,6 +200,7 @@ class Optimizer:
             raise ValueError("all parameters of one optimizer must live on the same device "
                              f"(found {sorted(backends)}); use one optimizer per device")
         self._check_overlaps(self._spans + new_spans)
+        self._plan = None
         group["params"] = params
         self.param_groups.append(group)
         self._group_sizes.append(len(params))
@@ -280,6 +293,12 @@ class Optimizer:
         if not self._lock.acquire(blocking=False):
             raise RuntimeError(f"step() called while this optimizer {_BUSY}")
         try:
+            plan = self._plan
+            if plan:
+                done = plan.run(self, grads)         # True: applied; else nothing was written
+                if done:
+                    return True
+            self._plan = None                        # the general path may change what a plan holds
             work = self._prepare(grads)
             if self.nonfinite != "propagate":
                 bad = [j for (j, _, _, _, g) in work if not g.all_finite()]
@@ -291,6 +310,9 @@ class Optimizer:
                     self.skipped_steps += 1
                     return False
             self._apply_work(work)
+            if len(work) == len(self._params) and all(type(w[4]) is DenseGrad and w[4].address is not None
+                                                      for w in work):
+                self._plan = _steady().build(self, work)     # the next steps may run the plan
             return True
         finally:
             self._lock.release()
@@ -567,6 +589,7 @@ class Optimizer:
                                      f"{arr.dtype}, the parameter has {tuple(p.shape)} and {p_dtype}")
         # everything checked: now write
         self._flats.clear()                     # (it would keep the replaced buffers alive)
+        self._plan = None
         for j in range(len(self._params)):
             self._read_state(j)        # settle anything pending before it is replaced
         for group, mine in zip(new_groups, self.param_groups):
