@@ -47,6 +47,7 @@ from typing import NamedTuple, Tuple
 
 import numpy as np
 from numba import njit, prange, types
+from llvmlite import ir
 from numba.extending import intrinsic
 
 from .. import config
@@ -101,6 +102,22 @@ def _bits_f32(typingctx, b):
     return types.float32(b), codegen
 
 
+@intrinsic
+def _absmax_bits(typingctx, m, x):
+    """``max(m, |bits(x)| )`` in uint32 (an i32 reduction vectorises 8 wide; numba would widen
+    it to 64 bits).  ``|bits|`` orders as the magnitudes, NaNs above inf."""
+    if not (m == types.uint32 and x == types.float32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        mv, xv = args
+        i32 = ir.IntType(32)
+        a = builder.and_(builder.bitcast(xv, i32), i32(0x7FFFFFFF))
+        return builder.select(builder.icmp_unsigned(">", a, mv), a, mv)
+
+    return types.uint32(m, x), codegen
+
+
 # --------------------------------------------------------------------------- the hash
 @njit(inline="always", **_OPTS)
 def fmix32(h):
@@ -133,13 +150,37 @@ def sr_key(seed, step):
     return fmix32(s ^ fmix32((t + _GOLDEN) & _M32))
 
 
-@njit(inline="always", **_OPTS)
-def _sr_hash(key, index):
-    """16 random bits for element ``index`` under ``key`` (see :func:`sr_bits`)."""
-    i = np.uint64(index)
-    h = ((i & _M32) * _GOLDEN) & _M32
-    h ^= ((i >> np.uint64(32)) * _HI_MUL) & _M32
-    return fmix32(h ^ key) >> _U16
+def _ir_fmix32(builder, h):
+    """fmix32 in LLVM i32 arithmetic (products wrap modulo 2**32)."""
+    i32 = h.type
+    h = builder.xor(h, builder.lshr(h, i32(16)))
+    h = builder.mul(h, i32(0x85EBCA6B))
+    h = builder.xor(h, builder.lshr(h, i32(13)))
+    h = builder.mul(h, i32(0xC2B2AE35))
+    return builder.xor(h, builder.lshr(h, i32(16)))
+
+
+@intrinsic
+def _sr_hash(typingctx, key, index):
+    """``fmix32(lo(index) * 0x9e3779b9 ^ hi(index) * 0x27d4eb2f ^ key) >> 16`` (see
+    :func:`sr_bits`), in i32 arithmetic: numba would widen uint32 products to 64 bits, and
+    64-bit vector multiplies cost three times as much."""
+    if not (isinstance(key, types.Integer) and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        k, i = args
+        i32 = ir.IntType(32)
+        i64 = ir.IntType(64)
+        k = builder.trunc(k, i32) if k.type.width > 32 else builder.zext(k, i32) if k.type.width < 32 else k
+        i = builder.zext(i, i64) if i.type.width < 64 else i
+        lo = builder.trunc(i, i32)
+        hi = builder.trunc(builder.lshr(i, i64(32)), i32)
+        h = builder.xor(builder.mul(lo, i32(0x9E3779B9)), builder.mul(hi, i32(0x27D4EB2F)))
+        h = _ir_fmix32(builder, builder.xor(h, k))
+        return builder.lshr(h, i32(16))
+
+    return types.uint32(key, index), codegen
 
 
 @njit(inline="always", **_OPTS)
@@ -173,16 +214,29 @@ def bf16_decode_block(codes, start, n, out):
         out[j] = _bits_f32(np.uint32(c[j]) << np.uint32(16))
 
 
-@njit(inline="always", **_OPTS)
-def _bf16_round(b, r):
-    """bfloat16 bits of the float32 bits ``b`` (uint) plus rounding increment ``r``."""
-    a = b & np.uint64(0x7FFFFFFF)
-    # a finite value above the largest bfloat16 rounds to nearest (never to inf stochastically)
-    rne = np.uint64(0x7FFF) + ((b >> _U16) & np.uint64(1))
-    r = rne if a > np.uint64(0x7F7F0000) else r
-    h = (b + r) >> _U16
-    # NaN: truncate, force the quiet bit so that the mantissa stays non-zero
-    return ((b >> _U16) | np.uint64(0x40)) if a > np.uint64(0x7F800000) else h
+@intrinsic
+def _bf16_round(typingctx, x, r, nearest):
+    """bfloat16 bits (uint16) of float32 ``x`` rounded with increment ``r`` (uint32 < 2**16),
+    or to nearest even where ``nearest`` (a compile-time-foldable bool) or ``|x|`` exceeds the
+    largest finite bfloat16; NaN: truncated with the quiet bit forced.  i32 arithmetic."""
+    if not (x == types.float32 and isinstance(r, types.Integer) and isinstance(nearest, types.Boolean)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        xv, rv, nv = args
+        i32 = ir.IntType(32)
+        rv = builder.trunc(rv, i32) if rv.type.width > 32 else builder.zext(rv, i32) if rv.type.width < 32 else rv
+        b = builder.bitcast(xv, i32)
+        a = builder.and_(b, i32(0x7FFFFFFF))
+        hi = builder.lshr(b, i32(16))
+        rne = builder.add(i32(0x7FFF), builder.and_(hi, i32(1)))
+        use_rne = builder.or_(builder.trunc(nv, ir.IntType(1)) if nv.type.width > 1 else nv,
+                              builder.icmp_unsigned(">", a, i32(0x7F7F0000)))
+        h = builder.lshr(builder.add(b, builder.select(use_rne, rne, rv)), i32(16))
+        h = builder.select(builder.icmp_unsigned(">", a, i32(0x7F800000)), builder.or_(hi, i32(0x40)), h)
+        return builder.trunc(h, ir.IntType(16))
+
+    return types.uint16(x, r, nearest), codegen
 
 
 @njit(inline="always", **_OPTS)
@@ -208,14 +262,12 @@ def bf16_encode_block(src, codes, start, n, seed, step, nearest):
     c = codes[start:start + n]
     if nearest:
         for j in range(n):
-            b = np.uint64(_f32_bits(np.float32(src[j])))
-            c[j] = _bf16_round(b, np.uint64(0x7FFF) + ((b >> _U16) & np.uint64(1)))
+            c[j] = _bf16_round(np.float32(src[j]), np.uint32(0), True)
     else:
-        key = sr_key(seed, step)
+        key = np.uint32(sr_key(seed, step))
         base = np.uint64(start)
         for j in range(n):
-            b = np.uint64(_f32_bits(np.float32(src[j])))
-            c[j] = _bf16_round(b, _sr_hash(key, base + np.uint64(j)))
+            c[j] = _bf16_round(np.float32(src[j]), _sr_hash(key, base + np.uint64(j)), False)
 
 
 # --------------------------------------------------------------------------- int8 maps and tables
@@ -360,17 +412,32 @@ def q8_tables(signed: bool) -> Q8Tables:
 
 
 # --------------------------------------------------------------------------- int8 blocks
-@njit(inline="always", **_OPTS)
-def _q8_code(y, lut):
-    """Exact nearest code of float32 ``y`` in [-1, 1] (see :func:`_build_tables`)."""
-    b = _f32_bits(y)
-    a = b & np.uint32(0x7FFFFFFF)
-    a = min(max(a, np.uint32(_A_LO)), np.uint32(_A_HI))
-    neg = b >> np.uint32(31)
-    cell = np.uint32((a >> np.uint32(_SHIFT)) - np.uint32(_CELL_LO)) + neg * np.uint32(_HALF)
-    e = lut[np.uint32(cell)]
-    key = (a & np.uint32(0xFFFF)) ^ (neg * np.uint32(0xFFFF))
-    return np.uint8((e & np.uint32(0xFF)) + np.uint32(key > (e >> np.uint32(8))))
+@intrinsic
+def _q8_code(typingctx, y, lut):
+    """Exact nearest code of float32 ``y`` in [-1, 1] (see :func:`_build_tables`):
+    ``e = lut[cell(y)]; code = (e & 0xff) + (key(y) > e >> 8)``, all in i32 arithmetic with a
+    32-bit table index (so that the vectorised lookup is a dword gather)."""
+    if not (y == types.float32 and isinstance(lut, types.Array) and lut.dtype == types.uint32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        yv, arr = args
+        i32 = ir.IntType(32)
+        data = context.make_array(signature.args[1])(context, builder, arr).data
+        b = builder.bitcast(yv, i32)
+        a = builder.and_(b, i32(0x7FFFFFFF))
+        a = builder.select(builder.icmp_unsigned("<", a, i32(_A_LO)), i32(_A_LO), a)
+        a = builder.select(builder.icmp_unsigned(">", a, i32(_A_HI)), i32(_A_HI), a)
+        neg = builder.lshr(b, i32(31))
+        cell = builder.add(builder.sub(builder.lshr(a, i32(_SHIFT)), i32(_CELL_LO)),
+                           builder.mul(neg, i32(_HALF)))
+        # sext, not zext (cell < 2**31): a sign-extended i32 index vectorises as a dword gather
+        e = builder.load(builder.gep(data, [cell], inbounds=True))
+        key = builder.xor(builder.and_(a, i32(0xFFFF)), builder.mul(neg, i32(0xFFFF)))
+        up = builder.zext(builder.icmp_unsigned(">", key, builder.lshr(e, i32(8))), i32)
+        return builder.trunc(builder.add(builder.and_(e, i32(0xFF)), up), ir.IntType(8))
+
+    return types.uint8(y, lut), codegen
 
 
 @njit(inline="always", **_OPTS)
@@ -436,7 +503,7 @@ def q8_encode_block(src, codes, scales, block, start, n, signed):
     c = codes[start:start + n]
     m = np.uint32(0)
     for j in range(n):
-        m = max(m, _f32_bits(np.float32(src[j])) & np.uint32(0x7FFFFFFF))
+        m = _absmax_bits(m, np.float32(src[j]))
     if m == 0 or m >= np.uint32(0x7F800000):
         zero = _ZERO_S if signed else _ZERO_U
         scales[block] = np.float32(0.0) if m == 0 else np.float32(np.nan)
