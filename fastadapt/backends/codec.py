@@ -161,26 +161,35 @@ def _ir_fmix32(builder, h):
 
 
 @intrinsic
-def _sr_hash(typingctx, key, index):
-    """``fmix32(lo(index) * 0x9e3779b9 ^ hi(index) * 0x27d4eb2f ^ key) >> 16`` (see
-    :func:`sr_bits`), in i32 arithmetic: numba would widen uint32 products to 64 bits, and
-    64-bit vector multiplies cost three times as much."""
-    if not (isinstance(key, types.Integer) and isinstance(index, types.Integer)):
+def _sr_mix(typingctx, k, index):
+    """``fmix32(lo(index) * 0x9e3779b9 ^ k) >> 16`` in i32 arithmetic (numba would widen
+    uint32 products to 64 bits; 64-bit vector multiplies cost three times as much).  Only the
+    low 32 bits of ``index`` are used, so a loop's index vector stays 32 bits wide."""
+    if not (isinstance(k, types.Integer) and isinstance(index, types.Integer)):
         return None
 
     def codegen(context, builder, signature, args):
-        k, i = args
+        kv, i = args
         i32 = ir.IntType(32)
-        i64 = ir.IntType(64)
-        k = builder.trunc(k, i32) if k.type.width > 32 else builder.zext(k, i32) if k.type.width < 32 else k
-        i = builder.zext(i, i64) if i.type.width < 64 else i
-        lo = builder.trunc(i, i32)
-        hi = builder.trunc(builder.lshr(i, i64(32)), i32)
-        h = builder.xor(builder.mul(lo, i32(0x9E3779B9)), builder.mul(hi, i32(0x27D4EB2F)))
-        h = _ir_fmix32(builder, builder.xor(h, k))
+        kv = builder.trunc(kv, i32) if kv.type.width > 32 else builder.zext(kv, i32) if kv.type.width < 32 else kv
+        lo = builder.trunc(i, i32) if i.type.width > 32 else builder.zext(i, i32) if i.type.width < 32 else i
+        h = _ir_fmix32(builder, builder.xor(builder.mul(lo, i32(0x9E3779B9)), kv))
         return builder.lshr(h, i32(16))
 
-    return types.uint32(key, index), codegen
+    return types.uint32(k, index), codegen
+
+
+@njit(inline="always", **_OPTS)
+def _sr_key_hi(key, index):
+    """``key ^ hi(index) * 0x27d4eb2f`` (uint32): the part of the hash input that changes only
+    every 2**32 elements."""
+    return np.uint32((np.uint64(key) ^ ((np.uint64(index) >> np.uint64(32)) * _HI_MUL)) & _M32)
+
+
+@njit(inline="always", **_OPTS)
+def _sr_hash(key, index):
+    """16 random bits for element ``index`` under ``key`` (see :func:`sr_bits`)."""
+    return _sr_mix(_sr_key_hi(key, index), index)
 
 
 @njit(inline="always", **_OPTS)
@@ -266,8 +275,13 @@ def bf16_encode_block(src, codes, start, n, seed, step, nearest):
     else:
         key = np.uint32(sr_key(seed, step))
         base = np.uint64(start)
-        for j in range(n):
-            c[j] = _bf16_round(np.float32(src[j]), _sr_hash(key, base + np.uint64(j)), False)
+        if n > 0 and (base >> np.uint64(32)) == ((base + np.uint64(n - 1)) >> np.uint64(32)):
+            kh = _sr_key_hi(key, base)      # the usual case: the block does not cross a 2**32 boundary
+            for j in range(n):
+                c[j] = _bf16_round(np.float32(src[j]), _sr_mix(kh, base + np.uint64(j)), False)
+        else:
+            for j in range(n):
+                c[j] = _bf16_round(np.float32(src[j]), _sr_hash(key, base + np.uint64(j)), False)
 
 
 # --------------------------------------------------------------------------- int8 maps and tables
