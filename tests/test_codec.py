@@ -469,6 +469,19 @@ def test_bf16_stochastic_reproducible_any_threading():
     codes = np.zeros(x.size, np.uint16)
     C._bf16_encode_range(x, codes, 1000, 5000, 7, 3, False)
     np.testing.assert_array_equal(codes[1000:5000], a[1000:5000])
+    # a block whose global indices cross 2**32 (codes at a chunk view's offset 0)
+    from numba import njit
+
+    @njit
+    def enc(src, codes, index0):
+        C.bf16_encode_block(src, codes, 0, src.size, 7, 3, index0, False)
+
+    for index0 in (2 ** 32 - 100, 2 ** 32, 2 ** 40 + 17, 0):
+        got = np.zeros(300, np.uint16)
+        enc(x[:300], got, index0)
+        r = ref_sr_bits(7, 3, np.arange(index0, index0 + 300, dtype=np.uint64))
+        ref = ((x[:300].view(np.uint32).astype(np.uint64) + r) >> np.uint64(16)).astype(np.uint16)
+        np.testing.assert_array_equal(got, ref)
     # reference rounding from the documented bits
     r = ref_sr_bits(7, 3, np.arange(x.size, dtype=np.uint64))
     ref = ((x.view(np.uint32).astype(np.uint64) + r) >> np.uint64(16)).astype(np.uint16)

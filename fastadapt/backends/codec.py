@@ -43,7 +43,7 @@ array-level functions (:func:`bf16_encode`, :func:`bf16_decode`, :func:`q8_encod
 :func:`q8_decode`) serve state_dict export/import and tests.
 """
 
-from typing import NamedTuple, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 import numpy as np
 from numba import njit, prange, types
@@ -249,7 +249,7 @@ def _bf16_round(typingctx, x, r, nearest):
 
 
 @njit(inline="always", **_OPTS)
-def bf16_encode_block(src, codes, start, n, seed, step, nearest):
+def bf16_encode_block(src, codes, start, n, seed, step, index0, nearest):
     """Encode ``src[0:n]`` (float32) into ``codes[start:start + n]`` (bfloat16 bits, uint16).
 
     Parameters
@@ -259,14 +259,17 @@ def bf16_encode_block(src, codes, start, n, seed, step, nearest):
     codes : ndarray of uint16
         Written at ``start .. start + n - 1``.
     start, n : int
-        First code and number of elements; ``start + j`` is element ``j``'s global index for
-        the random bits of stochastic rounding.
+        First code and number of elements.
     seed, step : int
         Non-negative integers keying the random bits (:func:`sr_bits`): pass the optimizer's
         seed and step count, so each step rounds with fresh bits.
+    index0 : int
+        Global index (>= 0) of element 0 for the random bits: element ``j`` gets
+        ``sr_bits(seed, step, index0 + j)``.  Usually the element's index in the whole state
+        buffer (``start`` when ``codes`` is the whole buffer, not a view of a chunk of it).
     nearest : bool
-        True: round to nearest even (``seed`` and ``step`` unused).  False: stochastic
-        rounding, ``bf16(x) = (bits(x) + sr_bits(seed, step, start + j)) >> 16``, unbiased.
+        True: round to nearest even (``seed``, ``step``, ``index0`` unused).  False: stochastic
+        rounding, ``bf16(x) = (bits(x) + sr_bits(seed, step, index0 + j)) >> 16``: unbiased.
     """
     c = codes[start:start + n]
     if nearest:
@@ -274,7 +277,7 @@ def bf16_encode_block(src, codes, start, n, seed, step, nearest):
             c[j] = _bf16_round(np.float32(src[j]), np.uint32(0), True)
     else:
         key = np.uint32(sr_key(seed, step))
-        base = np.uint64(start)
+        base = np.uint64(index0)
         if n > 0 and (base >> np.uint64(32)) == ((base + np.uint64(n - 1)) >> np.uint64(32)):
             kh = _sr_key_hi(key, base)      # the usual case: the block does not cross a 2**32 boundary
             for j in range(n):
@@ -365,7 +368,7 @@ def _exact_midpoints(qmap: np.ndarray) -> np.ndarray:
     return (q[:-1] + q[1:]) / 2.0
 
 
-def nearest_code_reference(y, qmap: np.ndarray) -> np.ndarray:
+def nearest_code_reference(y: Any, qmap: np.ndarray) -> np.ndarray:
     """Exact nearest code of float32 ``y`` (ties to the lower index): the midpoints below ``y``."""
     return np.searchsorted(_exact_midpoints(qmap), np.asarray(y, np.float64), side="left").astype(np.uint8)
 
@@ -582,7 +585,7 @@ def _blocks_per_unit(block: int) -> int:
 
 @njit(**_OPTS)
 def _bf16_encode_range(x, codes, lo, hi, seed, step, nearest):
-    bf16_encode_block(x[lo:hi], codes, lo, hi - lo, seed, step, nearest)
+    bf16_encode_block(x[lo:hi], codes, lo, hi - lo, seed, step, lo, nearest)
 
 
 @njit(parallel=True, **_OPTS)
@@ -637,6 +640,10 @@ def _flat32(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x).reshape(-1)
 
 
+def _use_prange(n: int, parallel: Optional[bool]) -> bool:
+    return n >= config.PARALLEL_THRESHOLD if parallel is None else bool(parallel)
+
+
 def _check_block(block: int) -> int:
     block = int(block)
     if block <= 0:
@@ -645,7 +652,7 @@ def _check_block(block: int) -> int:
 
 
 def bf16_encode(x: np.ndarray, seed: int = 0, step: int = 0, nearest: bool = True,
-                parallel: bool = None) -> np.ndarray:
+                parallel: Optional[bool] = None) -> np.ndarray:
     """Encode float32 values as bfloat16 bit patterns.
 
     Parameters
@@ -670,21 +677,21 @@ def bf16_encode(x: np.ndarray, seed: int = 0, step: int = 0, nearest: bool = Tru
     seed, step, nearest = int(seed), int(step), bool(nearest)
     if seed < 0 or step < 0:
         raise ValueError("seed and step must be non-negative")
-    if parallel if parallel is not None else flat.size >= config.PARALLEL_THRESHOLD:
+    if _use_prange(flat.size, parallel):
         _bf16_encode_parallel(flat, codes, seed, step, nearest, config.PARALLEL_MIN_CHUNK)
     else:
         _bf16_encode_range(flat, codes, 0, flat.size, seed, step, nearest)
     return codes.reshape(np.shape(x))
 
 
-def bf16_decode(codes: np.ndarray, parallel: bool = None) -> np.ndarray:
+def bf16_decode(codes: np.ndarray, parallel: Optional[bool] = None) -> np.ndarray:
     """Decode bfloat16 bit patterns (uint16, any shape) to float32 of the same shape."""
     c = np.asarray(codes)
     if c.dtype != np.uint16:
         raise TypeError(f"expected uint16 codes, got {c.dtype}")
     flat = np.ascontiguousarray(c).reshape(-1)
     out = np.empty(flat.size, np.float32)
-    if parallel if parallel is not None else flat.size >= config.PARALLEL_THRESHOLD:
+    if _use_prange(flat.size, parallel):
         _bf16_decode_parallel(flat, out, config.PARALLEL_MIN_CHUNK)
     else:
         _bf16_decode_range(flat, out, 0, flat.size)
@@ -692,7 +699,7 @@ def bf16_decode(codes: np.ndarray, parallel: bool = None) -> np.ndarray:
 
 
 def q8_encode(x: np.ndarray, signed: bool = True, block: int = BLOCK,
-              parallel: bool = None) -> Tuple[np.ndarray, np.ndarray]:
+              parallel: Optional[bool] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Quantise float32 values blockwise to 8 bits with the dynamic map.
 
     Parameters
@@ -721,7 +728,7 @@ def q8_encode(x: np.ndarray, signed: bool = True, block: int = BLOCK,
     signed = bool(signed)
     codes = np.empty(flat.size, np.uint8)
     scales = np.empty(q8_blocks(flat.size, block), np.float32)
-    if parallel if parallel is not None else flat.size >= config.PARALLEL_THRESHOLD:
+    if _use_prange(flat.size, parallel):
         _q8_encode_parallel(flat, codes, scales, block, _blocks_per_unit(block), signed)
     else:
         _q8_encode_range(flat, codes, scales, block, 0, flat.size, signed)
@@ -729,7 +736,7 @@ def q8_encode(x: np.ndarray, signed: bool = True, block: int = BLOCK,
 
 
 def q8_decode(codes: np.ndarray, absmax: np.ndarray, signed: bool = True, block: int = BLOCK,
-              parallel: bool = None) -> np.ndarray:
+              parallel: Optional[bool] = None) -> np.ndarray:
     """Decode blockwise 8-bit codes: ``qmap[code] * absmax[i // block]`` (float32, codes' shape).
 
     Parameters
@@ -755,7 +762,7 @@ def q8_decode(codes: np.ndarray, absmax: np.ndarray, signed: bool = True, block:
                          f"absmax values, got {scales.size}")
     out = np.empty(flat.size, np.float32)
     signed = bool(signed)
-    if parallel if parallel is not None else flat.size >= config.PARALLEL_THRESHOLD:
+    if _use_prange(flat.size, parallel):
         _q8_decode_parallel(flat, scales, block, _blocks_per_unit(block), signed, out)
     else:
         _q8_decode_range(flat, scales, block, 0, flat.size, signed, out)
