@@ -3,6 +3,8 @@ numpy references: bitsandbytes' dynamic map, exact nearest codes, bfloat16 round
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -170,6 +172,20 @@ def test_q8_nearest_bit_pattern_sweep(signed):
         assert bad.size == 0, (y[bad[:5]], got[bad[:5]], ref[bad[:5]])
         sub = np.random.default_rng(0).choice(y.size, 20_000)
         np.testing.assert_array_equal(ref[sub], ref_nearest(y[sub], q))
+
+
+@pytest.mark.skipif(not os.environ.get("FASTADAPT_EXHAUSTIVE"), reason="set FASTADAPT_EXHAUSTIVE=1 (about a minute)")
+@pytest.mark.parametrize("signed", SIGNS, ids=SIGN_IDS)
+def test_q8_nearest_all_float32(signed):
+    """Every float32 in [-1, 1] (2 * 0x3f800001 values), in chunks."""
+    q = C.dynamic_map(signed)
+    chunk = 1 << 25
+    for lo in range(0, 0x3F800001, chunk):
+        pos, neg = _sweep(lo, min(lo + chunk - 1, 0x3F800000), 1)
+        for y in (pos, neg):
+            got = _codes_of(y, signed)
+            ref = _step_reference(y, q)
+            assert np.array_equal(got, ref), lo
 
 
 @pytest.mark.parametrize("signed", SIGNS, ids=SIGN_IDS)
