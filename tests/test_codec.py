@@ -202,7 +202,7 @@ def test_q8_nearest_every_cell(signed):
     last = np.minimum((cells << 16) | 0xFFFF, C._A_HI)
     pts = [first, last]
     for part, sign in ((0, 1), (1, -1)):
-        t = lut[part * half:(part + 1) * half] >> 8
+        t = (lut[half:] if part == 0 else lut[:half][::-1]) >> 8
         has = t < 0xFFFF
         low = t[has] if sign > 0 else 0xFFFF - t[has]        # |bits| low 16 of the step
         base = cells[has] << 16

@@ -356,7 +356,8 @@ class Q8Tables(NamedTuple):
     qmap: np.ndarray
     #: thr[i]: the midpoint of qmap[i] and qmap[i+1] rounded down to float32 (255 entries)
     thr: np.ndarray
-    #: uint32 per cell (2 * _HALF cells: y >= 0, then y < 0): ``cand | T << 8`` (see _q8_code)
+    #: uint32 ``cand | T << 8`` per cell (see _build_tables): ``lut[_HALF + c]`` for cell ``c`` of
+    #: y >= 0, ``lut[_HALF - 1 - c]`` for cell ``c`` of y < 0 (``c = (|bits| >> 16) - _CELL_LO``)
     lut: np.ndarray
     #: the code of 0.0
     zero: int
@@ -396,7 +397,7 @@ def _build_tables(signed: bool) -> Q8Tables:
     hi_bits = np.minimum((cells << _SHIFT) | ((1 << _SHIFT) - 1), _A_HI)       # also takes |y| < 2**-23
     lo = lo_bits.astype(np.uint32).view(np.float32)
     hi = hi_bits.astype(np.uint32).view(np.float32)
-    lut = np.empty(2 * _HALF, np.uint32)
+    parts = []
     for part, (a, b) in enumerate([(lo, hi), (-hi, -lo)]):
         ca = nearest_code_reference(a, qmap).astype(np.int64)
         cb = nearest_code_reference(b, qmap).astype(np.int64)
@@ -408,7 +409,8 @@ def _build_tables(signed: bool) -> Q8Tables:
         if np.any((tb >> _SHIFT) != cells[jump]) or np.any(cells[jump] == _CELL_LO):
             raise AssertionError("a threshold outside its cell")
         t[jump] = (tb & 0xFFFF) if part == 0 else 0xFFFF - (tb & 0xFFFF)
-        lut[part * _HALF:(part + 1) * _HALF] = ca | (t << 8)
+        parts.append((ca | (t << 8)).astype(np.uint32))
+    lut = np.concatenate([parts[1][::-1], parts[0]])      # y < 0 cells reversed, then y >= 0
     zero = int(nearest_code_reference(np.float32(0.0), qmap))
     for a in (qmap, thr, lut):
         a.setflags(write=False)
@@ -446,10 +448,13 @@ def _q8_code(typingctx, y, lut):
         a = builder.select(builder.icmp_unsigned("<", a, i32(_A_LO)), i32(_A_LO), a)
         a = builder.select(builder.icmp_unsigned(">", a, i32(_A_HI)), i32(_A_HI), a)
         neg = builder.lshr(b, i32(31))
-        cell = builder.add(builder.sub(builder.lshr(a, i32(_SHIFT)), i32(_CELL_LO)),
-                           builder.mul(neg, i32(_HALF)))
-        # sext, not zext (cell < 2**31): a sign-extended i32 index vectorises as a dword gather
-        e = builder.load(builder.gep(data, [cell], inbounds=True))
+        # index from the table's middle: c for y >= 0, -1 - c (= ~c) for y < 0.  It may be
+        # negative, so it stays a sign-extended i32 and the vectorised load is a dword gather
+        # (a provably non-negative index is zero-extended to 64 bits: half as many lanes)
+        cell = builder.sub(builder.lshr(a, i32(_SHIFT)), i32(_CELL_LO))
+        cell = builder.xor(cell, builder.sub(i32(0), neg))
+        mid = builder.gep(data, [ir.IntType(64)(_HALF)], inbounds=True)
+        e = builder.load(builder.gep(mid, [builder.sext(cell, ir.IntType(64))], inbounds=True))
         key = builder.xor(builder.and_(a, i32(0xFFFF)), builder.mul(neg, i32(0xFFFF)))
         up = builder.zext(builder.icmp_unsigned(">", key, builder.lshr(e, i32(8))), i32)
         return builder.trunc(builder.add(builder.and_(e, i32(0xFF)), up), ir.IntType(8))
