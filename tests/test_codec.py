@@ -354,7 +354,9 @@ def test_bf16_rne_vs_reference():
     d = C.bf16_decode(got)
     np.testing.assert_array_equal(d.view(np.uint32), ref_bf16_decode(got).view(np.uint32))
     fin = np.isfinite(x) & np.isfinite(d)
-    assert np.all(np.abs(d[fin].astype(np.float64) - x[fin]) <= np.abs(x[fin].astype(np.float64)) * 2.0 ** -8 + 2.0 ** -134)   # subnormals: half of the smallest ulp
+    # relative 2**-8 (half an ulp); subnormals: half of the smallest ulp, 2**-134
+    err = np.abs(d[fin].astype(np.float64) - x[fin])
+    assert np.all(err <= np.abs(x[fin].astype(np.float64)) * 2.0 ** -8 + 2.0 ** -134)
     assert np.all(np.isnan(d[np.isnan(x)]))
     assert np.all(d[np.isinf(x)] == x[np.isinf(x)])
     np.testing.assert_array_equal(np.signbit(d[np.isnan(x)]), np.signbit(x[np.isnan(x)]))

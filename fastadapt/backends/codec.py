@@ -26,19 +26,24 @@ Exact nearest code, fast
     are further apart than a cell is wide).  So ``code = cand + (key(y) > T)``: one table load
     (a vector gather) and one integer comparison, the exact nearest code for every float32
     ``y`` in [-1, 1] (tests/test_codec.py checks every cell at its ends and around its
-    threshold, which covers all floats since both sides are monotone step functions).
+    threshold, which covers all floats since both sides are monotone step functions, and,
+    with ``FASTADAPT_EXHAUSTIVE=1``, every float32 in [-1, 1]).  The tables are module
+    globals, which numba freezes into the code as constants: functions take ``signed`` and
+    pick the table, and LLVM, knowing the table cannot alias the codes being written,
+    vectorises the lookup as a gather.
 
 Non-finite values
     bfloat16: NaN stays NaN (quiet bit forced, the sign kept), +-inf stays +-inf.  Round to
     nearest rounds finite values from ``0x7f7f8000`` (half an ulp above the largest bfloat16,
-    3.3961e38) on to inf, as IEEE does; stochastic rounding never rounds a finite value to
-    inf: magnitudes above the largest finite bfloat16 (3.3895e38) are rounded to nearest
-    instead (the only place where it is not unbiased).
+    3.3961e38) on to inf, as IEEE does.  Stochastic rounding rounds magnitudes above the
+    largest finite bfloat16 (3.3895e38) to nearest instead, so it reaches inf exactly where
+    round to nearest does, never elsewhere (the only place where it is not unbiased).
     int8: a block holding a NaN or inf stores absmax NaN (codes of 0.0), so the whole block
     decodes to NaN: a non-finite state stays non-finite.  A block of zeros stores absmax 0.
 
 The ``*_block`` functions are ``inline="always"`` for the loops of the CPU backend: they decode
-into / encode from a float32 scratch indexed from 0 while the codes are indexed globally.  The
+into / encode from a float32 scratch indexed from 0 while the codes are indexed from
+``start``; the ``*_span`` functions walk several int8 blocks.  The
 array-level functions (:func:`bf16_encode`, :func:`bf16_decode`, :func:`q8_encode`,
 :func:`q8_decode`) serve state_dict export/import and tests.
 """
@@ -46,8 +51,8 @@ array-level functions (:func:`bf16_encode`, :func:`bf16_decode`, :func:`q8_encod
 from typing import Any, NamedTuple, Optional, Tuple
 
 import numpy as np
-from numba import njit, prange, types
 from llvmlite import ir
+from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .. import config
