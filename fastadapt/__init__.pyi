@@ -11,7 +11,7 @@ from . import optim as optim
 from .grads.device import DeviceCSR as DeviceCSR
 from .grads.sparse import RowGrad as RowGrad
 from .optim.base import Optimizer as Optimizer
-from .optim.base import _NonFinite, _Params, _SparseMode
+from .optim.base import _NonFinite, _Params, _SparseMode, _StateDtype, _StateRounding
 
 __version__: str
 
@@ -27,6 +27,8 @@ class Adagrad(Optimizer):
         *,
         maximize: bool = False,
         sparse_mode: _SparseMode = "lazy",
+        state_dtype: _StateDtype = None,
+        state_rounding: _StateRounding = "stochastic",
         nonfinite: _NonFinite = "propagate",
     ) -> None: ...
 
@@ -43,6 +45,8 @@ class RMSprop(Optimizer):
         *,
         maximize: bool = False,
         sparse_mode: _SparseMode = "lazy",
+        state_dtype: _StateDtype = None,
+        state_rounding: _StateRounding = "stochastic",
         nonfinite: _NonFinite = "propagate",
     ) -> None: ...
 
@@ -59,6 +63,8 @@ class Adam(Optimizer):
         maximize: bool = False,
         decoupled_weight_decay: bool = False,
         sparse_mode: _SparseMode = "lazy",
+        state_dtype: _StateDtype = None,
+        state_rounding: _StateRounding = "stochastic",
         nonfinite: _NonFinite = "propagate",
     ) -> None: ...
 
@@ -74,6 +80,8 @@ class AdamW(Adam):
         *,
         maximize: bool = False,
         sparse_mode: _SparseMode = "lazy",
+        state_dtype: _StateDtype = None,
+        state_rounding: _StateRounding = "stochastic",
         nonfinite: _NonFinite = "propagate",
     ) -> None: ...
 
@@ -86,6 +94,8 @@ class SparseAdam(Optimizer):
         eps: float = 1e-08,
         maximize: bool = False,
         *,
+        state_dtype: _StateDtype = None,
+        state_rounding: _StateRounding = "stochastic",
         nonfinite: _NonFinite = "propagate",
     ) -> None: ...
 
@@ -101,6 +111,8 @@ class SGD(Optimizer):
         *,
         maximize: bool = False,
         sparse_mode: _SparseMode = "lazy",
+        state_dtype: _StateDtype = None,
+        state_rounding: _StateRounding = "stochastic",
         nonfinite: _NonFinite = "propagate",
     ) -> None: ...
 
@@ -115,6 +127,8 @@ class Adadelta(Optimizer):
         *,
         maximize: bool = False,
         sparse_mode: _SparseMode = "lazy",
+        state_dtype: _StateDtype = None,
+        state_rounding: _StateRounding = "stochastic",
         nonfinite: _NonFinite = "propagate",
     ) -> None: ...
 
@@ -129,6 +143,8 @@ class Adamax(Optimizer):
         *,
         maximize: bool = False,
         sparse_mode: _SparseMode = "lazy",
+        state_dtype: _StateDtype = None,
+        state_rounding: _StateRounding = "stochastic",
         nonfinite: _NonFinite = "propagate",
     ) -> None: ...
 
@@ -145,6 +161,8 @@ class NAdam(Optimizer):
         *,
         maximize: bool = False,
         sparse_mode: _SparseMode = "lazy",
+        state_dtype: _StateDtype = None,
+        state_rounding: _StateRounding = "stochastic",
         nonfinite: _NonFinite = "propagate",
     ) -> None: ...
 
@@ -160,6 +178,8 @@ class RAdam(Optimizer):
         *,
         maximize: bool = False,
         sparse_mode: _SparseMode = "lazy",
+        state_dtype: _StateDtype = None,
+        state_rounding: _StateRounding = "stochastic",
         nonfinite: _NonFinite = "propagate",
     ) -> None: ...
 

@@ -30,3 +30,7 @@ MPI_CHUNK_ELEMENTS = 1 << 22
 #: each thread gets several units (balance) from PARALLEL_THRESHOLD on.
 PARALLEL_CHUNK = 1 << 16
 PARALLEL_MIN_CHUNK = 1 << 11
+
+#: Parameters with fewer elements keep their state in float32 whatever ``state_dtype`` says
+#: (as bitsandbytes does): their state is small, and the many-tensor loops batch them.
+STATE_COMPRESS_MIN = 4096

@@ -79,6 +79,8 @@ def class_stub(alg: Algorithm) -> str:
         (keyword if h.keyword_only else positional).append(_param(h.name, annotation(h), h.default))
     if alg.sparse_mode:
         keyword.append(_param("sparse_mode", "_SparseMode", "lazy"))
+    keyword.append(_param("state_dtype", "_StateDtype", None))
+    keyword.append(_param("state_rounding", "_StateRounding", "stochastic"))
     keyword.append(_param("nonfinite", "_NonFinite", "propagate"))
     args = positional + (["*"] + keyword if keyword else [])
     lines = [f"class {alg.name}({base}):",
@@ -106,7 +108,7 @@ def init_stub() -> str:
         "from .grads.device import DeviceCSR as DeviceCSR",
         "from .grads.sparse import RowGrad as RowGrad",
         "from .optim.base import Optimizer as Optimizer",
-        "from .optim.base import _NonFinite, _Params, _SparseMode",
+        "from .optim.base import _NonFinite, _Params, _SparseMode, _StateDtype, _StateRounding",
         "",
         "__version__: str",
         "",

@@ -47,7 +47,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
-__all__ = ["Algorithm", "Hyper", "Decay", "LAZY", "FUSED", "fma", "scalar_type", "rule_helper", "RULE_HELPERS", "scale_slots", "decay_factor", "short_repr", "MAX_STEP",
+__all__ = ["Algorithm", "Hyper", "Decay", "LAZY", "FUSED", "fma", "scalar_type", "rule_helper", "STATE_DTYPES", "STATE_ROUNDINGS", "STATE_OPTIONS", "check_state_options", "RULE_HELPERS", "scale_slots", "decay_factor", "short_repr", "MAX_STEP",
            "nonneg", "positive", "below_one", "unit_interval", "flag", "betas", "check_number"]
 
 #: exact mode: a zero gradient changes nothing, so the lazy loop is already exact (O(nnz))
@@ -107,6 +107,29 @@ def fma(a: Any, b: Any, c: Any) -> Any:
     """
     exact = Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c))
     return round_to(exact, type(c))
+
+
+# =========================================================================== compressed state
+
+#: the values of the ``state_dtype`` option: None (state in the parameter's dtype), or for
+#: float32 parameters "float32" (the same), "bfloat16" or "int8" (8-bit blockwise)
+STATE_DTYPES = (None, "float32", "bfloat16", "int8")
+#: the values of the ``state_rounding`` option (how bfloat16 state is rounded)
+STATE_ROUNDINGS = ("stochastic", "nearest")
+#: the state options every optimizer has, with their defaults
+STATE_OPTIONS = {"state_dtype": None, "state_rounding": "stochastic"}
+
+
+def check_state_options(h: Mapping[str, Any]) -> None:
+    """Check a group's ``state_dtype`` and ``state_rounding`` (absent: the defaults)."""
+    dtype = h.get("state_dtype")
+    if not (dtype is None or (type(dtype) is str and dtype in STATE_DTYPES)):
+        raise ValueError(f"state_dtype must be one of {STATE_DTYPES}, got {short_repr(dtype)}: None keeps the "
+                         "state in the parameter's dtype; \"bfloat16\" (2 bytes) and \"int8\" (about 1 byte per "
+                         "value) compress the state of float32 parameters")
+    rounding = h.get("state_rounding", "stochastic")
+    if not (type(rounding) is str and rounding in STATE_ROUNDINGS):
+        raise ValueError(f"state_rounding must be one of {STATE_ROUNDINGS}, got {short_repr(rounding)}")
 
 
 _SCALAR_TYPES: dict = {}
@@ -320,6 +343,10 @@ class Algorithm:
         (torch's functional Adagrad calls ``sum`` ``state_sum``).
     parent : str or None
         The algorithm this one is a variant of (the generated class subclasses its class).
+    signed : (bool, bool, bool)
+        Whether each slot's values may be negative.  ``state_dtype="int8"`` stores a slot
+        that never is (second moments, Adagrad's sum) with the unsigned dynamic map, which has
+        twice the resolution of the signed one.
     """
 
     name: str
@@ -341,6 +368,7 @@ class Algorithm:
     functional: str = ""
     functional_args: Mapping[str, str] = field(default_factory=dict)
     parent: Optional[str] = None
+    signed: Tuple[bool, bool, bool] = (True, True, True)
 
     def __post_init__(self) -> None:
         if len(self.slots) != 3:
@@ -355,6 +383,7 @@ class Algorithm:
         d.update(self.fixed)
         if self.sparse_mode:
             d["sparse_mode"] = "lazy"
+        d.update(STATE_OPTIONS)
         return d
 
     def used_buffers(self, h: Mapping[str, Any]) -> Tuple[str, ...]:
@@ -376,6 +405,7 @@ class Algorithm:
             mode = h.get("sparse_mode", "lazy")
             if mode not in ("lazy", "exact"):
                 raise ValueError(f"sparse_mode must be one of ('lazy', 'exact'), got {mode!r}")
+        check_state_options(h)
         self.validate(h)
 
     def variant(self, **changes: Any) -> "Algorithm":

@@ -59,6 +59,7 @@ ADADELTA = Algorithm(
     rule=rule,
     scalars=scalars,
     slots=("square_avg", "acc_delta", None),
+    signed=(False, False, True),
     hypers=(
         Hyper("lr", 1.0, nonneg, "learning rate, scaling the Adadelta update"),
         Hyper("rho", 0.9, unit_interval, "decay of both running averages, in [0, 1]"),

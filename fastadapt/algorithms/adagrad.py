@@ -54,6 +54,7 @@ ADAGRAD = Algorithm(
     rule=rule,
     scalars=scalars,
     slots=("sum", None, None),
+    signed=(False, True, True),
     hypers=(
         Hyper("lr", 1e-2, nonneg, "learning rate"),
         Hyper("lr_decay", 0.0, nonneg, "inverse-time decay: step t uses lr / (1 + (t - 1) * lr_decay)"),

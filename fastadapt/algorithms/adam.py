@@ -107,6 +107,7 @@ ADAM = Algorithm(
     rule=rule,
     scalars=scalars,
     slots=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+    signed=(True, False, False),
     hypers=_HYPERS,
     buffers=buffers,
     functional="adam",

@@ -59,6 +59,7 @@ ADAMAX = Algorithm(
     rule=rule,
     scalars=scalars,
     slots=("exp_avg", "exp_inf", None),
+    signed=(True, False, True),
     hypers=(
         Hyper("lr", 2e-3, nonneg, "learning rate"),
         Hyper("betas", (0.9, 0.999), betas, "decays of the first moment and of the infinity norm, "

@@ -74,6 +74,7 @@ NADAM = Algorithm(
     rule=rule,
     scalars=scalars,
     slots=("exp_avg", "exp_avg_sq", None),
+    signed=(True, False, True),
     hypers=(
         Hyper("lr", 2e-3, nonneg, "learning rate"),
         Hyper("betas", (0.9, 0.999), betas, "decays of the first and second moments, each in [0, 1)",

@@ -89,6 +89,7 @@ RMSPROP = Algorithm(
     rule=rule,
     scalars=scalars,
     slots=("square_avg", "momentum_buffer", "grad_avg"),
+    signed=(False, True, True),
     hypers=(
         Hyper("lr", 1e-2, nonneg, "learning rate"),
         Hyper("alpha", 0.99, nonneg, "decay of the squared-gradient average"),

@@ -57,6 +57,7 @@ SPARSE_ADAM = Algorithm(
     rule=rule,
     scalars=scalars,
     slots=("exp_avg", "exp_avg_sq", None),
+    signed=(True, False, True),
     hypers=(
         Hyper("lr", 1e-3, positive, "learning rate, > 0"),
         Hyper("betas", (0.9, 0.999), betas, "decays of the moments, each in [0, 1)", "(float, float)"),

@@ -500,6 +500,22 @@ class CPUBackend:
     def all_finite(a: Any) -> bool:
         return all_finite(a)
 
+    @staticmethod
+    def compressed_full(p: Any, value: float, kind: str, signed: bool, seed: int) -> Any:
+        from .compressed import CompressedBuffer
+        return CompressedBuffer.full(tuple(p.shape), value, kind, signed, seed)
+
+    @staticmethod
+    def compressed_from(p: Any, values: np.ndarray, kind: str, signed: bool, seed: int) -> Any:
+        from .compressed import CompressedBuffer
+        return CompressedBuffer.encode(np.asarray(values, np.float32).reshape(p.shape), kind, signed, seed)
+
+    @staticmethod
+    def codec_step(rule: Any, p: Any, g: Any, slots: Any, k: Any, step: int, nearest: bool) -> None:
+        from .cpu_codec import codec_step
+        live = [s for s in slots if s is not None]
+        codec_step(compiled(rule), p, g, slots, k, live[0].seed if live else 0, step, nearest)
+
     @property
     def sparse_kernels(self) -> SparseKernels:
         """:data:`fastadapt.backends.cpu_sparse.KERNELS`."""

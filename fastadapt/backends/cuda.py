@@ -100,6 +100,10 @@ def _clear_flag(flag):
 
 # --------------------------------------------------------------------------- backend
 
+_NO_COMPRESSED = ("compressed state (state_dtype='bfloat16' or 'int8') is not available for CUDA parameters yet; "
+                  "use state_dtype=None")
+
+
 class CUDABackend:
     """CUDA arrays (implements :class:`fastadapt.backends.protocols.Backend`)."""
 
@@ -224,6 +228,18 @@ class CUDABackend:
         blocks, tpb = launch_dims(n)
         with _context_of(p):
             kernels(rule).dense[blocks, tpb, _stream_of(p)](p, g, s1, s2, s3, k)
+
+    @staticmethod
+    def compressed_full(p: Any, value: float, kind: str, signed: bool, seed: int) -> Any:
+        raise NotImplementedError(_NO_COMPRESSED)
+
+    @staticmethod
+    def compressed_from(p: Any, values: np.ndarray, kind: str, signed: bool, seed: int) -> Any:
+        raise NotImplementedError(_NO_COMPRESSED)
+
+    @staticmethod
+    def codec_step(rule: Any, p: Any, g: Any, slots: Any, k: Any, step: int, nearest: bool) -> None:
+        raise NotImplementedError(_NO_COMPRESSED)
 
     def all_finite(self, a: Any) -> bool:
         """True when the device array ``a`` holds no NaN or infinity.

@@ -92,6 +92,16 @@ class Backend(Protocol):
     def all_finite(self, a: Any) -> bool:
         """True when ``a`` holds no NaN and no infinity."""
 
+    def compressed_full(self, p: Any, value: float, kind: str, signed: bool, seed: int) -> Any:
+        """A compressed state buffer for ``p`` (``kind`` "bfloat16" or "int8") whose values are ``value``."""
+
+    def compressed_from(self, p: Any, values: np.ndarray, kind: str, signed: bool, seed: int) -> Any:
+        """A compressed state buffer for ``p`` holding the host float ``values`` (rounded to nearest)."""
+
+    def codec_step(self, rule: Any, p: Any, g: Any, slots: Any, k: Any, step: int, nearest: bool) -> None:
+        """``rule`` over every element of the flat ``p`` and ``g``, with compressed state ``slots``
+        (three compressed buffers or None): decoded before the rule, encoded after it."""
+
     @property
     def sparse_kernels(self) -> SparseKernels:
         """The backend's sparse loops."""

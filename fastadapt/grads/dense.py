@@ -20,6 +20,12 @@ class DenseGrad:
 
     def apply(self, opt, group, p, state):
         backend = self.backend
+        packed = opt._compressed_slots(group, state)
+        if packed is not None:              # state_dtype "bfloat16" / "int8": the codec loops
+            k = opt._scalars(group, state, backend.dtype_of(p))
+            backend.codec_step(opt.rule, backend.flat(p), self.g, packed, k, state["step"],
+                               group.get("state_rounding") == "nearest")
+            return
         s1, s2, s3 = opt._slot_arrays(group, p, state, backend.flat)
         k = opt._scalars(group, state, backend.dtype_of(p))
         backend.dense_step(opt.rule, backend.flat(p), self.g, s1, s2, s3, k)

@@ -19,6 +19,7 @@ from operator import is_
 
 import numpy as np
 
+from .. import config
 from ..algorithms import REGISTRY, Algorithm
 from ..algorithms._spec import MAX_STEP, short_repr
 from ..backends import backend_for, device_key, is_device_array, unused_slot
@@ -44,6 +45,30 @@ def _many():
 
 
 _STEADY: list = []
+_COMPRESSED: list = []
+
+
+def _compressed():
+    """:mod:`fastadapt.backends.compressed`, imported on first use (it imports numba)."""
+    if not _COMPRESSED:
+        from ..backends import compressed
+        _COMPRESSED.append(compressed)
+    return _COMPRESSED[0]
+
+
+def _kind_of(buf):
+    """A state buffer's compressed kind ("bfloat16", "int8"), or None for a plain array."""
+    return buf.kind if type(buf).__name__ == "CompressedBuffer" else None
+
+
+def _is_compressed(state, slots):
+    """Whether ``state`` holds compressed buffers (``state_dtype`` "bfloat16" or "int8")."""
+    for name in slots:
+        if name is not None:
+            b = state.get(name)
+            if b is not None:
+                return type(b).__name__ == "CompressedBuffer"
+    return False
 
 
 def _steady():
@@ -134,6 +159,24 @@ class Optimizer:
     def _validate_group(self, group):
         """Check a group's hyper-parameters (the algorithm's checks); raise on bad values."""
         self.algorithm.check_group(group)
+        params = group.get("params")
+        if group.get("state_dtype") is not None and isinstance(params, list):
+            self._check_state_dtype(group["state_dtype"], params)
+
+    def _check_state_dtype(self, state_dtype, params):
+        for p in params:
+            dtype = backend_for(p).dtype_of(p)
+            if dtype != np.float32:
+                raise ValueError(f"state_dtype={state_dtype!r} is for float32 parameters; this group has a "
+                                 f"{dtype} parameter, whose state stays {dtype} (state_dtype=None); put it in "
+                                 "a group of its own")
+
+    def _state_kind(self, group, p):
+        """The kind of compressed state parameter ``p`` gets in ``group``: "bfloat16", "int8" or None."""
+        kind = group.get("state_dtype")
+        if kind is None or kind == "float32" or p.size < config.STATE_COMPRESS_MIN:
+            return None
+        return kind
 
     def _checked(self, group):
         """Validate ``group`` -- unless its values are the very objects validated last time -- and
@@ -188,6 +231,8 @@ class Optimizer:
         for key, value in self.defaults.items():
             group.setdefault(key, value)
         self._validate_group(group)
+        if group.get("state_dtype") is not None:
+            self._check_state_dtype(group["state_dtype"], params)
         backends = {device_key(backend_for(q), q) for q in self._params}
         new_spans = []
         for j, p in enumerate(params):
@@ -244,13 +289,42 @@ class Optimizer:
             for name, value in self.algorithm.carry:
                 state[name] = value
         names = self._checked(group)
-        if all(map(state.__contains__, names)):
-            return                                  # the usual case: nothing to create
-        backend = backend_for(p)
+        kind = self._state_kind(group, p)
+        if all(map(state.__contains__, names)) and (not names or _kind_of(state[names[0]]) == kind):
+            return                                  # the usual case: nothing to create or convert
         fill = self.algorithm.fill
         for name in names:
-            if name not in state:
-                state[name] = backend.full_like(p, fill(group, name))
+            have = state.get(name)
+            if have is None:
+                state[name] = self._new_buffer(p, kind, name, fill(group, name))
+            elif _kind_of(have) != kind:            # state_dtype changed: the values are kept
+                state[name] = self._convert_buffer(p, kind, name, have)
+
+    def _new_buffer(self, p, kind, name, value):
+        backend = backend_for(p)
+        if kind is None:
+            return backend.full_like(p, value)
+        return backend.compressed_full(p, value, kind, self._signed(name), self._seed(p))
+
+    def _convert_buffer(self, p, kind, name, buf):
+        """``buf`` (plain or compressed) as state of kind ``kind`` (None: the parameter's dtype)."""
+        backend = backend_for(p)
+        values = np.asarray(buf) if type(buf).__name__ == "CompressedBuffer" else backend.to_numpy(buf)
+        if kind is None:
+            out = backend.full_like(p, 0.0)
+            backend.copy_into(out, values.astype(backend.dtype_of(p)))
+            return out
+        return backend.compressed_from(p, values, kind, self._signed(name), self._seed(p))
+
+    def _signed(self, name):
+        return self.algorithm.signed[self.slots.index(name)]
+
+    def _seed(self, p):
+        """Key of stochastic rounding for ``p``: its position in the optimizer."""
+        for j, q in enumerate(self._params):
+            if q is p:
+                return j
+        return len(self._params)
 
     def _buffer_names(self, group):
         """Names of the state buffers this group's options use, in slot order."""
@@ -424,7 +498,8 @@ class Optimizer:
         dense = []
         for item in work:
             j, group, p, state, g = item
-            if type(g) is DenseGrad and g.address is not None and "_decay" not in state:   # host arrays
+            if type(g) is DenseGrad and g.address is not None and "_decay" not in state \
+                    and not _is_compressed(state, self.slots):   # host arrays, plain state
                 dense.append(item)
             else:
                 self._apply(group, p, state, g)
@@ -433,6 +508,14 @@ class Optimizer:
         else:
             for j, group, p, state, g in dense:
                 self._apply(group, p, state, g)
+
+    def _compressed_slots(self, group, state):
+        """The rule's three slots as compressed buffers (None for unused ones), or None when the
+        state is plain arrays."""
+        names = self._checked(group)
+        if not _is_compressed(state, names):
+            return None
+        return tuple(state[n] if (n is not None and n in names) else None for n in self.slots)
 
     def _slot_arrays(self, group, p, state, flat):
         """The rule's (s1, s2, s3): flat state buffers, dummies for unused slots."""
@@ -453,8 +536,17 @@ class Optimizer:
         if "_decay" in self.state[j]:  # exact-mode decay still pending on untouched rows
             settle(self._params[j], self.state[j])
 
-    def state_dict(self):
+    def state_dict(self, dtype=None):
         """The optimizer's state as plain numpy arrays and Python scalars.
+
+        Parameters
+        ----------
+        dtype : {None, "float32"}
+            None: compressed buffers (``state_dtype`` "bfloat16" or "int8") as their compact
+            form, a dict ``{"state_dtype", "codes"}`` (+ ``"absmax"``, ``"signed"``, ``"block"``
+            for int8) of copies, which :meth:`load_state_dict` restores bit for bit.
+            ``"float32"``: compressed buffers decoded to float32 arrays (what torch.optim and an
+            optimizer with float32 state load); the groups' ``state_dtype`` is kept.
 
         Returns
         -------
@@ -463,14 +555,24 @@ class Optimizer:
             [{hyper-parameters..., "params": [index, ...]}]}`` -- torch's layout, indexed
             by parameter position; the arrays are copies.
         """
+        if dtype not in (None, "float32"):
+            raise ValueError(f"state_dict(dtype=...) takes None (compact compressed state) or 'float32', got {dtype!r}")
         if not self._lock.acquire(blocking=False):
             raise RuntimeError(f"state_dict() called while this optimizer {_BUSY}")
         try:
-            return self._state_dict()
+            return self._state_dict(dtype)
         finally:
             self._lock.release()
 
-    def _state_dict(self):
+    @staticmethod
+    def _export(backend, v, dtype):
+        if isinstance(v, (int, float)):
+            return v
+        if type(v).__name__ == "CompressedBuffer":
+            return v.decode() if dtype == "float32" else v.to_dict()
+        return backend.to_numpy(v)
+
+    def _state_dict(self, dtype=None):
         for j in range(len(self._params)):
             self._read_state(j)
         state = {}
@@ -478,8 +580,7 @@ class Optimizer:
             if not st:
                 continue
             backend = backend_for(self._params[j])
-            state[j] = {k: (backend.to_numpy(v) if not isinstance(v, (int, float)) else v)
-                        for k, v in st.items() if not k.startswith("_")}
+            state[j] = {k: self._export(backend, v, dtype) for k, v in st.items() if not k.startswith("_")}
         groups = []
         j = 0
         for group in self.param_groups:
@@ -559,8 +660,12 @@ class Optimizer:
             new_groups.append(group)
         carried = {n for n, _ in self.algorithm.carry}
         known = {s for s in self.slots if s is not None} | {"step"} | carried
+        loaded = {}                    # (index, name) -> CompressedBuffer checked from a compact entry
+        group_of = {}
         position = {}
         for group, saved in zip(new_groups, groups):
+            for idx in saved["params"]:
+                group_of[idx] = group
             for idx, p in zip(saved["params"], group["params"]):
                 position[idx] = p
         if set(saved_state) - set(position):
@@ -582,8 +687,15 @@ class Optimizer:
             for name, arr in st.items():
                 if name == "step" or name in carried:
                     continue
-                arr = np.asarray(arr)
                 p_dtype = backend_for(p).dtype_of(p)
+                if isinstance(arr, dict):                 # compact compressed state
+                    if p_dtype != np.float32:
+                        raise ValueError(f"state of parameter {idx}: {name!r} is compressed state, which only "
+                                         f"float32 parameters have; the parameter is {p_dtype}")
+                    loaded[(idx, name)] = _compressed().CompressedBuffer.from_dict(
+                        arr, tuple(p.shape), 0, f"state of parameter {idx}: {name!r}")
+                    continue
+                arr = np.asarray(arr)
                 if arr.shape != tuple(p.shape) or arr.dtype != p_dtype:
                     raise ValueError(f"state of parameter {idx}: {name!r} has shape {arr.shape} and dtype "
                                      f"{arr.dtype}, the parameter has {tuple(p.shape)} and {p_dtype}")
@@ -600,15 +712,23 @@ class Optimizer:
             j = index_of[id(p)]
             backend = backend_for(p)
             new = {"step": int(st["step"])}
+            kind = self._state_kind(group_of[idx], p)
             for name, arr in st.items():
                 if name == "step":
                     continue
                 if name in carried:
                     new[name] = float(arr)
                     continue
-                buf = backend.full_like(p, 0.0)
-                backend.copy_into(buf, np.asarray(arr))
-                new[name] = buf
+                buf = loaded.get((idx, name))
+                if buf is not None:                         # compact compressed entry
+                    buf.seed = j
+                    new[name] = buf if kind == buf.kind else self._convert_buffer(p, kind, name, buf)
+                elif kind is not None:                      # float state into compressed state
+                    new[name] = backend.compressed_from(p, np.asarray(arr), kind, self._signed(name), j)
+                else:
+                    buf = backend.full_like(p, 0.0)
+                    backend.copy_into(buf, np.asarray(arr))
+                    new[name] = buf
             self.state[j] = new
         for j, p in enumerate(self._params):
             if j not in {index_of[id(position[i])] for i in saved_state}:

@@ -37,6 +37,16 @@ def _docstring(alg: Algorithm) -> str:
                   "    How a sparse gradient (scipy CSR, :class:`fastadapt.RowGrad`) is applied: only the",
                   "    touched entries change (lazy), or exactly the dense step on the densified",
                   "    gradient (see the docs, \"Sparse gradients\")."]
+    lines += ['state_dtype : {None, "float32", "bfloat16", "int8"}, default None',
+              "    How the state buffers are stored: None, in the parameter's dtype; for float32",
+              '    parameters of at least ``config.STATE_COMPRESS_MIN`` elements, ``"bfloat16"`` (2 bytes',
+              '    per value) or ``"int8"`` (8-bit blockwise: 1 byte per value plus a float32 scale per',
+              "    block).  The update is the same; the state is decoded before it and encoded after",
+              '    (see the docs, "Memory").',
+              'state_rounding : {"stochastic", "nearest"}, default "stochastic"',
+              "    How bfloat16 state is rounded: stochastically (unbiased; reproducible, the random bits",
+              "    are a hash of the parameter, the step and the element) or to nearest (updates below",
+              "    half a bfloat16 ulp are then lost)."]
     lines += ['nonfinite : {"propagate", "skip", "raise"}, default "propagate"',
               "    A step whose gradients hold NaN or infinity is applied (torch's behaviour), skipped",
               "    (nothing changes and :meth:`step` returns False) or refused (FloatingPointError)."]
@@ -72,9 +82,12 @@ def optimizer_class(alg: Algorithm, base: Type[Optimizer] = Optimizer) -> Type[O
         params.append(_P(h.name, kind, default=h.default))
     if alg.sparse_mode:
         params.append(_P("sparse_mode", _P.KEYWORD_ONLY, default="lazy"))
+    params.append(_P("state_dtype", _P.KEYWORD_ONLY, default=None))
+    params.append(_P("state_rounding", _P.KEYWORD_ONLY, default="stochastic"))
     params.append(_P("nonfinite", _P.KEYWORD_ONLY, default="propagate"))
     signature = inspect.Signature(params)
-    hyper_names = [h.name for h in alg.hypers] + (["sparse_mode"] if alg.sparse_mode else [])
+    hyper_names = ([h.name for h in alg.hypers] + (["sparse_mode"] if alg.sparse_mode else [])
+                   + ["state_dtype", "state_rounding"])
 
     def __init__(self: Optimizer, *args: Any, **kwargs: Any) -> None:
         try:

@@ -79,7 +79,7 @@ def build(opt, work):
     if any(type(p) is not np.ndarray for p in opt._params):
         return None
     for st in opt.state:
-        if "step" not in st or "_decay" in st:
+        if "step" not in st or "_decay" in st or any(type(v).__name__ == "CompressedBuffer" for v in st.values()):
             return None
     return SteadyPlan(opt)
 
@@ -94,6 +94,7 @@ class SteadyPlan:
         self.groups = list(opt.param_groups)
         self.lists = [(g["params"], len(g["params"])) for g in self.groups]
         self.names = [opt._checked(g) for g in self.groups]
+        self.state_dtypes = [g.get("state_dtype") for g in self.groups]
         self.params = list(opt._params)
         self.n = len(self.params)
         self.param_key = fingerprint(tuple(self.params))
@@ -153,9 +154,9 @@ class SteadyPlan:
         for group, (plist, n) in zip(groups, self.lists):
             if group.get("params") is not plist or len(plist) != n:
                 return STALE
-        for group, names in zip(groups, self.names):
-            if opt._checked(group) != names:          # validates changed hyper-parameters (may raise)
-                return STALE
+        for group, names, state_dtype in zip(groups, self.names, self.state_dtypes):
+            if opt._checked(group) != names or group.get("state_dtype") != state_dtype:
+                return STALE                          # (_checked validates changed hyper-parameters, may raise)
         params = self.params
         if not all(map(is_, chain.from_iterable(pl for pl, _ in self.lists), params)) \
                 or fingerprint(tuple(params)) != self.param_key \
