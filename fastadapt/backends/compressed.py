@@ -72,6 +72,9 @@ class CompressedBuffer:
 
     __slots__ = ("kind", "codes", "absmax", "signed", "block", "seed", "flat_codes", "flat_absmax")
 
+    #: what the optimizers test for (a device implementation sets it too)
+    compressed_state = True
+
     def __init__(self, kind: str, codes: np.ndarray, absmax: np.ndarray, signed: bool, block: int,
                  seed: int = 0) -> None:
         self.kind = kind

@@ -58,7 +58,7 @@ def _compressed():
 
 def _kind_of(buf):
     """A state buffer's compressed kind ("bfloat16", "int8"), or None for a plain array."""
-    return buf.kind if type(buf).__name__ == "CompressedBuffer" else None
+    return buf.kind if getattr(type(buf), "compressed_state", False) else None
 
 
 def _is_compressed(state, slots):
@@ -67,7 +67,7 @@ def _is_compressed(state, slots):
         if name is not None:
             b = state.get(name)
             if b is not None:
-                return type(b).__name__ == "CompressedBuffer"
+                return getattr(type(b), "compressed_state", False)
     return False
 
 
@@ -309,7 +309,7 @@ class Optimizer:
     def _convert_buffer(self, p, kind, name, buf):
         """``buf`` (plain or compressed) as state of kind ``kind`` (None: the parameter's dtype)."""
         backend = backend_for(p)
-        values = np.asarray(buf) if type(buf).__name__ == "CompressedBuffer" else backend.to_numpy(buf)
+        values = np.asarray(buf) if getattr(type(buf), "compressed_state", False) else backend.to_numpy(buf)
         if kind is None:
             out = backend.full_like(p, 0.0)
             backend.copy_into(out, values.astype(backend.dtype_of(p)))
@@ -568,7 +568,7 @@ class Optimizer:
     def _export(backend, v, dtype):
         if isinstance(v, (int, float)):
             return v
-        if type(v).__name__ == "CompressedBuffer":
+        if getattr(type(v), "compressed_state", False):
             return v.decode() if dtype == "float32" else v.to_dict()
         return backend.to_numpy(v)
 

@@ -79,7 +79,7 @@ def build(opt, work):
     if any(type(p) is not np.ndarray for p in opt._params):
         return None
     for st in opt.state:
-        if "step" not in st or "_decay" in st or any(type(v).__name__ == "CompressedBuffer" for v in st.values()):
+        if "step" not in st or "_decay" in st or any(getattr(type(v), "compressed_state", False) for v in st.values()):
             return None
     return SteadyPlan(opt)
 
