@@ -20,7 +20,7 @@ from numba.extending import overload
 
 from .. import config
 from .codec import bf16_decode_block, bf16_encode_block, q8_decode_span, q8_encode_span
-from .cpu import _run, fingerprint, work_unit
+from .cpu_loops import _run, fingerprint, work_unit
 from .cpu_compile import direct
 
 __all__ = ["decode_span", "encode_span", "codec_step", "SUB_BLOCK"]

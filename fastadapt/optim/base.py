@@ -499,7 +499,7 @@ class Optimizer:
         for item in work:
             j, group, p, state, g = item
             if type(g) is DenseGrad and g.address is not None and "_decay" not in state \
-                    and not _is_compressed(state, self.slots):   # host arrays, plain state
+                    and self._state_kind(group, p) is None:   # host arrays, plain state
                 dense.append(item)
             else:
                 self._apply(group, p, state, g)
