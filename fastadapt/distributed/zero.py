@@ -16,6 +16,13 @@ from ._common import (_Collective, _checksum, _contiguous_block, _hyper_items, _
 __all__ = ["ShardedOptimizer"]
 
 
+def _decoded(st: Dict[str, Any], p: Any, where: str) -> Dict[str, Any]:
+    """A single-process state entry with its compact compressed buffers decoded to float32."""
+    from ..backends.compressed import CompressedBuffer
+    return {name: (CompressedBuffer.from_dict(v, tuple(p.shape), 0, f"{where}: {name!r}").decode()
+                   if isinstance(v, dict) else v) for name, v in st.items()}
+
+
 class _Bucket:
     """The parameters of one dtype: their flat index space and this rank's shard of it."""
 
@@ -417,7 +424,8 @@ class ShardedOptimizer(_Collective):
 
     def state_nbytes(self) -> int:
         """Bytes of optimizer state held on this rank (its shard's buffers)."""
-        return sum(v.nbytes for st in self._inner.state for v in st.values() if isinstance(v, np.ndarray))
+        return sum(v.nbytes for st in self._inner.state for v in st.values()
+                   if isinstance(v, np.ndarray) or getattr(type(v), "compressed_state", False))
 
     def buffer_nbytes(self) -> int:
         """Bytes of communication buffers allocated on this rank.
@@ -437,8 +445,11 @@ class ShardedOptimizer(_Collective):
             out.append(tuple(int(x) for x in b.pieces[k]))
         return out
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self, dtype: Optional[str] = None) -> Dict[str, Any]:
         """This rank's shard of the state (collective only in that every rank keeps its own).
+
+        ``dtype``: as :meth:`fastadapt.Optimizer.state_dict` (``"float32"``: compressed state
+        decoded).
 
         Returns
         -------
@@ -451,7 +462,7 @@ class ShardedOptimizer(_Collective):
             ranks' shards with :meth:`consolidated_state_dict`.
         """
         self._sync_hyper()
-        sd = self._inner.state_dict()
+        sd = self._inner.state_dict(dtype)
         layout = self._layout()
         sd["state"] = {j: st for j, st in sd["state"].items() if layout[j][1] > layout[j][0]}
         sd["shard"] = {"rank": self.rank, "size": self.size, "reduce": self.reduce, "layout": layout,
@@ -472,8 +483,11 @@ class ShardedOptimizer(_Collective):
             Exactly what ``optimizer_class(params).state_dict()`` of one process would
             hold (full-shape buffers), on ``root`` (None elsewhere).  It loads into an
             ordinary optimizer, or into a ShardedOptimizer with any number of ranks.
+            Compressed state (``state_dtype``) is consolidated decoded, as float32 arrays: each
+            rank's blocks are its own, so the full buffers are the decoded values (an optimizer
+            with ``state_dtype`` set compresses them again when it loads them).
         """
-        local = self.state_dict()
+        local = self.state_dict(dtype="float32")
         with self._guard("consolidated_state_dict"):
             parts = self.comm.allgather(local) if root is None else self.comm.gather(local, root=root)
         if parts is None:
@@ -546,6 +560,8 @@ class ShardedOptimizer(_Collective):
                 a, e = layout[j]
                 if e == a:
                     continue                    # none of parameter j lives on this rank
+                if isinstance(st, dict) and any(isinstance(v, dict) for v in st.values()):
+                    st = _decoded(st, p, f"state of parameter {j}")     # compact compressed entries
                 state[j] = slice_state(st, p.shape, p.dtype, lambda arr, a=a, e=e: arr.reshape(-1)[a:e],
                                        f"state of parameter {j}")
             inner_sd = {"state": state, "param_groups": sd["param_groups"]}
