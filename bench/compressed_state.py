@@ -24,7 +24,8 @@ and the largest embedding table this machine can train: ``python bench/compresse
 
 The functions (:func:`dense_rows`, :func:`anchor_rows`, :func:`step_memory`, :func:`sparse_row`,
 :func:`largest_table`) are what ``bench/targets.py`` measures its compressed-state section with.
-Exit status 0 (a measurement, not a test).
+Exit status 0 (a measurement, not a test).  The anchors are optional and not in the ``bench``
+extra (they pull a torch wheel); see the comment below it in pyproject.toml for their install lines.
 """
 
 from __future__ import annotations
@@ -427,11 +428,10 @@ def _f(x, spec=".2f"):
     return "-" if x is None else format(x, spec)
 
 
-def print_report(dense, anchors, anchor_notes, memory, sparse, sparse_notes, table, n, rounds,
-                 anchor_rounds, mem_n):
-    print(f"1. One float32 parameter of {n:,} elements: ms per step; x = torch fused's time / this one's "
-          f"(median of per-round ratios, {rounds} interleaved rounds x 3 calls); B/param = state bytes "
-          "per parameter")
+def print_dense(dense, anchors, anchor_notes, rounds, anchor_rounds):
+    """Section 1's tables (also printed by bench/targets.py)."""
+    print(f"   ms per step; x = torch fused's time / this one's (median of per-round ratios, {rounds} "
+          "interleaved rounds x 3 calls); B/param = state bytes per parameter")
     print(f"{'':<7}{'variant':<14}{'ms':>10}{'x fused':>9}{'B/param':>9}")
     for r in dense:
         for label in list(VARIANTS) + ["torch_fused"]:
@@ -450,6 +450,12 @@ def print_report(dense, anchors, anchor_notes, memory, sparse, sparse_notes, tab
         print("   'int8 x': the anchor's time / fastadapt int8's (how many times fastadapt int8 is faster)")
     for note in anchor_notes:
         print(f"   note: {note}")
+
+
+def print_report(dense, anchors, anchor_notes, memory, sparse, sparse_notes, table, n, rounds,
+                 anchor_rounds, mem_n):
+    print(f"1. One float32 parameter of {n:,} elements")
+    print_dense(dense, anchors, anchor_notes, rounds, anchor_rounds)
     print()
     print(f"2. Memory of one Adam step on {mem_n:,} float32 elements (tracemalloc peak; RSS growth = peak RSS "
           "during the step - RSS before)")
