@@ -12,7 +12,11 @@ and each is timed in its own steady state; see fastadapt.apps.benchmark.interlea
 3. the memory a 10M-element step allocates (tracemalloc, after the first step);
 4. ``import fastadapt`` + the first step in a fresh process with a warm numba cache;
 5. 1 and 2 numba threads giving bit-identical results;
-6. the per-step fixed cost on small models (bench/small_steps.py) beside a bare numba loop and torch.
+6. the per-step fixed cost on small models (bench/small_steps.py) beside a bare numba loop and torch;
+7. compressed optimizer state (issue #13, bench/compressed_state.py): Adam/AdamW with state_dtype
+   None / "bfloat16" / "int8" on one ``--compressed-size`` parameter vs torch fused, the slow 8-bit
+   anchors (bitsandbytes, torchao when importable) in ``--anchor-rounds`` rounds, and the state
+   bytes per parameter (``--no-compressed`` skips it).
 
 and a last table of the targets, each MET or MISSED.  Exit status 0 either way (this is a
 measurement, not a test); ``--strict`` exits 1 when a target is missed.  Takes ~2 minutes.
@@ -39,6 +43,7 @@ import fastadapt as fa  # noqa: E402
 from fastadapt.apps import benchmark as B  # noqa: E402
 from fastadapt.apps.cli import HelpFormatter  # noqa: E402
 import small_steps  # noqa: E402
+import compressed_state  # noqa: E402
 from seed_numpy import seed_case, seed_many_case  # noqa: E402
 
 NAMES = ["adagrad", "rmsprop", "adam", "adamw"]
@@ -192,8 +197,15 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="1e6 elements, 5 rounds (a smoke run)")
     parser.add_argument("--json", metavar="PATH", help="also write the measurements as JSON")
     parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
+    parser.add_argument("--compressed-size", type=float, default="1e8",
+                        help="elements of the compressed-state section's parameter (7.)")
+    parser.add_argument("--anchor-rounds", type=int, default=2,
+                        help="interleaved rounds (1 timed call each) of the slow 8-bit anchors in 7.")
+    parser.add_argument("--no-compressed", action="store_true", help="skip the compressed-state section (7.)")
+    parser.add_argument("--no-anchors", action="store_true", help="7. without bitsandbytes and torchao")
     args = parser.parse_args(argv)
     n, rounds = (10**6, 5) if args.quick else (int(args.size), args.rounds)
+    cn = 10**6 if args.quick else int(args.compressed_size)
     sizes = B.log_uniform_sizes(200, 100, 200_000, seed=0)
 
     load_start = _load()
@@ -205,10 +217,16 @@ def main(argv=None):
     cold_inside, cold_wall = cold_start()
     small = small_steps.rows()
     same = threads_identical()
+    comp, anchors, anchor_notes = None, [], []
+    if not args.no_compressed:
+        comp = compressed_state.dense_rows(cn, rounds)
+        if not args.no_anchors:
+            anchors, anchor_notes = compressed_state.anchor_rows(cn, args.anchor_rounds)
     info = B.threads_info()
     elapsed = time.perf_counter() - t_start
 
-    print(f"python bench/targets.py  ({n:,} float32 elements; medians of {rounds} interleaved rounds; "
+    print("python " + " ".join([os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv))))
+    print(f"({compressed_state.cpu_model()}; {n:,} float32 elements; medians of {rounds} interleaved rounds; "
           f"{B.describe_threads(info)}; numpy {np.__version__}; {elapsed:.0f} s; "
           f"1-min load average {load_start} at the start, {_load()} at the end)\n")
 
@@ -245,6 +263,11 @@ def main(argv=None):
               f"{fmt(r.get('torch_us'), '.1f'):>9}{fmt(r.get('torch_fused_us'), '.1f'):>9}")
     print("   floor: a bare numba loop doing the same update on the same arrays, scalars computed in Python\n")
 
+    if comp is not None:
+        print(f"7. Compressed optimizer state, one float32 parameter of {cn:,} elements (bench/compressed_state.py)")
+        compressed_state.print_dense(comp, anchors, anchor_notes, rounds, args.anchor_rounds)
+        print()
+
     by = {r["name"]: r for r in dense}
     targets = []
     for name in ("adam", "adamw", "adagrad"):
@@ -271,17 +294,35 @@ def main(argv=None):
         targets.append(("small: 100 x 100 >= 8x torch fused", hundred["torch_fused_us"] / hundred["fastadapt_us"], 8.0))
     targets.append(("small: RowGrad 1000 x 64 >= 0.5 of the same-bytes loop",
                     rowg["floor_us"] / rowg["fastadapt_us"], 0.5))
+    if comp is not None:
+        for r in comp:
+            nm = r["name"]
+            for label, tag, bar in (("fa_bf16", "bf16", 1.3), ("fa_int8", "int8", 1.5)):
+                if r.get(f"x_{label}_vs_torch_fused") is not None:
+                    targets.append((f"{nm} {tag} state >= {bar}x torch fused ({cn:.0e})",
+                                    r[f"x_{label}_vs_torch_fused"], bar))
+            targets.append((f"{nm} bf16 state bytes/param <= 4.0 (B / 4)", r["fa_bf16_bytes_per_param"] / 4.0, -2.0))
+            targets.append((f"{nm} int8 state bytes/param <= 2.05 (B / 2.05)", r["fa_int8_bytes_per_param"] / 2.05, -2.0))
+        bars = {"torchao_AdamWFp8": 5.0, "bnb_Adam8bit": 20.0, "torchao_AdamW8bit": 20.0}
+        for r in anchors:
+            if r["anchor"] in bars:
+                targets.append((f"{r['name']} int8 >= {bars[r['anchor']]:g}x {r['anchor']} ({cn:.0e})",
+                                r["x_fa_int8_vs_anchor"], bars[r["anchor"]]))
+        for missing in sorted(set(bars) - {r["anchor"] for r in anchors}):
+            print(f"(target int8 >= {bars[missing]:g}x {missing}: not measured, the anchor is not available here)")
     missed = 0
     print(f"{'target':<50}{'measured':>10}  result")
     for label, value, threshold in targets:
-        ok = value < 1.0 if threshold == -1.0 else value >= threshold
+        ok = (value < 1.0 if threshold == -1.0 else value <= 1.0 if threshold == -2.0
+              else value >= threshold)
         missed += not ok
         print(f"{label:<50}{value:>10.2f}  {'MET' if ok else 'MISSED'}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(n=n, rounds=rounds, info=info, dense=dense, many=many, overhead_us=overhead,
                            alloc_peak_bytes=alloc, cold_start_s=cold_inside, cold_process_s=cold_wall,
-                           threads_identical=same, small_steps=small), f, indent=2)
+                           threads_identical=same, small_steps=small, compressed_n=cn, compressed=comp,
+                           compressed_anchors=anchors, compressed_anchor_notes=anchor_notes), f, indent=2)
     return 1 if (args.strict and missed) else 0
 
 
