@@ -90,8 +90,20 @@ class CompressedBuffer:
 
     @classmethod
     def full(cls, shape: Tuple[int, ...], value: float, kind: str, signed: bool, seed: int = 0) -> "CompressedBuffer":
-        """A buffer of ``shape`` whose every value decodes to ``value`` rounded (to nearest)."""
-        return cls.encode(np.full(shape, value, np.float32), kind, signed, seed)
+        """A buffer of ``shape`` whose every value decodes to ``value`` rounded (to nearest): what
+        :meth:`encode` gives for ``np.full(shape, value)``, without that float32 temporary."""
+        one = np.full(1, value, np.float32)
+        if kind == "bfloat16":
+            code = bf16_encode(one, nearest=True)[0]
+            return cls(kind, np.full(shape, code, np.uint16), np.zeros(1, np.float32), signed, 1, seed)
+        if kind == "int8":
+            block = int8_block(tuple(shape))
+            signed = signed or value < 0
+            code, absmax = q8_encode(one, signed=signed, block=1)      # every block is [value, value, ...]
+            n = int(np.prod(shape, dtype=np.int64))
+            return cls(kind, np.full(shape, code[0], np.uint8), np.full(q8_blocks(n, block), absmax[0], np.float32),
+                       signed, block, seed)
+        raise ValueError(f"unknown compressed state kind {kind!r}")
 
     @classmethod
     def encode(cls, x: Any, kind: str, signed: bool, seed: int = 0) -> "CompressedBuffer":
