@@ -511,6 +511,13 @@ class CPUBackend:
         return CompressedBuffer.encode(np.asarray(values, np.float32).reshape(p.shape), kind, signed, seed)
 
     @staticmethod
+    def compressed_load(p: Any, buf: Any) -> Any:
+        return buf
+
+    #: sparse gradients with compressed state (not yet: the optimizer raises before a step)
+    sparse_compressed = False
+
+    @staticmethod
     def codec_step(rule: Any, p: Any, g: Any, slots: Any, k: Any, step: int, nearest: bool) -> None:
         from .cpu_codec import codec_step
         live = [s for s in slots if s is not None]
