@@ -383,7 +383,7 @@ _SCRATCH: Dict[Any, Any] = {}
 def _stream_key(stream: Any) -> Any:
     if not stream:
         return 0
-    handle = getattr(stream, "handle", None)
+    handle: Any = getattr(stream, "handle", None)
     try:
         return int(getattr(handle, "value", handle))
     except (TypeError, ValueError):                     # pragma: no cover - depends on the install
