@@ -439,6 +439,13 @@ class CPUBackend:
         return CompressedBuffer.encode(np.asarray(values, np.float32).reshape(p.shape), kind, signed, seed)
 
     @staticmethod
+    def compressed_load(p: Any, buf: Any) -> Any:
+        return buf
+
+    #: sparse gradients with compressed state (not yet: the optimizer raises before a step)
+    sparse_compressed = False
+
+    @staticmethod
     def codec_step(rule: Any, p: Any, g: Any, slots: Any, k: Any, step: int, nearest: bool) -> None:
         live = [s for s in slots if s is not None]
         codec_step(compiled(rule), p, g, slots, k, live[0].seed if live else 0, step, nearest)

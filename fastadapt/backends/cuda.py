@@ -22,7 +22,10 @@ Devices
     kernels are launched in that device's context, whatever device is current.
 State
     Buffers are numba device arrays of the parameter's shape, allocated once when the
-    state is created (never per step); ``state_dict()`` copies them to numpy.
+    state is created (never per step); ``state_dict()`` copies them to numpy.  Compressed
+    state (``state_dtype`` "bfloat16" / "int8", dense gradients) is
+    :mod:`fastadapt.backends.cuda_compressed`'s; sparse gradients with compressed state
+    raise NotImplementedError before the step.
 
 Under ``NUMBA_ENABLE_CUDASIM=1`` numba's simulator runs the same kernels on the CPU
 (device arrays made with ``numba.cuda.to_device``); objects exposing
@@ -37,6 +40,7 @@ import numpy as np
 from .. import config
 from .cuda_arrays import (INSTALL_HINT, SIMULATOR, _c_contiguous, _context_of, _dtype, _fill, _interface,
                           _is_numba_array, _shape, _stream_of, as_device_array, cuda, device_of, launch_dims)
+from . import cuda_compressed as _cc
 from .cuda_sparse import KERNELS as _SPARSE_KERNELS
 from .protocols import SparseKernels
 from .cuda_sparse import _fma_cuda  # noqa: F401  (registers the rules' fma for the CUDA target)
@@ -68,6 +72,14 @@ class _RuleKernels:
                 i += stride
 
         self.dense = dense
+        self._codec: Any = None
+
+    @property
+    def codec(self) -> Any:
+        """The compressed-state kernels (:class:`fastadapt.backends.cuda_compressed.CodecKernels`)."""
+        if self._codec is None:
+            self._codec = _cc.CodecKernels(self.rule)
+        return self._codec
 
 
 _KERNELS: dict[Any, Any] = {}
@@ -99,10 +111,6 @@ def _clear_flag(flag):
 
 
 # --------------------------------------------------------------------------- backend
-
-_NO_COMPRESSED = ("compressed state (state_dtype='bfloat16' or 'int8') is not available for CUDA parameters yet; "
-                  "use state_dtype=None")
-
 
 class CUDABackend:
     """CUDA arrays (implements :class:`fastadapt.backends.protocols.Backend`)."""
@@ -229,17 +237,33 @@ class CUDABackend:
         with _context_of(p):
             kernels(rule).dense[blocks, tpb, _stream_of(p)](p, g, s1, s2, s3, k)
 
+    #: sparse gradients with compressed state: not on CUDA yet (the optimizer raises before a step)
+    sparse_compressed = False
+
     @staticmethod
     def compressed_full(p: Any, value: float, kind: str, signed: bool, seed: int) -> Any:
-        raise NotImplementedError(_NO_COMPRESSED)
+        """A :class:`~fastadapt.backends.cuda_compressed.DeviceCompressedBuffer` for ``p`` whose
+        values are ``value`` (encoded on the host, copied to ``p``'s device)."""
+        from .compressed import CompressedBuffer
+        return _cc.from_host(CompressedBuffer.full(_shape(p), value, kind, signed, seed), p)
 
     @staticmethod
     def compressed_from(p: Any, values: np.ndarray, kind: str, signed: bool, seed: int) -> Any:
-        raise NotImplementedError(_NO_COMPRESSED)
+        """A device compressed buffer for ``p`` holding the host float ``values`` (rounded to nearest)."""
+        from .compressed import CompressedBuffer
+        host = CompressedBuffer.encode(np.asarray(values, np.float32).reshape(_shape(p)), kind, signed, seed)
+        return _cc.from_host(host, p)
+
+    @staticmethod
+    def compressed_load(p: Any, buf: Any) -> Any:
+        """A host compressed buffer (a loaded state_dict entry) copied to ``p``'s device, bit for bit."""
+        return _cc.from_host(buf, p)
 
     @staticmethod
     def codec_step(rule: Any, p: Any, g: Any, slots: Any, k: Any, step: int, nearest: bool) -> None:
-        raise NotImplementedError(_NO_COMPRESSED)
+        """``rule`` over the flat float32 device arrays ``p`` and ``g`` with compressed state ``slots``
+        (:func:`fastadapt.backends.cuda_compressed.codec_step`)."""
+        _cc.codec_step(kernels(rule).codec, p, g, slots, k, step, nearest)
 
     def all_finite(self, a: Any) -> bool:
         """True when the device array ``a`` holds no NaN or infinity.

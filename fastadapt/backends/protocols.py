@@ -98,6 +98,13 @@ class Backend(Protocol):
     def compressed_from(self, p: Any, values: np.ndarray, kind: str, signed: bool, seed: int) -> Any:
         """A compressed state buffer for ``p`` holding the host float ``values`` (rounded to nearest)."""
 
+    def compressed_load(self, p: Any, buf: Any) -> Any:
+        """A host :class:`~fastadapt.backends.compressed.CompressedBuffer` (a checked state_dict
+        entry of ``p``'s shape) as a compressed buffer of this backend, codes unchanged."""
+
+    #: whether sparse gradients work with compressed state (else the optimizer raises first)
+    sparse_compressed: bool
+
     def codec_step(self, rule: Any, p: Any, g: Any, slots: Any, k: Any, step: int, nearest: bool) -> None:
         """``rule`` over every element of the flat ``p`` and ``g``, with compressed state ``slots``
         (three compressed buffers or None): decoded before the rule, encoded after it."""

@@ -174,7 +174,9 @@ class Optimizer:
     def _state_kind(self, group, p):
         """The kind of compressed state parameter ``p`` gets in ``group``: "bfloat16", "int8" or None."""
         kind = group.get("state_dtype")
-        if kind is None or kind == "float32" or p.size < config.STATE_COMPRESS_MIN:
+        if kind is None or kind == "float32":
+            return None
+        if int(np.prod(p.shape, dtype=np.int64)) < config.STATE_COMPRESS_MIN:   # (torch: size is a method)
             return None
         return kind
 
@@ -457,6 +459,11 @@ class Optimizer:
                             raise ValueError(f"gradient {j} shares memory with parameter {other}, which "
                                              "this step updates; pass a separate gradient array")
                     else:
+                        if not backend.sparse_compressed and self._state_kind(group, p) is not None:
+                            raise NotImplementedError(
+                                f"gradient {j} is sparse, and sparse gradients with compressed state "
+                                f"(state_dtype={group.get('state_dtype')!r}) are not implemented for "
+                                f"{backend.name} parameters yet; pass a dense gradient or use state_dtype=None")
                         self._check_sparse_overlap(j, prepared, backend)
                     work.append((j, group, p, states[j], prepared))
                 j += 1
@@ -722,7 +729,8 @@ class Optimizer:
                 buf = loaded.get((idx, name))
                 if buf is not None:                         # compact compressed entry
                     buf.seed = j
-                    new[name] = buf if kind == buf.kind else self._convert_buffer(p, kind, name, buf)
+                    new[name] = (backend.compressed_load(p, buf) if kind == buf.kind
+                                 else self._convert_buffer(p, kind, name, buf))
                 elif kind is not None:                      # float state into compressed state
                     new[name] = backend.compressed_from(p, np.asarray(arr), kind, self._signed(name), j)
                 else:
