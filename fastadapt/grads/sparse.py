@@ -365,6 +365,14 @@ class PendingDecay:
         self.nearest = nearest      # compressed state: bfloat16 rounding of the catch-up (state_rounding)
 
 
+def _any_compressed(state: Mapping[str, Any], slots: Iterable[Optional[str]]) -> bool:
+    """Whether some state buffer is compressed (a cheap test before the optimizer's own)."""
+    for name in slots:
+        if name is not None and getattr(type(state.get(name)), "compressed_state", False):
+            return True
+    return False
+
+
 class _Prepared:
     """Shared part of :class:`CSRGrad` and :class:`RowsGrad`."""
 
@@ -402,7 +410,7 @@ class _Prepared:
     def apply(self, opt: Any, group: Mapping[str, Any], p: Any, state: MutableMapping[str, Any]) -> None:
         """Run the step (``state["step"]`` already advanced by the optimizer)."""
         backend = self.backend
-        packed = opt._compressed_slots(group, state)
+        packed = opt._compressed_slots(group, state) if _any_compressed(state, opt.slots) else None
         if packed is not None:              # state_dtype "bfloat16" / "int8": decode, rule, encode per row
             self._apply_compressed(opt, group, p, state, packed)
             return
@@ -428,6 +436,12 @@ class _Prepared:
                           packed: Any) -> None:
         """:meth:`apply` with compressed state: the backend's codec loops (the optimizer refused
         int8 state on parameters whose blocks are not row-aligned before anything was written)."""
+        backend, kernels = self.backend, self.kernels
+        with backend.context(p):
+            self._run_compressed(opt, group, p, state, packed)
+
+    def _run_compressed(self, opt: Any, group: Mapping[str, Any], p: Any, state: MutableMapping[str, Any],
+                        packed: Any) -> None:
         backend, kernels = self.backend, self.kernels
         step = state["step"]
         k = opt._scalars(group, state, backend.dtype_of(p))
