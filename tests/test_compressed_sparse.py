@@ -374,3 +374,22 @@ def test_state_dict_round_trip_after_sparse_steps(kind, hyper):
     f32 = a.state_dict(dtype="float32")
     for n in _slots(a):
         assert np.asarray(f32["state"][0][n]).dtype == np.float32
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_empty_gradients_and_other_shapes(kind):
+    """Empty RowGrad / CSR in every mode, SparseAdam, a 3-D table's RowGrad: as the reference."""
+    rng = np.random.default_rng(6)
+    for cls, hyper in ((fa.Adam, {"lr": 1e-2}), (fa.Adam, {"lr": 1e-2, "sparse_mode": "exact"}),
+                       (fa.RMSprop, {"lr": 1e-2, "sparse_mode": "exact"})):
+        P = rng.standard_normal((64, 64)).astype(np.float32)
+        opt = cls([P], state_dtype=kind, **hyper)
+        opt.step([rng.standard_normal(P.shape).astype(np.float32)])
+        _check_step(opt, fa.RowGrad(np.zeros(0, np.int64), np.zeros((0, 64), np.float32)))
+        _check_step(opt, sps.csr_matrix((64, 64), dtype=np.float32))
+        _check_step(opt, _grad(rng, P.shape, "csr", np.array([0, 63])))
+    P = rng.standard_normal((64, 64)).astype(np.float32)
+    opt = fa.SparseAdam([P], lr=1e-2, state_dtype=kind)
+    opt.step([fa.RowGrad(np.arange(64), rng.standard_normal(P.shape).astype(np.float32))])
+    _check_step(opt, _grad(rng, P.shape, "dup", np.array([1, 5, 9])))
+    _run_case(fa.Adam, {"lr": 1e-2}, kind, "rows", shape=(64, 4, 16))
