@@ -23,7 +23,7 @@ from .codec import bf16_decode_block, bf16_encode_block, q8_decode_span, q8_enco
 from .cpu_loops import _run, fingerprint, work_unit
 from .cpu_compile import direct
 
-__all__ = ["decode_span", "encode_span", "codec_step", "SUB_BLOCK"]
+__all__ = ["decode_span", "encode_span", "codec_step", "packed_slots", "sub_block", "SUB_BLOCK"]
 
 _OPTS = config.NJIT_OPTIONS
 
@@ -110,6 +110,37 @@ def _codec_serial(rule, p, g, c1, c2, c3, a1, a2, a3, used, signed, bs, sub, k, 
     _codec_range(rule, p, g, c1, c2, c3, a1, a2, a3, used, signed, bs, sub, 0, p.size, k, seed, step, nearest)
 
 
+def packed_slots(slots: Any) -> Any:
+    """The loops' arguments for three compressed slots (:func:`codec_step`'s ``slots``).
+
+    Parameters
+    ----------
+    slots : sequence of three
+        :class:`~fastadapt.backends.compressed.CompressedBuffer` or None (unused slot); the used
+        ones share one kind and block size.
+
+    Returns
+    -------
+    codes, scales : tuple of three ndarrays
+        Flat codes and absmax per slot (an unused slot: a 1-element view of a used one's, never
+        read or written).
+    used, signed : tuple of three bools
+    bs : int
+        Block length (int8), 1 for bfloat16.
+    """
+    first = next(s for s in slots if s is not None)
+    codes = tuple(s.flat_codes if s is not None else first.flat_codes[:1] for s in slots)
+    scales = tuple(s.flat_absmax if s is not None else first.flat_absmax[:1] for s in slots)
+    used = tuple(s is not None for s in slots)
+    signed = tuple(bool(s.signed) if s is not None else True for s in slots)
+    return codes, scales, used, signed, int(first.block)
+
+
+def sub_block(bs: int) -> int:
+    """Elements decoded at once for blocks of ``bs``: :data:`SUB_BLOCK` rounded to whole blocks."""
+    return max(bs, (SUB_BLOCK // bs) * bs)
+
+
 def codec_step(rule: Any, p: np.ndarray, g: np.ndarray, slots: Any, k: Any, seed: int, step: int,
                nearest: bool) -> None:
     """Apply compiled ``rule`` to every element of flat ``p`` and ``g`` with compressed state.
@@ -130,14 +161,8 @@ def codec_step(rule: Any, p: np.ndarray, g: np.ndarray, slots: Any, k: Any, seed
     nearest : bool
         Round bfloat16 to nearest instead of stochastically.
     """
-    live = [s for s in slots if s is not None]
-    first = live[0]
-    codes = [s.flat_codes if s is not None else first.flat_codes[:1] for s in slots]
-    scales = [s.flat_absmax if s is not None else first.flat_absmax[:1] for s in slots]
-    used = tuple(s is not None for s in slots)
-    signed = tuple(bool(s.signed) if s is not None else True for s in slots)
-    bs = first.block
-    sub = max(bs, (SUB_BLOCK // bs) * bs)
+    codes, scales, used, signed, bs = packed_slots(slots)
+    sub = sub_block(bs)
     args = (rule, p, g, *codes, *scales, used, signed, bs, sub)
     key = (rule, fingerprint((p, g, *codes, *scales)))
     if p.size >= config.PARALLEL_THRESHOLD:

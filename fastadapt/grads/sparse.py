@@ -353,12 +353,24 @@ class PendingDecay:
         The algorithm's slot names (where :func:`settle` finds the buffers).
     pending : bool
         Whether some row may be behind ``state["step"]``.
+    nearest : bool
+        Compressed state: whether :func:`settle` rounds bfloat16 to nearest (the group's
+        ``state_rounding`` at the last decay step) rather than stochastically.
     """
 
-    __slots__ = ("stamp", "plan", "names", "pending")
+    __slots__ = ("stamp", "plan", "names", "pending", "nearest")
 
-    def __init__(self, stamp: Any, plan: Any, names: Iterable[Optional[str]]) -> None:
+    def __init__(self, stamp: Any, plan: Any, names: Iterable[Optional[str]], nearest: bool = False) -> None:
         self.stamp, self.plan, self.names, self.pending = stamp, plan, tuple(names), False
+        self.nearest = nearest      # compressed state: bfloat16 rounding of the catch-up (state_rounding)
+
+
+def _any_compressed(state: Mapping[str, Any], slots: Iterable[Optional[str]]) -> bool:
+    """Whether some state buffer is compressed (a cheap test before the optimizer's own)."""
+    for name in slots:
+        if name is not None and getattr(type(state.get(name)), "compressed_state", False):
+            return True
+    return False
 
 
 class _Prepared:
@@ -383,6 +395,10 @@ class _Prepared:
                base: float, slots: Tuple[bool, bool, bool]) -> None:
         raise NotImplementedError
 
+    def _form(self) -> Tuple[Any, Any]:
+        """(indptr, cols) of a CSR gradient, (None, None) for the rows form."""
+        raise NotImplementedError
+
     def nnz(self) -> int:
         """Number of stored (touched) elements after canonicalisation."""
         return int(self.vals.size)
@@ -394,6 +410,10 @@ class _Prepared:
     def apply(self, opt: Any, group: Mapping[str, Any], p: Any, state: MutableMapping[str, Any]) -> None:
         """Run the step (``state["step"]`` already advanced by the optimizer)."""
         backend = self.backend
+        packed = opt._compressed_slots(group, state) if _any_compressed(state, opt.slots) else None
+        if packed is not None:              # state_dtype "bfloat16" / "int8": decode, rule, encode per row
+            self._apply_compressed(opt, group, p, state, packed)
+            return
         with backend.context(p):
             s1, s2, s3 = opt._slot_arrays(group, p, state, backend.flat)
             step = state["step"]
@@ -411,6 +431,39 @@ class _Prepared:
                 dec.pending = True
             else:
                 self._exact(opt.rule, pf, s1, s2, s3, k)
+
+    def _apply_compressed(self, opt: Any, group: Mapping[str, Any], p: Any, state: MutableMapping[str, Any],
+                          packed: Any) -> None:
+        """:meth:`apply` with compressed state: the backend's codec loops (the optimizer refused
+        int8 state on parameters whose blocks are not row-aligned before anything was written)."""
+        backend, kernels = self.backend, self.kernels
+        with backend.context(p):
+            self._run_compressed(opt, group, p, state, packed)
+
+    def _run_compressed(self, opt: Any, group: Mapping[str, Any], p: Any, state: MutableMapping[str, Any],
+                        packed: Any) -> None:
+        backend, kernels = self.backend, self.kernels
+        step = state["step"]
+        k = opt._scalars(group, state, backend.dtype_of(p))
+        pf = backend.flat(p)
+        nearest = group.get("state_rounding") == "nearest"
+        indptr, cols = self._form()
+        plan = _plan(opt, group)
+        if plan == LAZY:
+            kernels.codec_touched(opt.rule, pf, packed, self.rows, indptr, cols, self.vals, self.ncols, k, step,
+                                  nearest)
+        elif isinstance(plan, Decay):
+            dec = state.get("_decay")
+            if dec is None:                  # every row is current up to step - 1
+                dec = state["_decay"] = PendingDecay(kernels.new_stamp(self.nrows, step - 1), plan,
+                                                     opt.algorithm.slots, nearest)
+            dec.nearest = nearest
+            kernels.codec_touched(opt.rule, pf, packed, self.rows, indptr, cols, self.vals, self.ncols, k, step,
+                                  nearest, (dec.stamp, plan.base, plan.slots))
+            dec.pending = True
+        else:
+            kernels.codec_exact(opt.rule, pf, packed, self.nrows, self.ncols, self.rows, indptr, cols, self.vals, k,
+                                step, nearest)
 
 
 class CSRGrad(_Prepared):
@@ -434,6 +487,11 @@ class CSRGrad(_Prepared):
         self.nrows, self.ncols = int(nrows), int(ncols)
         self.backend = backend
         self.kernels = backend.sparse_kernels
+
+    def _form(self) -> Tuple[Any, Any]:
+        if self.vals.size == self.rows.size * self.ncols:     # every touched row whole: the rows form
+            return None, None
+        return self.indptr, self.cols
 
     def _lazy(self, rule: Any, p: Any, s1: Any, s2: Any, s3: Any, k: Any) -> None:
         self.kernels.csr_lazy(rule, p, s1, s2, s3, self.rows, self.indptr, self.cols, self.vals,
@@ -469,6 +527,9 @@ class RowsGrad(_Prepared):
         self.nrows, self.ncols = int(nrows), int(ncols)
         self.backend = backend
         self.kernels = backend.sparse_kernels
+
+    def _form(self) -> Tuple[Any, Any]:
+        return None, None
 
     def _lazy(self, rule: Any, p: Any, s1: Any, s2: Any, s3: Any, k: Any) -> None:
         self.kernels.rows_lazy(rule, p, s1, s2, s3, self.rows, self.vals, self.ncols, k)
@@ -548,6 +609,16 @@ def settle(p: Any, state: MutableMapping[str, Any], forget: bool = False) -> Non
     if dec.pending:
         backend = backend_for(p)
         _, ncols = row_view(p.shape)
+        flagged = [state.get(name) if (name is not None and flag) else None
+                   for name, flag in zip(dec.names, dec.plan.slots)]
+        if any(getattr(type(b), "compressed_state", False) for b in flagged):
+            with backend.context(p):      # compressed state: decode, catch up, encode the rows behind
+                backend.sparse_kernels.codec_settle(flagged, dec.stamp, state["step"], ncols, dec.plan.base,
+                                                    dec.plan.slots, dec.nearest)
+            dec.pending = False
+            if forget:
+                del state["_decay"]
+            return
         bufs = [backend.flat(state[name]) if (name is not None and name in state) else unused_slot(backend, p)
                 for name in dec.names]
         with backend.context(p):

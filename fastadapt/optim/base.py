@@ -23,6 +23,7 @@ from .. import config
 from ..algorithms import REGISTRY, Algorithm
 from ..algorithms._spec import MAX_STEP, short_repr
 from ..backends import backend_for, device_key, is_device_array, unused_slot
+from ..backends.compressed import int8_block, row_aligned
 from ..grads import DenseGrad, dense_host_grad, prepare_grad
 from ..grads.sparse import settle, settle_unless_continued
 
@@ -465,6 +466,7 @@ class Optimizer:
                                 f"(state_dtype={group.get('state_dtype')!r}) are not implemented for "
                                 f"{backend.name} parameters yet; pass a dense gradient or use state_dtype=None")
                         self._check_sparse_overlap(j, prepared, backend)
+                        self._check_sparse_state(j, group, p)
                     work.append((j, group, p, states[j], prepared))
                 j += 1
         return work
@@ -482,6 +484,23 @@ class Optimizer:
                 what = "values" if name == "vals" else "indices"
                 raise ValueError(f"gradient {j}: its {what} share memory with parameter {other}, which this "
                                  "step updates; pass a copy")
+
+    def _check_sparse_state(self, j, group, p):
+        """A sparse gradient of a parameter with int8 state needs its blocks within rows (a sparse
+        step re-encodes whole rows); raise before anything is written."""
+        if self._state_kind(group, p) != "int8":
+            return
+        shape = tuple(p.shape)
+        block = int8_block(shape)
+        if row_aligned(shape, block):
+            return
+        why = ("it is 1-D" if len(shape) < 2 else
+               f"its rows have {int(np.prod(shape[1:], dtype=np.int64))} elements, fewer than 32")
+        raise ValueError(f"gradient {j} is sparse, but parameter {j} (shape {shape}) has state_dtype='int8', whose "
+                         f"blocks of {block} elements span several rows because {why}: a sparse step would "
+                         "re-quantize rows it does not touch. Put this parameter in a param group with "
+                         "state_dtype='bfloat16' (works for every shape), or use a table with rows of 32 "
+                         "elements or more, or pass a dense gradient; nothing was changed")
 
     def _apply(self, group, p, state, g):
         if "_decay" in state:          # pending exact-mode decay (grads.sparse): settle unless continued
