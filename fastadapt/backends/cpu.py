@@ -442,8 +442,8 @@ class CPUBackend:
     def compressed_load(p: Any, buf: Any) -> Any:
         return buf
 
-    #: sparse gradients with compressed state (not yet: the optimizer raises before a step)
-    sparse_compressed = False
+    #: sparse gradients with compressed state: the codec row loops (cpu_sparse_codec)
+    sparse_compressed = True
 
     @staticmethod
     def codec_step(rule: Any, p: Any, g: Any, slots: Any, k: Any, step: int, nearest: bool) -> None:
