@@ -18,7 +18,7 @@ from .cpu_compile import compiled, direct
 from .cpu_loops import _run, _view, address, fingerprint, work_unit  # noqa: F401 (re-exported)
 from .compressed import CompressedBuffer
 from .cpu_codec import codec_step
-from .cpu_sparse import KERNELS as _SPARSE_KERNELS
+from .cpu_sparse_codec import KERNELS as _SPARSE_KERNELS
 from .protocols import SparseKernels
 
 _OPTS = config.NJIT_OPTIONS
@@ -452,7 +452,7 @@ class CPUBackend:
 
     @property
     def sparse_kernels(self) -> SparseKernels:
-        """:data:`fastadapt.backends.cpu_sparse.KERNELS`."""
+        """:data:`fastadapt.backends.cpu_sparse_codec.KERNELS`."""
         return _SPARSE_KERNELS
 
 

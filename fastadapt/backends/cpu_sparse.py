@@ -38,7 +38,7 @@ from .cpu_compile import compiled, direct, type_key
 _SCALE = compiled(scale_slots)
 _FACTOR_OF = compiled(decay_factor)
 
-__all__ = ["CPUSparseKernels", "KERNELS"]
+__all__ = ["CPUSparseKernels"]
 
 _OPTS = config.NJIT_OPTIONS
 
@@ -694,40 +694,8 @@ class CPUSparseKernels:
             _run(_settle_serial, _SCALE, _FACTOR_OF, *_decay_slots(s1, s2, s3), stamp, step, ncols, float(base),
                            u1, u2, u3)
 
-    # -- compressed state (state_dtype "bfloat16" / "int8"): fastadapt.backends.cpu_sparse_codec
-
-    @staticmethod
-    def codec_touched(
-            rule: Any, p: Any, slots: Any, rows: Any, indptr: Any, cols: Any, vals: Any, ncols: int, k: Any,
-            step: int, nearest: bool, decay: Any = None,
-    ) -> None:
-        """Lazy (``decay`` None) or exact-decay step on the touched rows with compressed ``slots``
-        (:func:`fastadapt.backends.cpu_sparse_codec.touched`)."""
-        from . import cpu_sparse_codec
-        cpu_sparse_codec.touched(rule, p, slots, rows, indptr, cols, vals, ncols, k, step, nearest, decay)
-
-    @staticmethod
-    def codec_exact(
-            rule: Any, p: Any, slots: Any, nrows: int, ncols: int, rows: Any, indptr: Any, cols: Any, vals: Any,
-            k: Any, step: int, nearest: bool,
-    ) -> None:
-        """Exact fused step with compressed ``slots`` (:func:`fastadapt.backends.cpu_sparse_codec.exact`)."""
-        from . import cpu_sparse_codec
-        cpu_sparse_codec.exact(rule, p, slots, nrows, ncols, rows, indptr, cols, vals, k, step, nearest)
-
-    @staticmethod
-    def codec_settle(
-            slots: Any, stamp: Any, step: int, ncols: int, base: float, flags: Tuple[bool, bool, bool],
-            nearest: bool,
-    ) -> None:
-        """:meth:`settle` with compressed ``slots`` (:func:`fastadapt.backends.cpu_sparse_codec.settle`)."""
-        from . import cpu_sparse_codec
-        cpu_sparse_codec.settle(slots, stamp, step, ncols, base, flags, nearest)
-
     @staticmethod
     def new_stamp(nrows: int, value: Any) -> Any:
         """A per-row stamp array (int64) filled with ``value``."""
         return np.full(nrows, value, dtype=np.int64)
 
-
-KERNELS = CPUSparseKernels()

@@ -30,13 +30,13 @@ import numpy as np
 from numba import njit, prange
 
 from .. import config
-from .cpu import _view
+from .cpu_loops import _view
 from .cpu_codec import decode_span, encode_span, packed_slots, sub_block
 from .cpu_compile import compiled
-from .cpu_sparse import (_FACTOR_OF, _SCALE, _decay_row, _dense_row, _merged_row, _nchunks, _run,
+from .cpu_sparse import (_FACTOR_OF, _SCALE, CPUSparseKernels, _decay_row, _dense_row, _merged_row, _nchunks, _run,
                          _stored_entries, _zero_run)
 
-__all__ = ["touched", "exact", "settle"]
+__all__ = ["touched", "exact", "settle", "CPUCodecSparseKernels", "KERNELS"]
 
 _OPTS = config.NJIT_OPTIONS
 
@@ -303,3 +303,37 @@ def settle(slots: Any, stamp: np.ndarray, step: int, ncols: int, base: float, fl
     _run(_settle_loop, _SCALE, _FACTOR_OF, proto, *codes, *scales, used, signed, bs, stamp, int(ncols), float(base),
          tuple(bool(f) for f in flags), _seed(slots), int(step), bool(nearest),
          _chunks(stamp.size * ncols, stamp.size))
+
+
+class CPUCodecSparseKernels(CPUSparseKernels):
+    """The CPU's sparse loops (:class:`fastadapt.backends.cpu_sparse.CPUSparseKernels`) and, for
+    compressed state (``state_dtype`` "bfloat16" / "int8"), the codec row loops of this module."""
+
+    @staticmethod
+    def codec_touched(
+            rule: Any, p: Any, slots: Any, rows: Any, indptr: Any, cols: Any, vals: Any, ncols: int, k: Any,
+            step: int, nearest: bool, decay: Any = None,
+    ) -> None:
+        """Lazy (``decay`` None) or exact-decay step on the touched rows with compressed ``slots``
+        (:func:`fastadapt.backends.cpu_sparse_codec.touched`)."""
+        touched(rule, p, slots, rows, indptr, cols, vals, ncols, k, step, nearest, decay)
+
+    @staticmethod
+    def codec_exact(
+            rule: Any, p: Any, slots: Any, nrows: int, ncols: int, rows: Any, indptr: Any, cols: Any, vals: Any,
+            k: Any, step: int, nearest: bool,
+    ) -> None:
+        """Exact fused step with compressed ``slots`` (:func:`fastadapt.backends.cpu_sparse_codec.exact`)."""
+        exact(rule, p, slots, nrows, ncols, rows, indptr, cols, vals, k, step, nearest)
+
+    @staticmethod
+    def codec_settle(
+            slots: Any, stamp: Any, step: int, ncols: int, base: float, flags: Tuple[bool, bool, bool],
+            nearest: bool,
+    ) -> None:
+        """:meth:`settle` with compressed ``slots`` (:func:`fastadapt.backends.cpu_sparse_codec.settle`)."""
+        settle(slots, stamp, step, ncols, base, flags, nearest)
+
+
+#: the CPU backend's sparse kernels (:attr:`fastadapt.backends.cpu.CPUBackend.sparse_kernels`)
+KERNELS = CPUCodecSparseKernels()

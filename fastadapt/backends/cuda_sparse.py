@@ -483,6 +483,23 @@ class CUDASparseKernels:
                 *(bool(u) for u in slots))
         _launch(_stamp_all, stamp.size, s1, stamp, step)
 
+    # compressed state: not on CUDA yet (the optimizer refuses such a step before it starts,
+    # CUDABackend.sparse_compressed is False)
+    @staticmethod
+    def codec_touched(rule: Any, p: Any, slots: Any, rows: Any, indptr: Any, cols: Any, vals: Any, ncols: int,
+                      k: Any, step: int, nearest: bool, decay: Any = None) -> None:
+        raise NotImplementedError("sparse gradients with compressed state on CUDA")
+
+    @staticmethod
+    def codec_exact(rule: Any, p: Any, slots: Any, nrows: int, ncols: int, rows: Any, indptr: Any, cols: Any,
+                    vals: Any, k: Any, step: int, nearest: bool) -> None:
+        raise NotImplementedError("sparse gradients with compressed state on CUDA")
+
+    @staticmethod
+    def codec_settle(slots: Any, stamp: Any, step: int, ncols: int, base: float, flags: Tuple[bool, bool, bool],
+                     nearest: bool) -> None:
+        raise NotImplementedError("sparse gradients with compressed state on CUDA")
+
     @staticmethod
     def new_stamp(nrows: int, value: Any) -> Any:
         """A per-row stamp array (int64) filled with ``value``, on the current device.

@@ -46,6 +46,16 @@ class SparseKernels(Protocol):
 
     def new_stamp(self, nrows: int, value: int) -> Any: ...
 
+    # compressed state (state_dtype "bfloat16" / "int8"): the same steps on decoded rows
+    def codec_touched(self, rule: Any, p: Any, slots: Any, rows: Any, indptr: Any, cols: Any, vals: Any,
+                      ncols: int, k: Any, step: int, nearest: bool, decay: Any = None) -> None: ...
+
+    def codec_exact(self, rule: Any, p: Any, slots: Any, nrows: int, ncols: int, rows: Any, indptr: Any,
+                    cols: Any, vals: Any, k: Any, step: int, nearest: bool) -> None: ...
+
+    def codec_settle(self, slots: Any, stamp: Any, step: int, ncols: int, base: float,
+                     flags: Tuple[bool, bool, bool], nearest: bool) -> None: ...
+
 
 class Backend(Protocol):
     """One kind of array and the loops over it."""
