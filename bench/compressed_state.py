@@ -468,7 +468,8 @@ def print_report(dense, anchors, anchor_notes, memory, sparse, sparse_notes, tab
                    "peak RSS could not be reset: RSS growth shows only a new process-wide peak (a lower bound)"))
     print("   RSS growth is a lower bound: it reads 0 when the allocator reuses pages already resident (glibc keeps\n"
           "   freed blocks below its mmap threshold, up to 32 MiB); tracemalloc counts every numpy allocation.\n"
-          "   The first step creates the state: its float32 transient (np.full, then encode) is O(N) today.")
+          "   The first step creates the state (its traced bytes are the state itself: codes and scales are\n"
+          "   built directly, no float32 temporary); later steps allocate O(block) scratch.")
     print()
     print("3. RowGrad steps on a table, float32 vs int8 state (x = float32 time / int8 time)")
     for r in sparse:
