@@ -57,7 +57,7 @@ VARIANTS = {"fa_f32": None, "fa_bf16": "bfloat16", "fa_int8": "int8"}
 SPARSE_REFUSALS = (NotImplementedError, ValueError, TypeError, AttributeError)
 
 #: fraction of MemTotal :func:`largest_table` counts as usable for the table and its state (the
-#: rest: the OS, the interpreter, gradients, the transient of the first step)
+#: rest: the OS, the interpreter, the gradients)
 MEMORY_MARGIN = 0.75
 
 
@@ -391,11 +391,10 @@ def largest_table(dim=64, margin=MEMORY_MARGIN):
 def prove(info, steps=3, density=0.01, seed=0):
     """Allocate a table of 1.5x the float32 limit's rows (touching every page), give it Adam with
     int8 state and run ``steps`` RowGrad steps; return a dict of what happened.  Refuses (returns
-    a reason) when MemAvailable cannot hold the table, its int8 state and the float32 transient
-    of state creation with a 10 % margin."""
+    a reason) when MemAvailable cannot hold the table and its int8 state with a 10 % margin."""
     dim = info["dim"]
     nrows = int(1.5 * info["f32_rows"])
-    need = nrows * (info["int8_bytes_per_row"] + 4 * dim) * 1.10     # + one float32 buffer transient
+    need = nrows * info["int8_bytes_per_row"] * 1.10      # table + int8 state (built without a float32 temporary)
     if info["mem_available"] is None or need > info["mem_available"]:
         return {"ran": False, "rows": nrows, "reason": f"needs ~{need / 2**30:.1f} GiB, MemAvailable is "
                 f"{(info['mem_available'] or 0) / 2**30:.1f} GiB"}
@@ -482,7 +481,7 @@ def print_report(dense, anchors, anchor_notes, memory, sparse, sparse_notes, tab
           f"row), in {table['margin']:.0%} of MemTotal")
     if table["mem_total"]:
         print(f"   MemTotal {table['mem_total'] / 2**30:.1f} GiB (margin: {1 - table['margin']:.0%} left for "
-              "the OS, Python, gradients and the transient of the first step)")
+              "the OS, Python and the gradients)")
         for label in ("f32", "int8"):
             print(f"   {label:<5} state: {table[f'{label}_bytes_per_row']:.1f} B/row -> {table[f'{label}_rows']:,} rows "
                   f"({table[f'{label}_rows'] * table['dim'] / 1e9:.2f} G parameters)")
