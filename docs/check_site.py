@@ -33,6 +33,7 @@ EXPECTED_PAGES = [
     "gpu.html",
     "distributed.html",
     "performance.html",
+    "memory.html",
     "api.html",
     "spec.html",
     "development.html",
@@ -48,7 +49,7 @@ EXPECTED_ANCHORS = {
         "spec-sgd", "spec-adadelta", "spec-adamax", "spec-nadam", "spec-radam",
         "spec-sparse", "spec-sparse-formats", "spec-sparse-semantics", "spec-sparse-lazy",
         "spec-sparse-exact", "spec-sparse-adagrad", "spec-nonfinite", "spec-validation",
-        "spec-state", "spec-tolerances", "spec-decisions",
+        "spec-state", "spec-tolerances", "spec-decisions", "spec-compressed-state",
     ],
     "api.html": [
         "fastadapt.Adam", "fastadapt.AdamW", "fastadapt.Adagrad", "fastadapt.RMSprop",
