@@ -414,16 +414,44 @@ def test_sparse_exact_decay_matches_cpu(case, kind, form):
     assert_pair(oh, od, ph, pd)
 
 
+FUSED_CASES = [
+    (fa.Adam, dict(weight_decay=0.1)),
+    (fa.SGD, dict(lr=0.05, momentum=0.9)),
+    (fa.RMSprop, dict(momentum=0.9)),
+]
+
+
+@pytest.mark.parametrize("form", ["rows", "csr", "csr_host"])
 @pytest.mark.parametrize("kind", ["bfloat16", "int8"])
-@pytest.mark.parametrize("case", [(fa.Adam, {}), (fa.SGD, dict(lr=0.05, momentum=0.9))], ids=["Adam", "SGD"])
-def test_sparse_exact_fused_with_compressed_state_raises_before_writing(case, kind):
-    """sparse_mode='exact' with a fused plan (Adam, SGD with momentum) and compressed state is
-    not on CUDA: refused before anything is written."""
+@pytest.mark.parametrize("case", FUSED_CASES, ids=["Adam", "SGD", "RMSprop_momentum"])
+def test_sparse_exact_fused_matches_cpu(case, kind, form):
+    """sparse_mode='exact' with a fused plan: every row runs the rule (0 where nothing is
+    stored); parameters, codes and scales equal the CPU's bit for bit."""
     cls, kw = case
+    shape = SPARSE_SHAPE
+    p0, dense = problem(14, shape, 1)
+    kw = dict(kw, state_dtype=kind, sparse_mode="exact")
+    ph, pd = p0.copy(), dev(p0)
+    oh, od = cls([ph], **kw), cls([pd], **kw)
+    assert od.algorithm.exact(od.param_groups[0]) == "fused"
+    oh.step([dense[0]])
+    od.step([dev(dense[0])])
+    for gh, gd in _sparse_grads(shape, form, seed=15, n=2):
+        oh.step([gh])
+        od.step([gd])
+    assert_pair(oh, od, ph, pd)
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "int8"])
+def test_sparse_compressed_refused_before_writing_where_backend_lacks_plan(monkeypatch, kind):
+    """A backend whose ``sparse_compressed_supports(plan)`` is False for a plan makes the
+    optimizer raise NotImplementedError before anything is written."""
+    from fastadapt.backends.cuda import CUDABackend
+    monkeypatch.setattr(CUDABackend, "sparse_compressed_supports", staticmethod(lambda plan: plan != "fused"))
+    cls, kw = fa.Adam, {}
     p0 = np.random.default_rng(7).standard_normal(SHAPE).astype(np.float32)
     pd = dev(p0)
     opt = cls([pd], state_dtype=kind, sparse_mode="exact", **kw)
-    assert opt.algorithm.exact(opt.param_groups[0]) == "fused"
     opt.step([dev(np.ones(SHAPE, np.float32))])
     before = host(pd)
     saved = opt.state_dict()
@@ -435,3 +463,18 @@ def test_sparse_exact_fused_with_compressed_state_raises_before_writing(case, ki
     assert opt.state[0]["step"] == 1
     for name, entry in compressed_entries(saved).items():
         assert_entries_equal(compressed_entries(opt.state_dict())[name], entry)
+
+
+def test_sparse_int8_not_row_aligned_refused_before_writing():
+    """int8 state on a table whose rows are shorter than 32 elements (blocks span rows): a sparse
+    step is refused before anything is written, as on the CPU."""
+    shape = (40, 8)
+    p0 = np.random.default_rng(8).standard_normal(shape).astype(np.float32)
+    pd = dev(p0)
+    opt = fa.Adam([pd], state_dtype="int8")
+    opt.step([dev(np.ones(shape, np.float32))])
+    before = host(pd)
+    with pytest.raises(ValueError, match="row"):
+        opt.step([fa.RowGrad(dev(np.array([1, 3], np.int64)), dev(np.ones((2, 8), np.float32)))])
+    np.testing.assert_array_equal(host(pd), before)
+    assert opt.state[0]["step"] == 1

@@ -483,9 +483,7 @@ class CUDASparseKernels:
                 *(bool(u) for u in slots))
         _launch(_stamp_all, stamp.size, s1, stamp, step)
 
-    # compressed state (cuda_sparse_codec): lazy and exact-decay steps, settle; the exact fused
-    # step is not on CUDA yet (the optimizer refuses it before a step starts,
-    # CUDABackend.sparse_compressed_supports)
+    # compressed state (cuda_sparse_codec): lazy, exact-decay and exact fused steps, settle
     @staticmethod
     def codec_touched(rule: Any, p: Any, slots: Any, rows: Any, indptr: Any, cols: Any, vals: Any, ncols: int,
                       k: Any, step: int, nearest: bool, decay: Any = None) -> None:
@@ -498,8 +496,10 @@ class CUDASparseKernels:
     @staticmethod
     def codec_exact(rule: Any, p: Any, slots: Any, nrows: int, ncols: int, rows: Any, indptr: Any, cols: Any,
                     vals: Any, k: Any, step: int, nearest: bool) -> None:
-        """Exact fused step with compressed state: not implemented on CUDA, raises NotImplementedError."""
-        raise NotImplementedError("sparse gradients with compressed state on CUDA in the exact fused mode")
+        """Exact fused step with compressed ``slots``, one CUDA block per row of the table
+        (:func:`fastadapt.backends.cuda_sparse_codec.exact`)."""
+        from .cuda_sparse_codec import exact
+        exact(rule, p, slots, nrows, ncols, rows, indptr, cols, vals, k, step, nearest, _no_rows(p))
 
     @staticmethod
     def codec_settle(slots: Any, stamp: Any, step: int, ncols: int, base: float, flags: Tuple[bool, bool, bool],

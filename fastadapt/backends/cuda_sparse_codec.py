@@ -1,8 +1,8 @@
-"""Sparse steps over compressed state on CUDA: one CUDA block per touched row.
+"""Sparse steps over compressed state on CUDA: one CUDA block per row.
 
-The device twin of :func:`fastadapt.backends.cpu_sparse_codec.touched` in lazy mode, written
-with the codec device functions of :mod:`fastadapt.backends.cuda_compressed` (not a copy of
-the codec):
+The device twin of :mod:`fastadapt.backends.cpu_sparse_codec` (:func:`touched`: lazy and exact
+decay, :func:`exact`: exact fused, :func:`settle`), written with the codec device functions of
+:mod:`fastadapt.backends.cuda_compressed` (not a copy of the codec).  Lazy mode:
 
 bfloat16
     The block's threads stride over the row's elements; each decodes its element's slots
@@ -19,16 +19,16 @@ int8 blockwise
     the float32 state in a global scratch, reduce the block's ``|bits|`` maximum in shared
     memory and encode with :func:`fastadapt.backends.cuda_compressed._q8_store`.
 
-An untouched row's codes and scales are neither read nor written.  A zero-copy CSR
+In lazy and decay mode an untouched row's codes and scales are neither read nor written.  A zero-copy CSR
 (``rows=None``: ``indptr`` is the gradient's full ``indptr``) is walked row by row, an empty
 row's block moving on at once.
 
 Exact ``Decay`` mode (RMSprop, Adadelta, ...): a touched row's stamp is read by every thread,
 the row caught up in closed form (:func:`fastadapt.algorithms.scale_slots`) in the decoded
 values, updated whole and encoded once; thread 0 stamps it after a barrier.  :func:`settle`
-catches every row behind up the same way (no rule).  Exact ``FUSED`` mode over compressed state
-is not implemented on CUDA: :meth:`fastadapt.backends.cuda.CUDABackend.sparse_compressed_supports`
-tells the optimizer to refuse it before anything is written.
+catches every row behind up the same way (no rule).  Exact ``FUSED`` mode (:func:`exact`) walks
+every row of the table (a touched row found by binary search in ``rows``), the rule running with
+0 where nothing is stored, as the CPU's fused pass.
 """
 
 from typing import Any, Dict
@@ -42,7 +42,7 @@ from .cuda_sparse import _decay_functions
 from .cuda_compressed import (_ABS, _QMAPS, _U0, DeviceCompressedBuffer, _bf16_decode, _bf16_encode, _f32_bits,
                               _q8_store, _scratch, _sr_bits, SCRATCH_ELEMS)
 
-__all__ = ["SparseCodecKernels", "touched", "settle"]
+__all__ = ["SparseCodecKernels", "touched", "exact", "settle"]
 
 # the closed-form catch-up of exact decay (algorithms.scale_slots, decay_factor) as device functions
 _scale, _factor_of, _ = _decay_functions(np.float32)
@@ -60,6 +60,27 @@ def _find(cols, lo, hi, c):
     return lo
 
 
+@cuda.jit(device=True)
+def _locate(t, fused, identity, whole, rows, nk, indptr):
+    """Walk index ``t``'s row: (table row, its position in the gradient, its first and end
+    entries in ``cols`` (CSR), whether the gradient touches it).  Fused: ``t`` is the table
+    row, found by binary search in ``rows`` (or directly in a full ``indptr``)."""
+    r = t
+    tt = t
+    if fused:
+        if not identity:
+            tt = _find(rows, 0, nk, t)
+            if tt >= nk or rows[tt] != t:
+                return r, tt, 0, 0, False
+    elif not identity:
+        r = rows[t]
+    if whole:
+        return r, tt, 0, 0, True
+    a = indptr[tt]
+    b = indptr[tt + 1]
+    return r, tt, a, b, b > a
+
+
 class SparseCodecKernels:
     """The lazy sparse kernels of one rule over compressed state (compiled lazily by numba).
 
@@ -72,9 +93,31 @@ class SparseCodecKernels:
     def __init__(self, rule: Any) -> None:
         dev = cuda.jit(device=True)(rule)
 
+        @cuda.jit(device=True)
+        def at(p, i, lp, x1, x2, x3, hit, whole, merged, cols, q, b, c, vals, voff, k):
+            """The rule at element ``i`` (column ``c``) on the decoded ``x1..x3``: with its value
+            (rows form: ``vals[voff + c]``; CSR: found from ``q`` on, which is returned), with 0
+            where the row is untouched or (``merged``: exact modes) nothing is stored."""
+            run = True
+            g = np.float32(0)
+            if hit:
+                if whole:
+                    g = vals[voff + c]
+                else:
+                    q = _find(cols, q, b, c)
+                    if q < b and cols[q] == c:
+                        g = vals[q]
+                    else:
+                        run = merged
+            if run:
+                lp[0] = p[i]
+                dev(lp, x1, x2, x3, 0, g, k)
+                p[i] = lp[0]
+            return q
+
         @cuda.jit
         def bf16(p, c1, c2, c3, u1, u2, u3, rows, identity, whole, indptr, cols, vals, nwalk, ncols, k, key,
-                 nearest, catch_up, stamp, step, dbase, f1, f2, f3):
+                 nearest, fused, nk, catch_up, stamp, step, dbase, f1, f2, f3):
             lp = cuda.local.array(1, np.float32)
             x1 = cuda.local.array(1, np.float32)
             x2 = cuda.local.array(1, np.float32)
@@ -83,15 +126,8 @@ class SparseCodecKernels:
             ntpb = cuda.blockDim.x
             t = cuda.blockIdx.x
             while t < nwalk:
-                a = 0
-                b = 0
-                if not whole:
-                    a = indptr[t]
-                    b = indptr[t + 1]
-                if whole or b > a:
-                    r = t
-                    if not identity:
-                        r = rows[t]
+                r, tt, a, b, hit = _locate(t, fused, identity, whole, rows, nk, indptr)
+                if hit or fused:                            # the same for every thread of the block
                     base = r * ncols
                     gap = 0
                     factor = np.float32(1)
@@ -111,20 +147,8 @@ class SparseCodecKernels:
                             x3[0] = _bf16_decode(c3[i])
                         if gap > 0:
                             _scale(x1, x2, x3, 0, (f1, f2, f3, factor))
-                        if whole:
-                            lp[0] = p[i]
-                            dev(lp, x1, x2, x3, 0, vals[t * ncols + c], k)
-                            p[i] = lp[0]
-                        else:
-                            q = _find(cols, q, b, c)
-                            if q < b and cols[q] == c:
-                                lp[0] = p[i]
-                                dev(lp, x1, x2, x3, 0, vals[q], k)
-                                p[i] = lp[0]
-                            elif catch_up:                  # exact decay: the whole row, 0 where not stored
-                                lp[0] = p[i]
-                                dev(lp, x1, x2, x3, 0, np.float32(0), k)
-                                p[i] = lp[0]
+                        q = at(p, i, lp, x1, x2, x3, hit, whole, catch_up or fused, cols, q, b, c, vals, tt * ncols,
+                               k)
                         rb = _U0
                         if not nearest:
                             rb = _sr_bits(key, np.uint64(i))
@@ -143,7 +167,7 @@ class SparseCodecKernels:
 
         @cuda.jit
         def q8(p, c1, c2, c3, a1, a2, a3, u1, u2, u3, sg1, sg2, sg3, bs, rows, identity, whole, indptr, cols, vals,
-               nwalk, ncols, scratch, k, catch_up, stamp, step, dbase, f1, f2, f3):
+               nwalk, ncols, scratch, k, fused, nk, catch_up, stamp, step, dbase, f1, f2, f3):
             lp = cuda.local.array(1, np.float32)
             x1 = cuda.local.array(1, np.float32)
             x2 = cuda.local.array(1, np.float32)
@@ -158,15 +182,8 @@ class SparseCodecKernels:
             nqb = ncols // bs                               # quantisation blocks per row
             t = cuda.blockIdx.x
             while t < nwalk:
-                a = 0
-                b = 0
-                if not whole:
-                    a = indptr[t]
-                    b = indptr[t + 1]
-                if whole or b > a:                          # the same for every thread of the block
-                    r = t
-                    if not identity:
-                        r = rows[t]
+                r, tt, a, b, hit = _locate(t, fused, identity, whole, rows, nk, indptr)
+                if hit or fused:                            # the same for every thread of the block
                     base = r * ncols
                     gap = 0
                     factor = np.float32(1)
@@ -202,20 +219,8 @@ class SparseCodecKernels:
                                 x3[0] = _QMAPS[sg3, c3[e]] * s3
                             if gap > 0:
                                 _scale(x1, x2, x3, 0, (f1, f2, f3, factor))
-                            if whole:
-                                lp[0] = p[e]
-                                dev(lp, x1, x2, x3, 0, vals[t * ncols + c], k)
-                                p[e] = lp[0]
-                            else:
-                                q = _find(cols, q, b, c)
-                                if q < b and cols[q] == c:
-                                    lp[0] = p[e]
-                                    dev(lp, x1, x2, x3, 0, vals[q], k)
-                                    p[e] = lp[0]
-                                elif catch_up:              # exact decay: the whole row, 0 where not stored
-                                    lp[0] = p[e]
-                                    dev(lp, x1, x2, x3, 0, np.float32(0), k)
-                                    p[e] = lp[0]
+                            q = at(p, e, lp, x1, x2, x3, hit, whole, catch_up or fused, cols, q, b, c, vals,
+                                   tt * ncols, k)
                             if u1:
                                 scratch[o1 + j] = x1[0]
                                 m1 = max(m1, _f32_bits(x1[0]) & _ABS)
@@ -404,8 +409,26 @@ def touched(rule: Any, p: Any, slots: Any, rows: Any, indptr: Any, cols: Any, va
         slot flags; a touched row is caught up in closed form, then updated whole (0 where a
         CSR stores nothing).  None: lazy (the stored entries only).
     """
+    if vals.size == 0:
+        return                                  # no row touched: nothing to update or stamp
+    _step(rule, p, slots, rows, indptr, cols, vals, ncols, k, step, nearest, no_rows, decay, None)
+
+
+def exact(rule: Any, p: Any, slots: Any, nrows: int, ncols: int, rows: Any, indptr: Any, cols: Any, vals: Any,
+          k: Any, step: int, nearest: bool, no_rows: Any) -> None:
+    """Exact ``FUSED`` sparse step with compressed state: every row of the table, one CUDA block
+    per row, the rule at every element with its gradient where stored and 0 elsewhere; the codes
+    of :func:`fastadapt.backends.cpu_sparse_codec.exact` (see :func:`touched` for the arguments;
+    ``nrows``: the table's rows)."""
+    _step(rule, p, slots, rows, indptr, cols, vals, ncols, k, step, nearest, no_rows, None, int(nrows))
+
+
+def _step(rule: Any, p: Any, slots: Any, rows: Any, indptr: Any, cols: Any, vals: Any, ncols: int, k: Any,
+          step: int, nearest: bool, no_rows: Any, decay: Any, nrows: Any) -> None:
+    """Launch the kernels of :func:`touched` (``nrows`` None) or :func:`exact` (every one of
+    ``nrows`` rows)."""
     live = [s for s in slots if s is not None]
-    if not live or vals.size == 0:
+    if not live:
         return
     for s in live:
         if not isinstance(s, DeviceCompressedBuffer):
@@ -413,7 +436,12 @@ def touched(rule: Any, p: Any, slots: Any, rows: Any, indptr: Any, cols: Any, va
     first = live[0]
     whole = indptr is None
     identity = rows is None
-    nwalk = int(rows.size) if whole else int(indptr.size) - 1
+    fused = nrows is not None
+    nk = 0 if identity else int(rows.size)
+    if fused:
+        nwalk = nrows
+    else:
+        nwalk = int(rows.size) if whole else int(indptr.size) - 1
     if nwalk <= 0:
         return
     if whole:
@@ -435,7 +463,7 @@ def touched(rule: Any, p: Any, slots: Any, rows: Any, indptr: Any, cols: Any, va
             key = np.uint64(sr_key(int(first.seed), int(step)))
             grid = max(1, min(nwalk, int(config.CUDA_MAX_BLOCKS)))
             ks.bf16[grid, tpb, stream](p, *codes, *used, rows, identity, whole, indptr, cols, vals, nwalk,
-                                       int(ncols), k, key, bool(nearest), *dargs)
+                                       int(ncols), k, key, bool(nearest), fused, nk, *dargs)
             return
         bs = first.block
         if int(ncols) % bs:
@@ -445,7 +473,7 @@ def touched(rule: Any, p: Any, slots: Any, rows: Any, indptr: Any, cols: Any, va
         signed = [int(bool(s.signed)) if s is not None else 1 for s in slots]
         scratch = _scratch(p, stream, 3 * grid * bs)
         ks.q8[grid, tpb, stream](p, *codes, *scales, *used, *signed, bs, rows, identity, whole, indptr, cols,
-                                 vals, nwalk, int(ncols), scratch, k, *dargs)
+                                 vals, nwalk, int(ncols), scratch, k, fused, nk, *dargs)
 
 
 def settle(slots: Any, stamp: Any, step: int, ncols: int, base: float, flags: Any, nearest: bool) -> None:
