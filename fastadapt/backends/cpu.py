@@ -446,6 +446,11 @@ class CPUBackend:
     sparse_compressed = True
 
     @staticmethod
+    def sparse_compressed_supports(plan: Any) -> bool:
+        """Every sparse plan (lazy, fused, decay) runs with compressed state on the CPU."""
+        return True
+
+    @staticmethod
     def codec_step(rule: Any, p: Any, g: Any, slots: Any, k: Any, step: int, nearest: bool) -> None:
         live = [s for s in slots if s is not None]
         codec_step(compiled(rule), p, g, slots, k, live[0].seed if live else 0, step, nearest)

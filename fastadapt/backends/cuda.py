@@ -25,7 +25,7 @@ State
     state is created (never per step); ``state_dict()`` copies them to numpy.  Compressed
     state (``state_dtype`` "bfloat16" / "int8", dense gradients) is
     :mod:`fastadapt.backends.cuda_compressed`'s; sparse gradients with compressed state
-    raise NotImplementedError before the step.
+    (lazy, exact decay, exact fused) :mod:`fastadapt.backends.cuda_sparse_codec`'s.
 
 Under ``NUMBA_ENABLE_CUDASIM=1`` numba's simulator runs the same kernels on the CPU
 (device arrays made with ``numba.cuda.to_device``); objects exposing
@@ -237,8 +237,15 @@ class CUDABackend:
         with _context_of(p):
             kernels(rule).dense[blocks, tpb, _stream_of(p)](p, g, s1, s2, s3, k)
 
-    #: sparse gradients with compressed state: not on CUDA yet (the optimizer raises before a step)
-    sparse_compressed = False
+    #: sparse gradients with compressed state: the row kernels of cuda_sparse_codec
+    sparse_compressed = True
+
+    @staticmethod
+    def sparse_compressed_supports(plan: Any) -> bool:
+        """Whether a sparse step with compressed state runs on CUDA under ``plan`` (``"lazy"``,
+        ``"fused"`` or a :class:`~fastadapt.algorithms.Decay`, :func:`fastadapt.grads.sparse._plan`):
+        every plan does (:mod:`fastadapt.backends.cuda_sparse_codec`)."""
+        return True
 
     @staticmethod
     def compressed_full(p: Any, value: float, kind: str, signed: bool, seed: int) -> Any:

@@ -112,8 +112,14 @@ class Backend(Protocol):
         """A host :class:`~fastadapt.backends.compressed.CompressedBuffer` (a checked state_dict
         entry of ``p``'s shape) as a compressed buffer of this backend, codes unchanged."""
 
-    #: whether sparse gradients work with compressed state (else the optimizer raises first)
+    #: whether sparse gradients work with compressed state in some mode (see
+    #: :meth:`sparse_compressed_supports`; else the optimizer raises first)
     sparse_compressed: bool
+
+    def sparse_compressed_supports(self, plan: Any) -> bool:
+        """Whether a sparse step with compressed state runs under ``plan`` ("lazy", "fused" or a
+        :class:`~fastadapt.algorithms.Decay`); the optimizer raises NotImplementedError before
+        anything is written where not."""
 
     def codec_step(self, rule: Any, p: Any, g: Any, slots: Any, k: Any, step: int, nearest: bool) -> None:
         """``rule`` over every element of the flat ``p`` and ``g``, with compressed state ``slots``

@@ -489,7 +489,7 @@ class CSRGrad(_Prepared):
         self.kernels = backend.sparse_kernels
 
     def _form(self) -> Tuple[Any, Any]:
-        if self.vals.size == self.rows.size * self.ncols:     # every touched row whole: the rows form
+        if self.rows is not None and self.vals.size == self.rows.size * self.ncols:   # touched rows whole: rows form
             return None, None
         return self.indptr, self.cols
 

@@ -25,6 +25,7 @@ from ..algorithms._spec import MAX_STEP, short_repr
 from ..backends import backend_for, device_key, is_device_array, unused_slot
 from ..backends.compressed import int8_block, row_aligned
 from ..grads import DenseGrad, dense_host_grad, prepare_grad
+from ..grads.sparse import _plan as sparse_plan
 from ..grads.sparse import settle, settle_unless_continued
 
 __all__ = ["Optimizer", "NONFINITE", "MAX_STEP"]
@@ -460,11 +461,15 @@ class Optimizer:
                             raise ValueError(f"gradient {j} shares memory with parameter {other}, which "
                                              "this step updates; pass a separate gradient array")
                     else:
-                        if not backend.sparse_compressed and self._state_kind(group, p) is not None:
-                            raise NotImplementedError(
-                                f"gradient {j} is sparse, and sparse gradients with compressed state "
-                                f"(state_dtype={group.get('state_dtype')!r}) are not implemented for "
-                                f"{backend.name} parameters yet; pass a dense gradient or use state_dtype=None")
+                        if self._state_kind(group, p) is not None:
+                            plan = sparse_plan(self, group)
+                            if not (backend.sparse_compressed and backend.sparse_compressed_supports(plan)):
+                                raise NotImplementedError(
+                                    f"gradient {j} is sparse, and sparse gradients with compressed state "
+                                    f"(state_dtype={group.get('state_dtype')!r}) in sparse_mode="
+                                    f"{group.get('sparse_mode', 'lazy')!r} ({plan!r} step) are not implemented "
+                                    f"for {backend.name} parameters yet; pass a dense gradient, use "
+                                    "sparse_mode='lazy', or use state_dtype=None")
                         self._check_sparse_overlap(j, prepared, backend)
                         self._check_sparse_state(j, group, p)
                     work.append((j, group, p, states[j], prepared))
