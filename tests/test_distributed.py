@@ -103,7 +103,7 @@ def test_sharded_optimizer(n):
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_sharded_table(n):
     _, out, _, _ = launch(n, "table.py")
-    assert len(_passes(out)) == 7, out
+    assert len(_passes(out)) == 8, out
 
 
 def test_a_rank_failing_mid_step_aborts_instead_of_hanging():

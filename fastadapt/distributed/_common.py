@@ -267,3 +267,16 @@ class _Collective:
         failed = "; ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None)
         raise RuntimeError(f"{what} was rejected on another rank ({failed}); nothing was changed on any "
                            "rank")
+
+
+def _decoded(st: Dict[str, Any], shape: Tuple[int, ...], where: str) -> Dict[str, Any]:
+    """A single-process state entry with its compact compressed buffers decoded to float32."""
+    from ..backends.compressed import CompressedBuffer
+    return {name: (CompressedBuffer.from_dict(v, tuple(shape), 0, f"{where}: {name!r}").decode()
+                   if isinstance(v, dict) else v) for name, v in st.items()}
+
+
+def _state_nbytes(opt: Any) -> int:
+    """Bytes of the state buffers of optimizer ``opt`` (arrays and compressed buffers)."""
+    return sum(v.nbytes for st in opt.state for v in st.values()
+               if isinstance(v, np.ndarray) or getattr(type(v), "compressed_state", False))

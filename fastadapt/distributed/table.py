@@ -7,8 +7,8 @@ import numpy as np
 
 from .. import optim as _optim
 from ..backends.cpu import BACKEND as _CPU
-from ._common import (_Collective, _checksum, _hyper_items, _is_scalar, _mpi_type, shard_bounds,
-                      slice_state)
+from ._common import (_Collective, _checksum, _decoded, _hyper_items, _is_scalar, _mpi_type, _state_nbytes,
+                      shard_bounds, slice_state)
 
 __all__ = ["ShardedTable"]
 
@@ -379,10 +379,11 @@ class ShardedTable(_Collective):
 
     def state_nbytes(self) -> int:
         """Bytes of optimizer state held on this rank (its rows' buffers)."""
-        return sum(v.nbytes for st in self._inner.state for v in st.values() if isinstance(v, np.ndarray))
+        return _state_nbytes(self._inner)
 
-    def state_dict(self) -> Dict[str, Any]:
-        """This rank's rows' optimizer state, in an ordinary optimizer's layout plus ``"shard"``.
+    def state_dict(self, dtype: Optional[str] = None) -> Dict[str, Any]:
+        """This rank's rows' optimizer state, in an ordinary optimizer's layout plus ``"shard"``
+        (``dtype``: as :meth:`fastadapt.Optimizer.state_dict`; ``"float32"`` decodes compressed state).
 
         Returns
         -------
@@ -391,14 +392,15 @@ class ShardedTable(_Collective):
             "param_groups": [...], "shard": {"rank", "size", "bounds", "shape"}}``.
         """
         self._sync_hyper()
-        sd = self._inner.state_dict()
+        sd = self._inner.state_dict(dtype)
         sd["shard"] = {"rank": self.rank, "size": self.size, "bounds": self.bounds.tolist(),
                        "shape": self.shape}
         return sd
 
     def consolidated_state_dict(self, root: Optional[int] = 0) -> Optional[Dict[str, Any]]:
-        """Collective: the whole table's state as one process's ``state_dict()`` (on ``root``)."""
-        local = self.state_dict()
+        """Collective: the whole table's state as one process's ``state_dict()`` (on ``root``);
+        compressed state (``state_dtype``) as decoded float32 arrays."""
+        local = self.state_dict(dtype="float32")
         with self._guard("consolidated_state_dict"):
             parts = self.comm.allgather(local) if root is None else self.comm.gather(local, root=root)
         if parts is None:
@@ -440,6 +442,8 @@ class ShardedTable(_Collective):
                 for j, st in sd["state"].items():
                     if j != 0:
                         raise ValueError(f"a table's state_dict holds parameter 0 only, got {j!r}")
+                    if isinstance(st, dict) and any(isinstance(v, dict) for v in st.values()):
+                        st = _decoded(st, self.shape, "the table's state")
                     state[0] = slice_state(st, self.shape, self.dtype, lambda a: a[self.lo:self.hi],
                                            "the table's state")
                 inner_sd = {"state": state, "param_groups": sd["param_groups"]}

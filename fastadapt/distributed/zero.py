@@ -10,17 +10,10 @@ from .. import optim as _optim
 from ..backends import is_device_array
 from ..backends.cpu import BACKEND as _CPU
 from ..grads import prepare_grad
-from ._common import (_Collective, _checksum, _contiguous_block, _hyper_items, _is_scalar, _mpi_type,
-                      shard_bounds, slice_state)
+from ._common import (_Collective, _checksum, _contiguous_block, _decoded, _hyper_items, _is_scalar, _mpi_type,
+                      _state_nbytes, shard_bounds, slice_state)
 
 __all__ = ["ShardedOptimizer"]
-
-
-def _decoded(st: Dict[str, Any], p: Any, where: str) -> Dict[str, Any]:
-    """A single-process state entry with its compact compressed buffers decoded to float32."""
-    from ..backends.compressed import CompressedBuffer
-    return {name: (CompressedBuffer.from_dict(v, tuple(p.shape), 0, f"{where}: {name!r}").decode()
-                   if isinstance(v, dict) else v) for name, v in st.items()}
 
 
 class _Bucket:
@@ -424,8 +417,7 @@ class ShardedOptimizer(_Collective):
 
     def state_nbytes(self) -> int:
         """Bytes of optimizer state held on this rank (its shard's buffers)."""
-        return sum(v.nbytes for st in self._inner.state for v in st.values()
-                   if isinstance(v, np.ndarray) or getattr(type(v), "compressed_state", False))
+        return _state_nbytes(self._inner)
 
     def buffer_nbytes(self) -> int:
         """Bytes of communication buffers allocated on this rank.
@@ -561,7 +553,7 @@ class ShardedOptimizer(_Collective):
                 if e == a:
                     continue                    # none of parameter j lives on this rank
                 if isinstance(st, dict) and any(isinstance(v, dict) for v in st.values()):
-                    st = _decoded(st, p, f"state of parameter {j}")     # compact compressed entries
+                    st = _decoded(st, tuple(p.shape), f"state of parameter {j}")     # compact compressed entries
                 state[j] = slice_state(st, p.shape, p.dtype, lambda arr, a=a, e=e: arr.reshape(-1)[a:e],
                                        f"state of parameter {j}")
             inner_sd = {"state": state, "param_groups": sd["param_groups"]}

@@ -173,3 +173,31 @@ with ShardedTable(fa.Adagrad, SHAPE, comm=COMM, lr=0.1) as t3:        # close() 
     t3.step(fa.RowGrad([RANK], np.ones((1, 3), np.float32)))
 assert t3.comm is None
 passed("close() frees the duplicated communicator")
+
+from fastadapt import config  # noqa: E402
+
+config.STATE_COMPRESS_MIN = 0
+T0 = np.random.default_rng(9).standard_normal((60, 32)).astype(np.float32)
+ROWS = [np.array([1, 5, 30, 59]), np.array([0, 5, 44]), np.array([2, 31, 32, 33, 58])]
+for kind in ("bfloat16", "int8"):
+    # each rank compresses its rows; int8 blocks are rows, so one process gets the same codes
+    tab = ShardedTable(fa.Adam, T0.shape, comm=COMM, init=T0, lr=0.01, state_dtype=kind)
+    ref_table = T0.copy()
+    ref = fa.Adam([ref_table], lr=0.01, state_dtype=kind)
+    for rows in ROWS:
+        tab.step(fa.RowGrad(rows, np.ones((len(rows), 32), np.float32)))   # every rank: summed over ranks
+        ref.step([fa.RowGrad(rows, np.full((len(rows), 32), SIZE, np.float32))])
+    shard = tab.state_dict()
+    assert all(isinstance(v, dict) for k, v in shard["state"][0].items() if k != "step")   # compact per rank
+    full = tab.consolidated_state_dict(root=None)
+    decoded = ref.state_dict(dtype="float32")["state"][0]
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert full["state"][0][name].dtype == np.float32
+        if kind == "int8":                   # rows are blocks: the shards' codes are one process's codes
+            assert np.array_equal(full["state"][0][name], decoded[name]), name
+    assert tab.state_nbytes() > 0
+    again = ShardedTable(fa.Adam, T0.shape, comm=COMM, init=T0, lr=0.01, state_dtype=kind)
+    again.load_state_dict(full)                                            # consolidated: re-quantized per rank
+    again.load_state_dict(shard)                                           # this rank's shard: bit-exact
+config.STATE_COMPRESS_MIN = 4096
+passed("compressed state on the table's rows: compact shard state_dicts, float32 consolidation")
