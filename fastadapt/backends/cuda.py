@@ -41,7 +41,7 @@ from .. import config
 from .cuda_arrays import (INSTALL_HINT, SIMULATOR, _c_contiguous, _context_of, _dtype, _fill, _interface,
                           _is_numba_array, _shape, _stream_of, as_device_array, cuda, device_of, launch_dims)
 from . import cuda_compressed as _cc
-from .cuda_sparse import KERNELS as _SPARSE_KERNELS
+from .cuda_sparse_codec import KERNELS as _SPARSE_KERNELS
 from .protocols import SparseKernels
 from .cuda_sparse import _fma_cuda  # noqa: F401  (registers the rules' fma for the CUDA target)
 

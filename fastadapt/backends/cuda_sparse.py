@@ -78,7 +78,7 @@ if not SIMULATOR:
     for _helper in RULE_HELPERS:
         _device_helper(_helper)
 
-__all__ = ["CUDASparseKernels", "KERNELS", "ROW_LANES", "row_lanes", "scan_csr", "scan_rows", "to_host",
+__all__ = ["CUDASparseKernels", "ROW_LANES", "row_lanes", "scan_csr", "scan_rows", "to_host",
            "upload"]
 
 
@@ -483,31 +483,6 @@ class CUDASparseKernels:
                 *(bool(u) for u in slots))
         _launch(_stamp_all, stamp.size, s1, stamp, step)
 
-    # compressed state (cuda_sparse_codec): lazy, exact-decay and exact fused steps, settle
-    @staticmethod
-    def codec_touched(rule: Any, p: Any, slots: Any, rows: Any, indptr: Any, cols: Any, vals: Any, ncols: int,
-                      k: Any, step: int, nearest: bool, decay: Any = None) -> None:
-        """Lazy (``decay`` None) or exact-decay step on the touched rows with compressed ``slots``,
-        one CUDA block per row (:func:`fastadapt.backends.cuda_sparse_codec.touched`;
-        ``rows=None``: ``indptr`` is the full ``indptr`` of a zero-copy CSR)."""
-        from .cuda_sparse_codec import touched
-        touched(rule, p, slots, rows, indptr, cols, vals, ncols, k, step, nearest, _no_rows(p), decay)
-
-    @staticmethod
-    def codec_exact(rule: Any, p: Any, slots: Any, nrows: int, ncols: int, rows: Any, indptr: Any, cols: Any,
-                    vals: Any, k: Any, step: int, nearest: bool) -> None:
-        """Exact fused step with compressed ``slots``, one CUDA block per row of the table
-        (:func:`fastadapt.backends.cuda_sparse_codec.exact`)."""
-        from .cuda_sparse_codec import exact
-        exact(rule, p, slots, nrows, ncols, rows, indptr, cols, vals, k, step, nearest, _no_rows(p))
-
-    @staticmethod
-    def codec_settle(slots: Any, stamp: Any, step: int, ncols: int, base: float, flags: Tuple[bool, bool, bool],
-                     nearest: bool) -> None:
-        """:meth:`settle` with compressed ``slots`` (:func:`fastadapt.backends.cuda_sparse_codec.settle`)."""
-        from .cuda_sparse_codec import settle
-        settle(slots, stamp, step, ncols, base, flags, nearest)
-
     @staticmethod
     def new_stamp(nrows: int, value: Any) -> Any:
         """A per-row stamp array (int64) filled with ``value``, on the current device.
@@ -526,7 +501,6 @@ class CUDASparseKernels:
         return stamp
 
 
-KERNELS = CUDASparseKernels()
 
 
 # =========================================================================== validation scans, transfers

@@ -31,18 +31,18 @@ every row of the table (a touched row found by binary search in ``rows``), the r
 0 where nothing is stored, as the CPU's fused pass.
 """
 
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import numpy as np
 
 from .. import config
 from .codec import sr_key
 from .cuda_arrays import _context_of, _stream_of, cuda
-from .cuda_sparse import _decay_functions
+from .cuda_sparse import CUDASparseKernels, _decay_functions, _no_rows
 from .cuda_compressed import (_ABS, _QMAPS, _U0, DeviceCompressedBuffer, _bf16_decode, _bf16_encode, _f32_bits,
                               _q8_store, _scratch, _sr_bits, SCRATCH_ELEMS)
 
-__all__ = ["SparseCodecKernels", "touched", "exact", "settle"]
+__all__ = ["SparseCodecKernels", "CUDACodecSparseKernels", "KERNELS", "touched", "exact", "settle"]
 
 # the closed-form catch-up of exact decay (algorithms.scale_slots, decay_factor) as device functions
 _scale, _factor_of, _ = _decay_functions(np.float32)
@@ -522,3 +522,33 @@ def settle(slots: Any, stamp: Any, step: int, ncols: int, base: float, flags: An
         scratch = _scratch(first.codes, stream, 3 * grid * bs)
         _q8_settle[grid, tpb, stream](*codes, *scales, *used, *signed, bs, stamp, nrows, int(ncols), scratch,
                                       int(step), float(base), *fl)
+
+
+class CUDACodecSparseKernels(CUDASparseKernels):
+    """CUDA's sparse kernels (:class:`fastadapt.backends.cuda_sparse.CUDASparseKernels`) and, for
+    compressed state (``state_dtype`` "bfloat16" / "int8"), the row kernels of this module."""
+
+    @staticmethod
+    def codec_touched(rule: Any, p: Any, slots: Any, rows: Any, indptr: Any, cols: Any, vals: Any, ncols: int,
+                      k: Any, step: int, nearest: bool, decay: Any = None) -> None:
+        """Lazy (``decay`` None) or exact-decay step on the touched rows with compressed ``slots``,
+        one CUDA block per row (:func:`fastadapt.backends.cuda_sparse_codec.touched`;
+        ``rows=None``: ``indptr`` is the full ``indptr`` of a zero-copy CSR)."""
+        touched(rule, p, slots, rows, indptr, cols, vals, ncols, k, step, nearest, _no_rows(p), decay)
+
+    @staticmethod
+    def codec_exact(rule: Any, p: Any, slots: Any, nrows: int, ncols: int, rows: Any, indptr: Any, cols: Any,
+                    vals: Any, k: Any, step: int, nearest: bool) -> None:
+        """Exact fused step with compressed ``slots``, one CUDA block per row of the table
+        (:func:`fastadapt.backends.cuda_sparse_codec.exact`)."""
+        exact(rule, p, slots, nrows, ncols, rows, indptr, cols, vals, k, step, nearest, _no_rows(p))
+
+    @staticmethod
+    def codec_settle(slots: Any, stamp: Any, step: int, ncols: int, base: float, flags: Tuple[bool, bool, bool],
+                     nearest: bool) -> None:
+        """:meth:`settle` with compressed ``slots`` (:func:`fastadapt.backends.cuda_sparse_codec.settle`)."""
+        settle(slots, stamp, step, ncols, base, flags, nearest)
+
+
+#: the CUDA backend's sparse kernels (:attr:`fastadapt.backends.cuda.CUDABackend.sparse_kernels`)
+KERNELS = CUDACodecSparseKernels()
