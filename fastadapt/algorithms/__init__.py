@@ -14,7 +14,6 @@ from .adadelta import ADADELTA
 from .adagrad import ADAGRAD
 from .adam import ADAM, ADAMW
 from .adamax import ADAMAX
-from .ftrl import FTRL
 from .nadam import NADAM
 from .radam import RADAM
 from .rmsprop import RMSPROP
@@ -22,7 +21,7 @@ from .sgd import SGD
 from .sparse_adam import SPARSE_ADAM
 
 #: every algorithm, in the order of the public API
-REGISTRY = (ADAGRAD, RMSPROP, ADAM, ADAMW, SPARSE_ADAM, SGD, ADADELTA, ADAMAX, NADAM, RADAM, FTRL)
+REGISTRY = (ADAGRAD, RMSPROP, ADAM, ADAMW, SPARSE_ADAM, SGD, ADADELTA, ADAMAX, NADAM, RADAM)
 
 #: name -> algorithm
 BY_NAME = {a.name: a for a in REGISTRY}
