@@ -183,6 +183,21 @@ class RAdam(Optimizer):
         nonfinite: _NonFinite = "propagate",
     ) -> None: ...
 
+class RowwiseAdagrad(Optimizer):
+    def __init__(
+        self,
+        params: _Params,
+        lr: float = 0.01,
+        eps: float = 1e-10,
+        weight_decay: float = 0.0,
+        weight_decay_mode: str = "l2",
+        *,
+        sparse_mode: _SparseMode = "lazy",
+        state_dtype: _StateDtype = None,
+        state_rounding: _StateRounding = "stochastic",
+        nonfinite: _NonFinite = "propagate",
+    ) -> None: ...
+
 __all__ = [
     'Adagrad',
     'RMSprop',
@@ -194,6 +209,7 @@ __all__ = [
     'Adamax',
     'NAdam',
     'RAdam',
+    'RowwiseAdagrad',
     'Optimizer',
     'RowGrad',
     'functional',

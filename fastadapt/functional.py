@@ -118,12 +118,14 @@ def _plain_arrays(param, grad, buffers):
     return out
 
 
-def _check_arrays(param, grad, buffers):
+def _check_arrays(param, grad, buffers, alg=None):
     """Check the arrays of one update; returns (backend, numpy dtype, flat gradient, [s1, s2, s3]).
 
-    ``buffers`` is ``[(name, array or None)]`` in slot order (None: unused slot).
+    ``buffers`` is ``[(name, array or None)]`` in slot order (None: unused slot); ``alg`` (a row
+    rule's algorithm) gives the buffers' shape, else it is the parameter's.
     """
-    if type(param) is np.ndarray and type(grad) is np.ndarray:
+    rows = alg is not None and alg.rows
+    if not rows and type(param) is np.ndarray and type(grad) is np.ndarray:
         fast = _host_arrays(param, grad, buffers)
         if fast is not None:
             return fast
@@ -134,15 +136,20 @@ def _check_arrays(param, grad, buffers):
     if not hasattr(prepared, "g"):
         raise TypeError("the functional layer takes dense gradients; use an optimizer class for sparse ones")
     flats = []
+    want = alg.state_shape(tuple(param.shape)) if rows else tuple(param.shape)
+    if rows and len(want) > 0 and want[0] > 0 and prepared.g.size == 0:
+        raise ValueError(f"param has shape {tuple(param.shape)}; {alg.functional} keeps one value per row, so it "
+                         "needs rows of at least one element")
     for name, buf in buffers:
         if buf is None:
             flats.append(unused_slot(backend, param))
             continue
         backend.check_param(buf, name)
         buf_dtype = backend.dtype_of(buf)
-        if tuple(buf.shape) != tuple(param.shape) or buf_dtype != dtype:
-            raise ValueError(f"{name} has shape {tuple(buf.shape)} and dtype {buf_dtype}; it must match "
-                             f"param ({tuple(param.shape)}, {dtype})")
+        if tuple(buf.shape) != want or buf_dtype != dtype:
+            what = f"{want} (one value per row of param {tuple(param.shape)})" if rows else f"param's {want}"
+            raise ValueError(f"{name} has shape {tuple(buf.shape)} and dtype {buf_dtype}; it must have shape "
+                             f"{what} and dtype {dtype}")
         backend.check_same_device(buf, param, name)
         flats.append(backend.flat(buf))
     spans = [("param", backend.memory_span(param)), ("grad", backend.memory_span(grad))] + [
@@ -203,6 +210,8 @@ def _update(spec, param, grad, buffers, step, values, carried):
             slot_arrays.append((spec.arg_of[n], buf))
         else:
             slot_arrays.append((n or "unused", None))
+    if alg.rows:
+        return _row_update(alg, param, grad, slot_arrays, step, h)
     plain = _plain_arrays(param, grad, slot_arrays)
     if plain is not None:
         dtype = param.dtype
@@ -222,6 +231,16 @@ def _update(spec, param, grad, buffers, step, values, carried):
         backend, dtype, g, (s1, s2, s3) = _check_arrays(param, grad, slot_arrays)   # names the problem
     backend.dense_step(alg.rule, backend.flat(param), g, s1, s2, s3, k)
     return carry if alg.carry else None
+
+
+def _row_update(alg, param, grad, slot_arrays, step, h):
+    """:func:`_update` for a row rule (row-wise Adagrad): state of one value per row."""
+    backend, dtype, g, (s1, s2, s3) = _check_arrays(param, grad, slot_arrays, alg)
+    nrows = int(param.shape[0]) if len(param.shape) else 1        # (a 0-d parameter is one row)
+    k = alg.scalars(dtype, step, h, {})
+    width = dtype.type(g.size // nrows if nrows else 1)
+    with backend.context(param):
+        backend.row_kernels.dense(alg.rule, backend.flat(param), g, s1, s2, s3, width, k, nrows)
 
 
 #: value types whose validation may be reused by the next call (see _update)
@@ -254,8 +273,9 @@ def _make(alg):
              "    Same shape and dtype (float32 or float64), C-contiguous; ``param`` is written."]
     for n in names:
         opt = "" if n in required else ", optional"
+        shape = "one value per row: shape ``(param.shape[0],)``" if alg.rows else "the parameter's shape"
         lines += [f"{arg_of[n]} : array{opt}",
-                  f"    The ``{n}`` state (the parameter's shape and dtype), updated in place"
+                  f"    The ``{n}`` state ({shape}, the parameter's dtype), updated in place"
                   + ("." if n in required else "; needed only when the options use it.")]
     lines += ["step : int", "    Number of this update, from 1 (bias corrections and schedules use it)."]
     for hp in hypers:

@@ -150,6 +150,18 @@ def radam(
     maximize: bool = False,
 ) -> None: ...
 
+def rowwise_adagrad(
+    param: _Array,
+    grad: _Array,
+    state_sum: _Array,
+    *,
+    step: int,
+    lr: float = 0.01,
+    eps: float = 1e-10,
+    weight_decay: float = 0.0,
+    weight_decay_mode: str = "l2",
+) -> None: ...
+
 __all__ = [
     'adagrad',
     'rmsprop',
@@ -160,4 +172,5 @@ __all__ = [
     'adamax',
     'nadam',
     'radam',
+    'rowwise_adagrad',
 ]

@@ -338,12 +338,26 @@ OPTIMIZERS = (
         bad=(("lr", -1.0), ("eps", -1e-8), ("weight_decay", -0.1), ("betas", (1.0, 0.999)), ("betas", (0.9, 1.0)),
              ("decoupled_weight_decay", np.array([True, False]))),
     ),
+    OptimizerCase(
+        "RowwiseAdagrad", "rowwise_adagrad",
+        options=[dict(lr=0.05, **o) for o in grid(weight_decay=[0.0, 0.1], weight_decay_mode=["l2", "decoupled"])]
+        + [dict(lr=0.05, eps=0.0, weight_decay=0.1)],                    # eps = 0: exact mode fused
+        rich=dict(lr=0.05, weight_decay=0.1, weight_decay_mode="decoupled"),
+        bad=(("lr", -1.0), ("eps", -1e-10), ("weight_decay", -0.1), ("weight_decay_mode", "L2"),
+             ("weight_decay_mode", None)),
+        torch=False,
+    ),
 )
 
 #: name -> case
 CASES = {c.name: c for c in OPTIMIZERS}
 #: the cases that take dense gradients
 DENSE = tuple(c for c in OPTIMIZERS if c.dense)
+#: the dense cases with a per-element rule (a row rule -- RowwiseAdagrad -- runs one kernel per
+#: parameter: no many-tensor kernel, no steady-state plan)
+ELEMENTWISE = tuple(c for c in DENSE if not c.algorithm.rows)
+#: the cases with a row rule
+ROWWISE = tuple(c for c in OPTIMIZERS if c.algorithm.rows)
 
 
 def option_cases(cases=OPTIMIZERS):

@@ -398,8 +398,37 @@ def sparse_adagrad(p, rows, cols, vals, state, *, lr=1e-2, lr_decay=0.0, weight_
               initial_accumulator_value=initial_accumulator_value)
 
 
+def rowwise_adagrad(p, g, state, *, lr=1e-2, eps=1e-10, weight_decay=0.0, weight_decay_mode="l2"):
+    """The spec's section "RowwiseAdagrad" (FBGEMM's EXACT_ROWWISE_ADAGRAD), dense: one accumulator
+    per row of the row view ``(p.shape[0], prod(p.shape[1:]))`` (a 1-D ``p``: its elements)."""
+    dt = _check(p, g)
+    nrows, ncols = (p.shape[0], int(np.prod(p.shape[1:], dtype=np.int64))) if p.ndim else (1, 1)
+    P, G = p.reshape(nrows, ncols), g.reshape(nrows, ncols)
+    s = state.setdefault("sum", np.zeros(p.shape[:1], p.dtype)).reshape(nrows)
+    state["step"] = int(state.get("step", 0)) + 1
+    l2 = weight_decay != 0 and weight_decay_mode == "l2"
+    ss = np.zeros(nrows, p.dtype)
+    for j in range(P.shape[1]):                                        # 1 sum of squares, j ascending
+        gj = fma(dt(weight_decay), P[:, j], G[:, j]) if l2 else G[:, j]
+        ss = ss + gj * gj
+    acc = s + ss / dt(P.shape[1])                                      # 2 the row's mean square
+    s[...] = acc
+    m = dt(lr) / (np.sqrt(acc) + dt(eps))                              # 3
+    if l2:
+        c = dt(1) - m * dt(weight_decay)                               # 4 (1 - m wd) w - m g
+    elif weight_decay_mode == "decoupled":
+        c = np.full(nrows, dt(1.0 - lr * weight_decay))                # 4 (1 - lr wd) w - m g
+    else:
+        c = np.full(nrows, dt(1))
+    P[...] = c[:, None] * P - m[:, None] * G                           # 5
+
+
+rowwise_adagrad.rows = True     # a row rule: lazy_step hands it whole touched rows
+
+
 DENSE_RULES = {"adagrad": adagrad, "rmsprop": rmsprop, "adam": adam, "adamw": adamw, "sgd": sgd,
-               "adadelta": adadelta, "adamax": adamax, "nadam": nadam, "radam": radam}
+               "adadelta": adadelta, "adamax": adamax, "nadam": nadam, "radam": radam,
+               "rowwise_adagrad": rowwise_adagrad}
 #: the rule a lazy sparse step runs on the touched elements (:func:`lazy_step`): the dense rule,
 #: or the sparse-only optimizer's own
 LAZY_RULES = dict(DENSE_RULES, sparse_adam=sparse_adam_rule)
@@ -447,6 +476,8 @@ def init_state(name, p, **hyper):
         return {"step": 0, "mu_product": 1.0, "exp_avg": z(), "exp_avg_sq": z()}
     if name == "radam":
         return {"step": 0, "exp_avg": z(), "exp_avg_sq": z()}
+    if name == "rowwise_adagrad":
+        return {"step": 0, "sum": np.zeros(p.shape[:1], p.dtype)}      # one per row (0-d: one row, shape ())
     raise ValueError(f"unknown optimizer {name!r}")
 
 
@@ -528,6 +559,9 @@ def lazy_step(fn, p, shape2d, rows, cols, vals, state, **hyper):
         shape2d = shape2d_of(p)
     shape2d = tuple(shape2d)
     touched, G = coalesce(shape2d, rows, cols, vals, dtype=p.dtype)
+    if getattr(fn, "rows", False):      # a row rule: every row with a stored entry, whole
+        _lazy_rows(fn, p, shape2d, touched, G, state, **hyper)
+        return
     p2 = _view2d(p, shape2d)
     arrays = {k: _view2d(a, shape2d) for k, a in state.items() if isinstance(a, np.ndarray)}
     sub = {k: v for k, v in state.items() if not isinstance(v, np.ndarray)}
@@ -541,6 +575,25 @@ def lazy_step(fn, p, shape2d, rows, cols, vals, state, **hyper):
                 state[k] = np.zeros_like(p)
                 arrays[k] = _view2d(state[k], shape2d)
             arrays[k][touched] = v
+        else:
+            state[k] = v
+
+
+def _lazy_rows(fn, p, shape2d, touched, G, state, **hyper):
+    """:func:`lazy_step` of a row rule: the touched rows of the row view (the elements of a 1-D ``p``)
+    and their state values are gathered, ``fn`` runs on them, and they are scattered back."""
+    if p.ndim == 1:
+        touched, G = touched.reshape(-1, 1), G.reshape(-1, 1)
+    nrows, ncols = p.shape[0], int(np.prod(p.shape[1:], dtype=np.int64))
+    P = p.reshape(nrows, ncols)
+    which = np.flatnonzero(touched.reshape(nrows, ncols).any(axis=1))
+    sub = {k: (v[which] if isinstance(v, np.ndarray) else v) for k, v in state.items()}
+    p_t = P[which]
+    fn(p_t, G.reshape(nrows, ncols)[which], sub, **hyper)
+    P[which] = p_t
+    for k, v in sub.items():
+        if isinstance(v, np.ndarray):
+            state.setdefault(k, np.zeros(nrows, p.dtype))[which] = v
         else:
             state[k] = v
 

@@ -589,7 +589,7 @@ def _functional_run(case, p, grads, hyper):
     state and is therefore no argument of the function)."""
     alg = case.algorithm
     group = case.group(hyper)
-    bufs = {n: np.full_like(p, alg.fill(group, n)) for n in alg.slots if n is not None}
+    bufs = {n: np.full(alg.state_shape(p.shape), alg.fill(group, n), p.dtype) for n in alg.slots if n is not None}
     args = {alg.functional_args.get(n, n): b for n, b in bufs.items()}
     takes = {h.name for h in alg.hypers if h.functional}
     carry = dict(alg.carry)                 # carried scalars (NAdam's mu_product): returned, passed back

@@ -18,10 +18,12 @@ from fastadapt.backends import cpu
 from fastadapt.optim import many
 
 from conftest import DTYPE_IDS, DTYPES
-from optimizers import DENSE, rich_and_plain
+from optimizers import DENSE, ELEMENTWISE, ROWWISE, rich_and_plain
 
 #: every dense case, its rich config and its plain one
-CONFIGS = {f"{c.name}-{label}": (c.cls, o) for c, label, o in rich_and_plain()}
+CONFIGS = {f"{c.name}-{label}": (c.cls, o) for c, label, o in rich_and_plain(ELEMENTWISE)}
+#: row rules: several parameters in one optimizer, each its own kernel call
+ROW_CONFIGS = {f"{c.name}-{label}": (c.cls, o) for c, label, o in rich_and_plain(ROWWISE)}
 SHAPES = [(0,), (), (1,), (7,), (3, 5), (1003,), (40, 37)]
 
 
@@ -32,7 +34,7 @@ def _grads(rng, params):
 def _run(name, dtype, steps, grads_at, params0, groups=None):
     """(params, optimizer) after `steps` steps of one optimizer over all params, and the same
     with one optimizer per parameter (each a single-tensor launch)."""
-    cls, hyper = CONFIGS[name]
+    cls, hyper = {**CONFIGS, **ROW_CONFIGS}[name]
     together = [p.copy() for p in params0]
     alone = [p.copy() for p in params0]
     if groups is None:
@@ -217,3 +219,24 @@ def test_carried_scalars_split_batches(monkeypatch):
             single.step([g[j]])
         assert np.array_equal(q[0], ps[j])
         assert single.state[0]["mu_product"] == opt.state[j]["mu_product"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", sorted(ROW_CONFIGS))
+def test_row_rule_many_tensors_equal_one_optimizer_each(name, dtype):
+    """A row rule has no many-tensor kernel: each parameter is stepped by its own row loop, and
+    several parameters in one optimizer (param groups, None gradients) give each one's results."""
+    rng = np.random.default_rng(3)
+    params0 = [np.array(rng.standard_normal(s), dtype=dtype) for s in SHAPES]
+    calls = []
+    real = many.apply_dense
+    many.apply_dense = lambda *a: calls.append(1) or real(*a)
+    try:
+        for groups in (None, [([0, 2, 4, 6], {}), ([1, 3, 5], {"lr": 0.03})]):
+            out = _run(name, dtype, 3, lambda s: [None if (s + i) % 3 == 2 else
+                                                  np.array(rng.standard_normal(p.shape), dtype=dtype)
+                                                  for i, p in enumerate(params0)], params0, groups=groups)
+            _assert_same(*out)
+    finally:
+        many.apply_dense = real
+    assert calls == []

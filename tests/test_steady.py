@@ -13,7 +13,7 @@ import pytest
 
 import fastadapt as fa
 from fastadapt.optim import steady
-from optimizers import DENSE, config_id, rich_and_plain
+from optimizers import ELEMENTWISE, ROWWISE, config_id, rich_and_plain
 
 SHAPES = [(7,), (3, 4), (0,), (1,), (2, 3, 2), (50,)]
 
@@ -59,7 +59,7 @@ def _same(a, b):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("item", rich_and_plain(DENSE), ids=config_id)
+@pytest.mark.parametrize("item", rich_and_plain(ELEMENTWISE), ids=config_id)
 def test_plan_equals_general_path(item, dtype, monkeypatch):
     case, _, options = item
     ps, opt, used = _run(case, options, True, monkeypatch, dtype=dtype)
@@ -192,3 +192,13 @@ def test_plan_refuses_without_writing(monkeypatch):
         assert np.array_equal(p, q)
     for st, old in zip(opt.state, before[1]):
         assert st["step"] == old["step"]
+
+
+@pytest.mark.parametrize("case", ROWWISE, ids=str)
+def test_row_rules_make_no_plan(case):
+    """A row rule (one kernel per parameter) never builds a steady-state plan."""
+    p = np.ones((4, 3))
+    opt = case.cls([p], **case.rich)
+    for _ in range(3):
+        opt.step([np.full((4, 3), 0.5)])
+        assert opt._plan is None

@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent("""
     import ast, inspect, json, re, textwrap
     import numpy as np
     from fastadapt.algorithms import REGISTRY
-    from fastadapt.backends import cpu
+    from fastadapt.backends import cpu, cpu_rows
     out = {}
     seen = set()
     by_rule = {}
@@ -45,6 +45,23 @@ SCRIPT = textwrap.dedent("""
         except ValueError:                  # combinations the algorithm refuses: defaults then
             h = dict(alg.defaults)
         rule = cpu.compiled(alg.rule)
+        if alg.rows:                        # a row rule: the row loop's update of the row is packed
+            for dt in (np.float32, np.float64):
+                p, g, s = np.ones(64 * 8, dt), np.ones(64 * 8, dt), np.ones(8, dt)
+                cpu_rows._lazy(rule, p, np.arange(8), g, 64, s, s[:1], s[:1], dt(64),
+                               alg.scalars(dt, 2, h, {}))
+                new = [(sig, asm) for sig, asm in cpu_rows._lazy.inspect_asm().items() if sig not in seen]
+                assert len(new) == 1, len(new)
+                sig, asm = new[0]
+                seen.add(sig)
+                suffix = "s" if dt == np.float32 else "d"
+                out[f"{alg.name}-{np.dtype(dt).name}"] = {
+                    "rows": True,
+                    "packed_mul": len(re.findall(rf"\\bv?mulp{suffix}\\b", asm)),
+                    "to_float64": len(re.findall(r"\\bv?cvtss2sd\\b", asm)),
+                    "calls_in_kernel": len(re.findall(r"NRT_incref", asm)),
+                }
+            continue
         for dt in (np.float32, np.float64):
             a = [np.ones(64, dt) for _ in range(5)]
             cpu._dense_serial(rule, *a, alg.scalars(dt, 2, h, {n: v for n, v in alg.carry}))
@@ -80,9 +97,11 @@ def asm_counts(tmp_path_factory):
 @pytest.mark.parametrize("name", [a.name for a in REGISTRY])
 def test_dense_loop_is_vectorised(asm_counts, name, dtype):
     counts = asm_counts[f"{name}-{dtype}"]
-    if counts["uses_sqrt"]:
+    if counts.get("rows"):                  # a row rule: the scalar part is once per row
+        assert counts["packed_mul"] > 0, counts
+    elif counts["uses_sqrt"]:
         assert counts["packed_sqrt"] > 0, counts
-    if counts["uses_div"]:
+    if counts.get("uses_div"):
         assert counts["packed_div"] > 0, counts
     assert counts["calls_in_kernel"] == 0, counts            # no reference counting left in the loop
     if dtype == "float32":

@@ -17,11 +17,12 @@ from .adamax import ADAMAX
 from .nadam import NADAM
 from .radam import RADAM
 from .rmsprop import RMSPROP
+from .rowwise_adagrad import ROWWISE_ADAGRAD
 from .sgd import SGD
 from .sparse_adam import SPARSE_ADAM
 
 #: every algorithm, in the order of the public API
-REGISTRY = (ADAGRAD, RMSPROP, ADAM, ADAMW, SPARSE_ADAM, SGD, ADADELTA, ADAMAX, NADAM, RADAM)
+REGISTRY = (ADAGRAD, RMSPROP, ADAM, ADAMW, SPARSE_ADAM, SGD, ADADELTA, ADAMAX, NADAM, RADAM, ROWWISE_ADAGRAD)
 
 #: name -> algorithm
 BY_NAME = {a.name: a for a in REGISTRY}

@@ -48,7 +48,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Tuple, Union
 import numpy as np
 
 __all__ = ["Algorithm", "Hyper", "Decay", "LAZY", "FUSED", "fma", "scalar_type", "rule_helper", "STATE_DTYPES", "STATE_ROUNDINGS", "STATE_OPTIONS", "check_state_options", "RULE_HELPERS", "scale_slots", "decay_factor", "short_repr", "MAX_STEP",
-           "nonneg", "positive", "below_one", "unit_interval", "flag", "betas", "check_number"]
+           "nonneg", "positive", "below_one", "unit_interval", "flag", "one_of", "betas", "check_number"]
 
 #: exact mode: a zero gradient changes nothing, so the lazy loop is already exact (O(nnz))
 LAZY = "lazy"
@@ -237,6 +237,14 @@ def flag(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
+def one_of(*choices: str) -> Callable[[str, Any], None]:
+    """A check: one of the strings ``choices``."""
+    def check(name: str, value: Any) -> None:
+        if not (type(value) is str and value in choices):
+            raise ValueError(f"{name} must be one of {choices}, got {short_repr(value)}")
+    return check
+
+
 def betas(name: str, value: Any) -> None:
     """A pair ``(beta1, beta2)``, each in [0, 1)."""
     if not isinstance(value, (tuple, list)) or len(value) != 2:
@@ -347,6 +355,15 @@ class Algorithm:
         Whether each slot's values may be negative.  ``state_dtype="int8"`` stores a slot
         that never is (second moments, Adagrad's sum) with the unsigned dynamic map, which has
         twice the resolution of the signed one.
+    rows : bool
+        A *row rule* (row-wise Adagrad): ``rule(p, s1, s2, s3, r, g, width, k)`` updates row
+        ``r`` of the parameter's row view: ``p`` and ``g`` are that row and its gradient (1-D
+        views of ``n`` elements), ``width`` is ``n`` as a number of the parameter's dtype, and
+        each state slot holds one value per row (``s1[r]``), so the state of an
+        ``(nrows, ncols)`` table is ``(nrows,)``.  The row view is the sparse one: ``(shape[0], prod(shape[1:]))``, and a
+        1-D parameter's elements are its rows.  Exact sparse mode is :data:`LAZY` or
+        :data:`FUSED` (no :class:`Decay`), and the state is never compressed (it is already
+        ``ncols`` times smaller than the parameter).
     """
 
     name: str
@@ -369,10 +386,17 @@ class Algorithm:
     functional_args: Mapping[str, str] = field(default_factory=dict)
     parent: Optional[str] = None
     signed: Tuple[bool, bool, bool] = (True, True, True)
+    rows: bool = False
 
     def __post_init__(self) -> None:
         if len(self.slots) != 3:
             raise ValueError(f"{self.name}: slots must name the rule's three slots (None for unused)")
+
+    def state_shape(self, shape: Tuple[int, ...]) -> Tuple[int, ...]:
+        """The shape of each state buffer of a parameter of ``shape``: ``shape`` itself, or for a
+        row rule one value per row, ``(shape[0],)`` (a 0-d parameter is one row: ``()``)."""
+        shape = tuple(shape)
+        return shape[:1] if self.rows else shape
 
     # -- derived ---------------------------------------------------------------
 
@@ -406,6 +430,9 @@ class Algorithm:
             if mode not in ("lazy", "exact"):
                 raise ValueError(f"sparse_mode must be one of ('lazy', 'exact'), got {mode!r}")
         check_state_options(h)
+        if self.rows and h.get("state_dtype") not in (None, "float32"):
+            raise ValueError(f"{self.name} keeps one state value per row, already 1/ncols of the table; "
+                             f"state_dtype={h.get('state_dtype')!r} is not available for it: use state_dtype=None")
         self.validate(h)
 
     def variant(self, **changes: Any) -> "Algorithm":

@@ -18,8 +18,9 @@ from .cpu_compile import compiled, direct
 from .cpu_loops import _run, _view, address, fingerprint, work_unit  # noqa: F401 (re-exported)
 from .compressed import CompressedBuffer
 from .cpu_codec import codec_step
+from .cpu_rows import KERNELS as _ROW_KERNELS
 from .cpu_sparse_codec import KERNELS as _SPARSE_KERNELS
-from .protocols import SparseKernels
+from .protocols import RowKernels, SparseKernels
 
 _OPTS = config.NJIT_OPTIONS
 
@@ -459,6 +460,11 @@ class CPUBackend:
     def sparse_kernels(self) -> SparseKernels:
         """:data:`fastadapt.backends.cpu_sparse_codec.KERNELS`."""
         return _SPARSE_KERNELS
+
+    @property
+    def row_kernels(self) -> RowKernels:
+        """:data:`fastadapt.backends.cpu_rows.KERNELS`."""
+        return _ROW_KERNELS
 
 
 BACKEND = CPUBackend()

@@ -42,7 +42,8 @@ from .cuda_arrays import (INSTALL_HINT, SIMULATOR, _c_contiguous, _context_of, _
                           _is_numba_array, _shape, _stream_of, as_device_array, cuda, device_of, launch_dims)
 from . import cuda_compressed as _cc
 from .cuda_sparse_codec import KERNELS as _SPARSE_KERNELS
-from .protocols import SparseKernels
+from .cuda_rows import KERNELS as _ROW_KERNELS
+from .protocols import RowKernels, SparseKernels
 from .cuda_sparse import _fma_cuda  # noqa: F401  (registers the rules' fma for the CUDA target)
 
 __all__ = ["backend", "CUDABackend", "INSTALL_HINT", "SIMULATOR", "kernels"]
@@ -224,6 +225,11 @@ class CUDABackend:
     def sparse_kernels(self) -> SparseKernels:
         """The sparse loops (:class:`fastadapt.backends.cuda_sparse.CUDASparseKernels`)."""
         return _SPARSE_KERNELS
+
+    @property
+    def row_kernels(self) -> RowKernels:
+        """The loops for row rules (:class:`fastadapt.backends.cuda_rows.CUDARowKernels`)."""
+        return _ROW_KERNELS
 
     # -- kernels --------------------------------------------------------------
 

@@ -57,6 +57,33 @@ class SparseKernels(Protocol):
                      flags: Tuple[bool, bool, bool], nearest: bool) -> None: ...
 
 
+class RowKernels(Protocol):
+    """The loops of a backend for row rules (:attr:`fastadapt.algorithms.Algorithm.rows`).
+
+    ``p``, ``g``, ``vals`` are flat; ``s1, s2, s3`` hold one value per row (or are 1-element
+    dummies); ``width`` is the row width as a number of ``p``'s dtype; ``rows`` strictly
+    ascending and ``vals`` their ``(k, ncols)`` gradient rows, flat (validated).
+    """
+
+    def dense(self, rule: Any, p: Any, g: Any, s1: Any, s2: Any, s3: Any, width: Any, k: Any,
+              nrows: int) -> None:
+        """The rule on every row, from the dense gradient ``g``."""
+
+    def lazy(self, rule: Any, p: Any, rows: Any, vals: Any, s1: Any, s2: Any, s3: Any, width: Any,
+             k: Any) -> None:
+        """The rule on the touched rows only."""
+
+    def fused(self, rule: Any, p: Any, nrows: int, rows: Any, vals: Any, s1: Any, s2: Any, s3: Any,
+              width: Any, k: Any) -> None:
+        """The rule on every row: touched rows from ``vals``, the others from a zero row."""
+
+    def touched(self, indptr: Any) -> Tuple[Any, Any]:
+        """``(rows, indptr)`` of the rows with stored entries of a CSR given by its full ``indptr``."""
+
+    def from_csr(self, indptr: Any, cols: Any, vals: Any, ncols: int) -> Any:
+        """A touched-rows CSR's values as whole rows (flat ``(k, ncols)``, zeros where not stored)."""
+
+
 class Backend(Protocol):
     """One kind of array and the loops over it."""
 
@@ -128,3 +155,7 @@ class Backend(Protocol):
     @property
     def sparse_kernels(self) -> SparseKernels:
         """The backend's sparse loops."""
+
+    @property
+    def row_kernels(self) -> RowKernels:
+        """The backend's loops for row rules."""

@@ -444,7 +444,7 @@ class ShardedTable(_Collective):
                         raise ValueError(f"a table's state_dict holds parameter 0 only, got {j!r}")
                     if isinstance(st, dict) and any(isinstance(v, dict) for v in st.values()):
                         st = _decoded(st, self.shape, "the table's state")
-                    state[0] = slice_state(st, self.shape, self.dtype, lambda a: a[self.lo:self.hi],
+                    state[0] = slice_state(st, self.optimizer_class.algorithm.state_shape(self.shape), self.dtype, lambda a: a[self.lo:self.hi],
                                            "the table's state")
                 inner_sd = {"state": state, "param_groups": sd["param_groups"]}
             new = self.optimizer_class([dict(self.param_groups[0], params=[self.local])],

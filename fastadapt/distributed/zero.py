@@ -172,6 +172,10 @@ class ShardedOptimizer(_Collective):
         if not optimizer_class.accepts_dense:
             raise TypeError(f"{optimizer_class.__name__} takes sparse gradients only; shard an embedding "
                             "table with fastadapt.distributed.ShardedTable instead")
+        if optimizer_class.algorithm.rows:
+            raise TypeError(f"{optimizer_class.__name__} keeps one state value per row, and ShardedOptimizer "
+                            "splits parameters into flat element ranges that cut rows; shard an embedding table "
+                            "by rows with fastadapt.distributed.ShardedTable instead")
         if reduce not in ("sum", "mean"):
             raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
         self.reduce = reduce

@@ -27,7 +27,14 @@ class DenseGrad:
                                group.get("state_rounding") == "nearest")
             return
         s1, s2, s3 = opt._slot_arrays(group, p, state, backend.flat)
-        k = opt._scalars(group, state, backend.dtype_of(p))
+        dtype = backend.dtype_of(p)
+        k = opt._scalars(group, state, dtype)
+        if opt.algorithm.rows:                  # a row rule: one call per row of the row view
+            nrows = p.shape[0] if len(p.shape) else 1         # (a 0-d parameter is one row)
+            width = dtype.type(self.g.size // nrows if nrows else 1)
+            with backend.context(p):
+                backend.row_kernels.dense(opt.rule, backend.flat(p), self.g, s1, s2, s3, width, k, nrows)
+            return
         backend.dense_step(opt.rule, backend.flat(p), self.g, s1, s2, s3, k)
 
 

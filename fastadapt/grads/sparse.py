@@ -410,6 +410,9 @@ class _Prepared:
     def apply(self, opt: Any, group: Mapping[str, Any], p: Any, state: MutableMapping[str, Any]) -> None:
         """Run the step (``state["step"]`` already advanced by the optimizer)."""
         backend = self.backend
+        if opt.algorithm.rows:
+            self._apply_rows(opt, group, p, state)
+            return
         packed = opt._compressed_slots(group, state) if _any_compressed(state, opt.slots) else None
         if packed is not None:              # state_dtype "bfloat16" / "int8": decode, rule, encode per row
             self._apply_compressed(opt, group, p, state, packed)
@@ -431,6 +434,39 @@ class _Prepared:
                 dec.pending = True
             else:
                 self._exact(opt.rule, pf, s1, s2, s3, k)
+
+    def _row_form(self) -> Tuple[Any, Any]:
+        """``(rows, values)``: the touched rows and their whole gradient rows, flat ``(k, ncols)``
+        (a CSR's missing entries as zeros)."""
+        indptr, cols = self._form()
+        if indptr is None:
+            return self.rows, self.vals
+        kernels = self.backend.row_kernels
+        rows = self.rows
+        if rows is None:                    # (a CUDA CSR over its full indptr)
+            rows, indptr = kernels.touched(indptr)
+        return rows, kernels.from_csr(indptr, cols, self.vals, self.ncols)
+
+    def _apply_rows(self, opt: Any, group: Mapping[str, Any], p: Any, state: MutableMapping[str, Any]) -> None:
+        """:meth:`apply` for a row rule: the backend's row loops on the touched rows (lazy), or on
+        every row (fused; an algorithm with a row rule never declares a Decay)."""
+        backend = self.backend
+        with backend.context(p):
+            s1, s2, s3 = opt._slot_arrays(group, p, state, backend.flat)
+            dtype = backend.dtype_of(p)
+            k = opt._scalars(group, state, dtype)
+            pf = backend.flat(p)
+            width = dtype.type(self.ncols)
+            rows, vals = self._row_form()
+            kernels = backend.row_kernels
+            plan = _plan(opt, group)
+            if plan == LAZY:
+                kernels.lazy(opt.rule, pf, rows, vals, s1, s2, s3, width, k)
+            elif isinstance(plan, Decay):
+                raise TypeError(f"{opt.algorithm.name}: a row rule's exact plan must be LAZY or FUSED, "
+                                f"not {plan!r}")
+            else:
+                kernels.fused(opt.rule, pf, self.nrows, rows, vals, s1, s2, s3, width, k)
 
     def _apply_compressed(self, opt: Any, group: Mapping[str, Any], p: Any, state: MutableMapping[str, Any],
                           packed: Any) -> None:

@@ -243,6 +243,8 @@ class Optimizer:
             where = f"parameter {len(self._params) + j}"
             backend = backend_for(p)
             backend.check_param(p, where)
+            if self.algorithm.rows:
+                self._check_row_param(p, where)
             backends.add(device_key(backend, p))
             new_spans.append(backend.memory_span(p) + (backend.name, len(self._params) + j))
         if len(backends) > 1:
@@ -261,6 +263,21 @@ class Optimizer:
         ordered = sorted((s[0], s[1], s[3]) for s in self._spans if s[1] > s[0])
         self._span_starts = [s[0] for s in ordered]      # parameters never overlap: ends sorted too
         self._span_order = ordered
+
+    def _check_row_param(self, p, where):
+        """A row rule's parameter: rows of at least one element (a 0-d parameter is one row)."""
+        shape = tuple(p.shape)
+        if len(shape) > 1 and shape[0] > 0 and int(np.prod(shape[1:], dtype=np.int64)) == 0:
+            raise ValueError(f"{where} has shape {shape}; {type(self).__name__} keeps one value per row, so it "
+                             "needs rows of at least one element")
+
+    def _state_proto(self, p):
+        """An array of the shape and dtype of ``p``'s state buffers, on its device: ``p``, or for a
+        row rule the first ``nrows`` elements of its flat view."""
+        if self.algorithm.rows and len(p.shape) > 0:
+            backend = backend_for(p)
+            return backend.flat(p)[:p.shape[0]]
+        return p
 
     def _gradient_overlap(self, start, end):
         """Index of a parameter whose memory meets bytes ``start:end`` (a gradient), or None."""
@@ -307,7 +324,7 @@ class Optimizer:
     def _new_buffer(self, p, kind, name, value):
         backend = backend_for(p)
         if kind is None:
-            return backend.full_like(p, value)
+            return backend.full_like(self._state_proto(p), value)
         return backend.compressed_full(p, value, kind, self._signed(name), self._seed(p))
 
     def _convert_buffer(self, p, kind, name, buf):
@@ -388,7 +405,7 @@ class Optimizer:
                     self.skipped_steps += 1
                     return False
             self._apply_work(work)
-            if len(work) == len(self._params) and all(type(w[4]) is DenseGrad and w[4].address is not None
+            if len(work) == len(self._params) and not self.algorithm.rows and all(type(w[4]) is DenseGrad and w[4].address is not None
                                                       for w in work):
                 self._plan = _steady().build(self, work)     # the next steps may run the plan
             return True
@@ -527,9 +544,10 @@ class Optimizer:
         applied together by :mod:`fastadapt.many` (one kernel call per param group, step
         count and dtype, not one per parameter); the results are the same."""
         dense = []
+        rows = self.algorithm.rows                  # row rules: one kernel per parameter
         for item in work:
             j, group, p, state, g = item
-            if type(g) is DenseGrad and g.address is not None and "_decay" not in state \
+            if not rows and type(g) is DenseGrad and g.address is not None and "_decay" not in state \
                     and self._state_kind(group, p) is None:   # host arrays, plain state
                 dense.append(item)
             else:
@@ -727,9 +745,12 @@ class Optimizer:
                         arr, tuple(p.shape), 0, f"state of parameter {idx}: {name!r}")
                     continue
                 arr = np.asarray(arr)
-                if arr.shape != tuple(p.shape) or arr.dtype != p_dtype:
+                want = self.algorithm.state_shape(p.shape)
+                if arr.shape != want or arr.dtype != p_dtype:
+                    per_row = " (one value per row)" if self.algorithm.rows else ""
                     raise ValueError(f"state of parameter {idx}: {name!r} has shape {arr.shape} and dtype "
-                                     f"{arr.dtype}, the parameter has {tuple(p.shape)} and {p_dtype}")
+                                     f"{arr.dtype}; for the parameter of shape {tuple(p.shape)} and dtype {p_dtype} "
+                                     f"it must be {want}{per_row} and {p_dtype}")
         # everything checked: now write
         self._flats.clear()                     # (it would keep the replaced buffers alive)
         self._plan = None
@@ -758,7 +779,7 @@ class Optimizer:
                 elif kind is not None:                      # float state into compressed state
                     new[name] = backend.compressed_from(p, np.asarray(arr), kind, self._signed(name), j)
                 else:
-                    buf = backend.full_like(p, 0.0)
+                    buf = backend.full_like(self._state_proto(p), 0.0)
                     backend.copy_into(buf, np.asarray(arr))
                     new[name] = buf
             self.state[j] = new
