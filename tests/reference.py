@@ -39,6 +39,7 @@ __all__ = [
     "adamax",
     "nadam",
     "radam",
+    "ftrl",
     "sparse_adam_rule",
     "sparse_adam",
     "sparse_adagrad_rule",
@@ -339,6 +340,28 @@ def radam(p, g, state, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.
 # --------------------------------------------------------------------------------------------------
 
 
+def ftrl(p, g, state, *, lr=1e-3, lr_power=-0.5, initial_accumulator_value=0.1, l1=0.0, l2=0.0, l2_shrinkage=0.0,
+         beta=0.0, maximize=False):
+    """The spec's section "Ftrl": Keras' ``keras.optimizers.Ftrl.update_step`` (keras/src/optimizers/ftrl.py)
+    under torch-style names, written from Keras' operations in their order.  Keras adds ``beta / (2 * lr)`` to
+    ``l2`` ([py] here) and takes ``ops.power`` of the accumulator (no sqrt, also for lr_power = -0.5)."""
+    dt = _check(p, g)
+    accum = _buf(state, "accumulator", p, initial_accumulator_value)
+    linear = _buf(state, "linear", p)
+    state["step"] = int(state.get("step", 0)) + 1
+    if maximize:
+        g = -g
+    l2_reg = l2 + beta / (2.0 * lr)                                    # [py]
+    grad_to_use = g + dt(2 * l2_shrinkage) * p                         # ops.add(g, ops.multiply(2*s, var))
+    new_accum = accum + g * g                                          # ops.add(accum, ops.square(g))
+    power = dt(-lr_power)
+    linear[...] = linear + (grad_to_use - ((np.power(new_accum, power) - np.power(accum, power)) / dt(lr)) * p)
+    quadratic = np.power(new_accum, power) / dt(lr) + dt(2 * l2_reg)
+    linear_clipped = np.clip(linear, dt(-l1), dt(l1))
+    p[...] = (linear_clipped - linear) / quadratic
+    accum[...] = new_accum
+
+
 def sparse_adam_rule(p, g, state, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False):
     """The spec's "SparseAdam" update applied to every element of ``p`` (epsilon-hat form).
 
@@ -399,7 +422,7 @@ def sparse_adagrad(p, rows, cols, vals, state, *, lr=1e-2, lr_decay=0.0, weight_
 
 
 DENSE_RULES = {"adagrad": adagrad, "rmsprop": rmsprop, "adam": adam, "adamw": adamw, "sgd": sgd,
-               "adadelta": adadelta, "adamax": adamax, "nadam": nadam, "radam": radam}
+               "adadelta": adadelta, "adamax": adamax, "nadam": nadam, "radam": radam, "ftrl": ftrl}
 #: the rule a lazy sparse step runs on the touched elements (:func:`lazy_step`): the dense rule,
 #: or the sparse-only optimizer's own
 LAZY_RULES = dict(DENSE_RULES, sparse_adam=sparse_adam_rule)
@@ -447,6 +470,9 @@ def init_state(name, p, **hyper):
         return {"step": 0, "mu_product": 1.0, "exp_avg": z(), "exp_avg_sq": z()}
     if name == "radam":
         return {"step": 0, "exp_avg": z(), "exp_avg_sq": z()}
+    if name == "ftrl":
+        return {"step": 0, "accumulator": np.full_like(p, hyper.get("initial_accumulator_value", 0.1)),
+                "linear": z()}
     raise ValueError(f"unknown optimizer {name!r}")
 
 

@@ -14,6 +14,7 @@ from .adadelta import ADADELTA
 from .adagrad import ADAGRAD
 from .adam import ADAM, ADAMW
 from .adamax import ADAMAX
+from .ftrl import FTRL
 from .nadam import NADAM
 from .radam import RADAM
 from .rmsprop import RMSPROP
@@ -21,7 +22,7 @@ from .sgd import SGD
 from .sparse_adam import SPARSE_ADAM
 
 #: every algorithm, in the order of the public API
-REGISTRY = (ADAGRAD, RMSPROP, ADAM, ADAMW, SPARSE_ADAM, SGD, ADADELTA, ADAMAX, NADAM, RADAM)
+REGISTRY = (ADAGRAD, RMSPROP, ADAM, ADAMW, SPARSE_ADAM, SGD, ADADELTA, ADAMAX, NADAM, RADAM, FTRL)
 
 #: name -> algorithm
 BY_NAME = {a.name: a for a in REGISTRY}
