@@ -7,9 +7,10 @@ Keras' arguments under torch-style names: ``learning_rate`` -> ``lr``,
 ``l2_shrinkage``; ``initial_accumulator_value`` and ``beta`` keep their names, and
 ``maximize`` negates the gradient first, as in the other optimizers.
 
-State: ``accumulator`` (slot 1, ``n``), created at the parameter's first step filled with the
-group's ``initial_accumulator_value`` (Keras fills it with the constructor's value when it
-builds its variables), and ``linear`` (slot 2, ``z``, zeros).
+State: ``accumulator`` (slot 1, ``n``), filled with the group's ``initial_accumulator_value``,
+and ``linear`` (slot 2, ``z``, zeros), created when the parameter is added, as Keras builds its
+variables before the first step (and as Adagrad's ``sum``): a compressed ``state_dtype`` then
+stores the fill once, and the first step decodes it like every later one.
 
 The update of one element, in evaluation order (every operation rounded to the parameter
 dtype; ``two_shrinkage = 2 * l2_shrinkage`` and ``two_l2_reg = 2 * (l2 + beta / (2 * lr))``
@@ -123,5 +124,6 @@ FTRL = Algorithm(
     ),
     fill=lambda h, name: h["initial_accumulator_value"] if name == "accumulator" else 0.0,
     exact=exact,
+    eager_state=True,
     functional="ftrl",
 )
