@@ -19,12 +19,18 @@ are Python float64 scalars rounded to the dtype, as Keras folds ``beta`` into ``
     g = -g if maximize
     g_shrunk  = g + two_shrinkage * w
     n_new     = n + g * g
-    pn        = pow(n_new, -lr_power)           # a per-element power, as Keras (no sqrt)
-    sigma     = (pn - pow(n, -lr_power)) / lr
+    pn        = root(n_new)                     # sqrt if lr_power == -0.5, else pow(n_new, -lr_power)
+    sigma     = (pn - root(n)) / lr
     z         = z + (g_shrunk - sigma * w)
     quadratic = pn / lr + two_l2_reg
     w         = (clip(z, -l1, l1) - z) / quadratic    # 0 where |z| <= l1
     n         = n_new
+
+``root`` is the paper's ``sqrt`` for the default ``lr_power = -0.5`` (Algorithm 1 is written with
+square roots, TensorFlow's FTRL kernel special-cases it, numpy's ``power(x, 0.5)`` is ``sqrt``): it is
+correctly rounded on every backend, so the default update is reproducible bit for bit.  Any other
+``lr_power`` uses ``math.pow`` (the C library's ``pow``/``powf`` on the CPU), which is not correctly
+rounded; the numpy reference calls the same C function.
 
 Exact sparse mode is always ``FUSED``.  A zero gradient leaves ``n`` alone and, without
 shrinkage, ``z`` too, and recomputes ``w`` from ``(z, n)``: that reproduces ``w`` only where
@@ -44,6 +50,7 @@ from ._spec import Algorithm, ExactPlan, FUSED, Hyper, check_number, flag, nonne
 
 class Scalars(NamedTuple):
     maximize: bool
+    sqrt_power: bool         # lr_power == -0.5: sqrt (the paper's Algorithm 1) instead of pow
     two_shrinkage: float     # 2 * l2_shrinkage
     neg_power: float         # -lr_power
     lr: float
@@ -60,8 +67,13 @@ def rule(p: Any, s1: Any, s2: Any, s3: Any, i: int, g: Any, k: Scalars) -> None:
     n = s1[i]
     gs = g + k.two_shrinkage * x
     n_new = n + g * g
-    pn = math.pow(n_new, k.neg_power)
-    sigma = (pn - math.pow(n, k.neg_power)) / k.lr
+    if k.sqrt_power:
+        pn = math.sqrt(n_new)
+        po = math.sqrt(n)
+    else:
+        pn = math.pow(n_new, k.neg_power)
+        po = math.pow(n, k.neg_power)
+    sigma = (pn - po) / k.lr
     z = s2[i] + (gs - sigma * x)
     s2[i] = z
     quadratic = pn / k.lr + k.two_l2_reg
@@ -78,7 +90,7 @@ def scalars(dtype: Any, step: int, h: Mapping[str, Any], carry: Mapping[str, flo
     dt = scalar_type(dtype)
     lr = float(h["lr"])
     two_l2_reg = 2.0 * (h["l2"] + h["beta"] / (2.0 * lr))
-    return Scalars(bool(h["maximize"]), dt(2.0 * h["l2_shrinkage"]), dt(-h["lr_power"]), dt(lr),
+    return Scalars(bool(h["maximize"]), float(h["lr_power"]) == -0.5, dt(2.0 * h["l2_shrinkage"]), dt(-h["lr_power"]), dt(lr),
                    dt(two_l2_reg), dt(h["l1"]), dt(-h["l1"]))
 
 
