@@ -90,8 +90,8 @@ def scalars(dtype: Any, step: int, h: Mapping[str, Any], carry: Mapping[str, flo
     dt = scalar_type(dtype)
     lr = float(h["lr"])
     two_l2_reg = 2.0 * (h["l2"] + h["beta"] / (2.0 * lr))
-    return Scalars(bool(h["maximize"]), float(h["lr_power"]) == -0.5, dt(2.0 * h["l2_shrinkage"]), dt(-h["lr_power"]), dt(lr),
-                   dt(two_l2_reg), dt(h["l1"]), dt(-h["l1"]))
+    return Scalars(bool(h["maximize"]), float(h["lr_power"]) == -0.5, dt(2.0 * h["l2_shrinkage"]),
+                   dt(-h["lr_power"]), dt(lr), dt(two_l2_reg), dt(h["l1"]), dt(-h["l1"]))
 
 
 def nonpositive(name: str, value: Any) -> None:
