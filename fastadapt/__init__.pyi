@@ -198,6 +198,25 @@ class RowwiseAdagrad(Optimizer):
         nonfinite: _NonFinite = "propagate",
     ) -> None: ...
 
+class Ftrl(Optimizer):
+    def __init__(
+        self,
+        params: _Params,
+        lr: float = 0.001,
+        lr_power: float = -0.5,
+        initial_accumulator_value: float = 0.1,
+        l1: float = 0.0,
+        l2: float = 0.0,
+        l2_shrinkage: float = 0.0,
+        beta: float = 0.0,
+        *,
+        maximize: bool = False,
+        sparse_mode: _SparseMode = "lazy",
+        state_dtype: _StateDtype = None,
+        state_rounding: _StateRounding = "stochastic",
+        nonfinite: _NonFinite = "propagate",
+    ) -> None: ...
+
 __all__ = [
     'Adagrad',
     'RMSprop',
@@ -210,6 +229,7 @@ __all__ = [
     'NAdam',
     'RAdam',
     'RowwiseAdagrad',
+    'Ftrl',
     'Optimizer',
     'RowGrad',
     'functional',

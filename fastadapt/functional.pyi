@@ -162,6 +162,22 @@ def rowwise_adagrad(
     weight_decay_mode: str = "l2",
 ) -> None: ...
 
+def ftrl(
+    param: _Array,
+    grad: _Array,
+    accumulator: _Array,
+    linear: _Array,
+    *,
+    step: int,
+    lr: float = 0.001,
+    lr_power: float = -0.5,
+    l1: float = 0.0,
+    l2: float = 0.0,
+    l2_shrinkage: float = 0.0,
+    beta: float = 0.0,
+    maximize: bool = False,
+) -> None: ...
+
 __all__ = [
     'adagrad',
     'rmsprop',
@@ -173,4 +189,5 @@ __all__ = [
     'nadam',
     'radam',
     'rowwise_adagrad',
+    'ftrl',
 ]

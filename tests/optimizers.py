@@ -347,6 +347,19 @@ OPTIMIZERS = (
              ("weight_decay_mode", None)),
         torch=False,
     ),
+    OptimizerCase(
+        "Ftrl", "ftrl",
+        options=[dict(lr=0.05, **o) for o in grid(lr_power=[-0.5, -0.3], l1=[0.0, 0.01], l2=[0.0, 0.1],
+                                                 l2_shrinkage=[0.0, 0.1], maximize=[False, True])]
+        + [dict(lr=0.05, beta=0.5), dict(lr=0.05, l2=0.1, beta=0.5, maximize=True), dict(lr=0.05, lr_power=0.0),
+           dict(lr=0.05, lr_power=-1.0, l1=0.01), dict(lr=0.05, initial_accumulator_value=0.0, beta=0.5)],
+        rich=dict(lr=0.05, lr_power=-0.3, initial_accumulator_value=0.5, l1=0.01, l2=0.1, l2_shrinkage=0.1,
+                  beta=0.5, maximize=True),
+        bad=(("lr", 0.0), ("lr", -1.0), ("lr_power", 0.5), ("initial_accumulator_value", -0.1), ("l1", -0.01),
+             ("l2", -0.1), ("l2_shrinkage", -0.1), ("beta", -0.5), ("lr_power", "-0.5"),
+             ("maximize", np.array([True, False]))),
+        torch=False,
+    ),
 )
 
 #: name -> case

@@ -23,6 +23,8 @@ Conventions
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import math
 import warnings
 
@@ -39,6 +41,8 @@ __all__ = [
     "adamax",
     "nadam",
     "radam",
+    "ftrl",
+    "c_pow",
     "sparse_adam_rule",
     "sparse_adam",
     "sparse_adagrad_rule",
@@ -339,6 +343,51 @@ def radam(p, g, state, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.
 # --------------------------------------------------------------------------------------------------
 
 
+#: the C library's ``pow`` and ``powf``: what ``math.pow`` in a compiled rule calls on the CPU (LLVM's
+#: ``llvm.pow`` intrinsic).  pow is not correctly rounded, and numpy's ``power`` is other code (SIMD loops,
+#: ``sqrt`` for an exponent of 0.5), so a reference that must match the kernels bit for bit calls these.
+_LIBM = ctypes.CDLL(ctypes.util.find_library("m"))
+_LIBM.pow.restype, _LIBM.pow.argtypes = ctypes.c_double, (ctypes.c_double, ctypes.c_double)
+_LIBM.powf.restype, _LIBM.powf.argtypes = ctypes.c_float, (ctypes.c_float, ctypes.c_float)
+
+
+def c_pow(x, q):
+    """``pow(x, q)`` elementwise by the C library (``powf`` for float32 arrays), ``q`` a scalar of x's dtype."""
+    fn = _LIBM.powf if x.dtype == np.float32 else _LIBM.pow
+    qf = float(q)
+    out = np.fromiter((fn(float(v), qf) for v in np.ravel(x)), dtype=x.dtype, count=x.size)
+    return out.reshape(x.shape)
+
+
+def ftrl(p, g, state, *, lr=1e-3, lr_power=-0.5, initial_accumulator_value=0.1, l1=0.0, l2=0.0, l2_shrinkage=0.0,
+         beta=0.0, maximize=False):
+    """The spec's section "Ftrl": McMahan et al. 2013, Algorithm 1, with the semantics of Keras'
+    ``keras.optimizers.Ftrl.update_step`` (keras/src/optimizers/ftrl.py) under torch-style names, in Keras'
+    order of operations.  Keras adds ``beta / (2 * lr)`` to ``l2`` ([py] here).  The power of the
+    accumulator is the paper's ``sqrt`` for ``lr_power = -0.5`` and the C library's ``pow`` otherwise
+    (:func:`c_pow`), as in the kernels."""
+    dt = _check(p, g)
+    accum = _buf(state, "accumulator", p, initial_accumulator_value)
+    linear = _buf(state, "linear", p)
+    state["step"] = int(state.get("step", 0)) + 1
+    if maximize:
+        g = -g
+    l2_reg = l2 + beta / (2.0 * lr)                                    # [py]
+    if float(lr_power) == -0.5:
+        root = np.sqrt
+    else:
+        power = dt(-lr_power)
+        root = lambda x: c_pow(x, power)                               # noqa: E731
+    grad_to_use = g + dt(2 * l2_shrinkage) * p                         # ops.add(g, ops.multiply(2*s, var))
+    new_accum = accum + g * g                                          # ops.add(accum, ops.square(g))
+    pn = root(new_accum)
+    linear[...] = linear + (grad_to_use - ((pn - root(accum)) / dt(lr)) * p)
+    quadratic = pn / dt(lr) + dt(2 * l2_reg)
+    linear_clipped = np.clip(linear, dt(-l1), dt(l1))
+    p[...] = (linear_clipped - linear) / quadratic
+    accum[...] = new_accum
+
+
 def sparse_adam_rule(p, g, state, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False):
     """The spec's "SparseAdam" update applied to every element of ``p`` (epsilon-hat form).
 
@@ -428,7 +477,7 @@ rowwise_adagrad.rows = True     # a row rule: lazy_step hands it whole touched r
 
 DENSE_RULES = {"adagrad": adagrad, "rmsprop": rmsprop, "adam": adam, "adamw": adamw, "sgd": sgd,
                "adadelta": adadelta, "adamax": adamax, "nadam": nadam, "radam": radam,
-               "rowwise_adagrad": rowwise_adagrad}
+               "rowwise_adagrad": rowwise_adagrad, "ftrl": ftrl}
 #: the rule a lazy sparse step runs on the touched elements (:func:`lazy_step`): the dense rule,
 #: or the sparse-only optimizer's own
 LAZY_RULES = dict(DENSE_RULES, sparse_adam=sparse_adam_rule)
@@ -478,6 +527,9 @@ def init_state(name, p, **hyper):
         return {"step": 0, "exp_avg": z(), "exp_avg_sq": z()}
     if name == "rowwise_adagrad":
         return {"step": 0, "sum": np.zeros(p.shape[:1], p.dtype)}      # one per row (0-d: one row, shape ())
+    if name == "ftrl":
+        return {"step": 0, "accumulator": np.full_like(p, hyper.get("initial_accumulator_value", 0.1)),
+                "linear": z()}
     raise ValueError(f"unknown optimizer {name!r}")
 
 

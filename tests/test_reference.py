@@ -315,15 +315,25 @@ def test_row_grad_to_coo():
 
 
 def test_empty_sparse_step_advances_step_only():
+    """A lazy step with no stored entries advances the count and leaves the parameter and every state
+    array bit for bit as they were: zeros, or the initial fill where the state starts filled (Ftrl's
+    accumulator holds initial_accumulator_value = 0.1 from the start, as Keras builds it)."""
     p0, _ = dense_problem(np.float64, 11)
     for case in OPTIMIZERS:
         p = p0.copy()
         st = case.init_state(p)
+        st0 = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in st.items()}
         e = np.zeros(0, dtype=np.int64)
         case.sparse_reference(p, e, e, np.zeros(0), st, "lazy")
         assert st["step"] == 1
         assert np.array_equal(p, p0)
-        assert all(not a.any() for a in st.values() if isinstance(a, np.ndarray))
+        for k, a in st.items():
+            if isinstance(a, np.ndarray):
+                # the state the algorithm declares: its fill (zeros but for Adagrad's sum, Ftrl's accumulator)
+                fill = case.algorithm.fill(case.group(), k)
+                assert np.array_equal(a, np.full_like(p0, fill)), (case.name, k)
+                if k in st0:
+                    assert a.tobytes() == st0[k].tobytes(), (case.name, k)
 
 
 def test_lazy_step_creates_missing_state_full_size():

@@ -14,6 +14,7 @@ from .adadelta import ADADELTA
 from .adagrad import ADAGRAD
 from .adam import ADAM, ADAMW
 from .adamax import ADAMAX
+from .ftrl import FTRL
 from .nadam import NADAM
 from .radam import RADAM
 from .rmsprop import RMSPROP
@@ -22,7 +23,8 @@ from .sgd import SGD
 from .sparse_adam import SPARSE_ADAM
 
 #: every algorithm, in the order of the public API
-REGISTRY = (ADAGRAD, RMSPROP, ADAM, ADAMW, SPARSE_ADAM, SGD, ADADELTA, ADAMAX, NADAM, RADAM, ROWWISE_ADAGRAD)
+REGISTRY = (ADAGRAD, RMSPROP, ADAM, ADAMW, SPARSE_ADAM, SGD, ADADELTA, ADAMAX, NADAM, RADAM, ROWWISE_ADAGRAD,
+            FTRL)
 
 #: name -> algorithm
 BY_NAME = {a.name: a for a in REGISTRY}
