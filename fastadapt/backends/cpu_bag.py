@@ -13,8 +13,9 @@ Coalescing a bag gradient (:func:`coalesce`) -- the table's gradient in rows for
    (histogram over the table's rows, prefix sums, a stable scatter walking the bags in order,
    which also records each lookup's bag) when the table has at most
    ``config.BAG_COUNTING_SORT_RATIO`` rows per lookup; otherwise a sort of the keys
-   ``row * n + t`` (unique, so a plain sort is stable) and a parallel fill of the bag ids from
-   ``offsets`` -- so a step costs O(lookups), whatever the table's size;
+   ``row * n + t`` (unique, so a plain sort is stable; a stable argsort when those keys would
+   overflow int64) and a parallel fill of the bag ids from ``offsets`` -- so a step never costs
+   more than O(lookups log lookups), whatever the table's size;
 2. in parallel over the unique rows (ascending), ``values[u] = 0 + c_1 + c_2 + ...`` over
    the row's lookups ``t`` in lookup order, ``c_t = grad_out[bag(t)] * s_t`` and
    ``s_t = w_t`` (mode "sum") or ``w_t / size(bag(t))`` (mode "mean"), ``w_t`` the
