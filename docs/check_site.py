@@ -55,14 +55,14 @@ EXPECTED_ANCHORS = {
         "fastadapt.Adam", "fastadapt.AdamW", "fastadapt.Adagrad", "fastadapt.RMSprop",
         "fastadapt.SparseAdam", "fastadapt.Optimizer", "fastadapt.Optimizer.step",
         "fastadapt.Optimizer.state_dict", "fastadapt.Optimizer.load_state_dict",
-        "fastadapt.RowGrad", "module-fastadapt.functional", "fastadapt.functional.adam",
+        "fastadapt.RowGrad", "fastadapt.BagGrad", "fastadapt.embedding_bag", "module-fastadapt.functional", "fastadapt.functional.adam",
         "fastadapt.functional.adamw", "fastadapt.functional.adagrad",
         "fastadapt.functional.rmsprop", "fastadapt.distributed.ShardedOptimizer",
         "fastadapt.distributed.ShardedTable",
     ],
     "performance.html": ["performance-measuring", "performance-dense", "performance-sparse",
                          "performance-limits"],
-    "sparse.html": ["sparse-recsys"],
+    "sparse.html": ["sparse-recsys", "sparse-bags"],
     "development.html": ["development-sdist"],
 }
 

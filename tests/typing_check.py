@@ -42,6 +42,8 @@ def readme_sparse() -> int:
     opt.step([None])
     exact = fa.RMSprop([E], lr=1e-3, sparse_mode="exact", nonfinite="skip")
     exact.step([fa.RowGrad(rows, values)])
+    out: np.ndarray = fa.embedding_bag(E, rows, np.array([0, 1, 3]), mode="mean")
+    opt.step([fa.BagGrad(rows, np.array([0, 1, 3]), np.ones_like(out), mode="mean")])
     step: int = opt.state_of(E)["step"]
     return step
 

@@ -367,9 +367,9 @@ class Optimizer:
         grads : sequence
             One gradient per parameter, in group order (the order of
             ``[p for g in opt.param_groups for p in g["params"]]``).  Each is an array
-            of the parameter's shape and dtype, a scipy CSR matrix or
-            :class:`fastadapt.RowGrad` (sparse gradients, see docs/sparse.rst), or None to
-            leave that parameter (and its step count) untouched.
+            of the parameter's shape and dtype, a scipy CSR matrix,
+            :class:`fastadapt.RowGrad` or :class:`fastadapt.BagGrad` (sparse gradients, see
+            docs/sparse.rst), or None to leave that parameter (and its step count) untouched.
 
         Returns
         -------

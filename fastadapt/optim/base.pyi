@@ -12,6 +12,7 @@ from numpy.typing import NDArray
 from ..algorithms import Algorithm
 from ..algorithms._spec import MAX_STEP as MAX_STEP
 from ..grads.device import DeviceCSR
+from ..grads.bag import BagGrad
 from ..grads.sparse import RowGrad
 
 __all__ = ["Optimizer", "NONFINITE", "MAX_STEP"]
@@ -20,8 +21,8 @@ __all__ = ["Optimizer", "NONFINITE", "MAX_STEP"]
 _Array: TypeAlias = NDArray[np.floating[Any]] | Any
 #: what an optimizer is built from: arrays, or param-group dicts
 _Params: TypeAlias = Iterable[_Array] | Iterable[dict[str, Any]]
-#: one gradient of Optimizer.step: dense array, scipy CSR matrix, RowGrad, DeviceCSR, or None
-_Grad: TypeAlias = _Array | RowGrad | DeviceCSR | None
+#: one gradient of Optimizer.step: dense array, scipy CSR matrix, RowGrad, BagGrad, DeviceCSR, or None
+_Grad: TypeAlias = _Array | RowGrad | BagGrad | DeviceCSR | None
 _SparseMode: TypeAlias = Literal["lazy", "exact"]
 _NonFinite: TypeAlias = Literal["propagate", "skip", "raise"]
 _StateDtype: TypeAlias = Literal["float32", "bfloat16", "int8"] | None
