@@ -106,6 +106,20 @@ def fbgemm_api():
     return ns, None
 
 
+def fbgemm_version():
+    """The installed FBGEMM distribution and version (``"fbgemm-gpu-cpu 1.8.0"``), or None."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:                              # pragma: no cover
+        return None
+    for dist in ("fbgemm-gpu-cpu", "fbgemm-gpu", "fbgemm-gpu-nightly-cpu", "fbgemm-gpu-nightly"):
+        try:
+            return f"{dist} {version(dist)}"
+        except PackageNotFoundError:
+            continue
+    return None
+
+
 def fastadapt_missing():
     """Names of the fastadapt API this benchmark uses that this fastadapt lacks."""
     return [name for name in ("RowwiseAdagrad", "BagGrad") if not hasattr(fa, name)]
@@ -423,7 +437,8 @@ def print_report(result):
                  if "fbgemm_rowwise_ms" in b else ""))
     f = result["floor"]
     if f:
-        print(f"\n   3. RowwiseAdagrad RowGrad step, {f['density'] * 100:g} % rows: {f['fa_rowwise_rowgrad_ms']:.3f} ms; "
+        print(f"\n   3. RowwiseAdagrad RowGrad step, {f['density'] * 100:g} % rows: "
+              f"{f['fa_rowwise_rowgrad_ms']:.3f} ms; "
               f"same-bytes numba loop {f['floor_ms']:.3f} ms ({f['floor_gbps']:.1f} GB/s); "
               f"loop / step {f['of_floor']:.2f}")
     for note in result["notes"]:
@@ -457,9 +472,10 @@ def main(argv=None):
     t0 = time.perf_counter()
     result = measure(args.rows, args.dim, args.densities, args.rounds, args.bags, args.bag_size, args.zipf)
     info = B.threads_info()
-    result.update(cpu=cpu_model(), info=info, fbgemm=_fbgemm_version(), seconds=time.perf_counter() - t0)
+    result.update(cpu=cpu_model(), info=info, fbgemm=fbgemm_version() if api is not None else None,
+                  seconds=time.perf_counter() - t0)
     print("python " + " ".join([os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv))))
-    print(f"({result['cpu']}; {B.describe_threads(info)}; FBGEMM {result['fbgemm'] or 'not installed'}; "
+    print(f"({result['cpu']}; {B.describe_threads(info)}; FBGEMM {result['fbgemm'] or 'not usable'}; "
           f"medians of {args.rounds} interleaved rounds; {result['seconds']:.0f} s)\n")
     if api is None:
         print(f"(FBGEMM anchors skipped: {why}; see this script's docstring for the install lines)\n")
@@ -476,19 +492,6 @@ def main(argv=None):
                            targets=[dict(label=lbl, measured=v, bar=b, met=v >= b) for lbl, v, b in rows],
                            not_measured=missing), f, indent=2)
     return 0
-
-
-def _fbgemm_version():
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-    except ImportError:                              # pragma: no cover
-        return None
-    for dist in ("fbgemm-gpu-cpu", "fbgemm-gpu", "fbgemm-gpu-nightly-cpu", "fbgemm-gpu-nightly"):
-        try:
-            return f"{dist} {version(dist)}"
-        except PackageNotFoundError:
-            continue
-    return None
 
 
 if __name__ == "__main__":
