@@ -16,7 +16,13 @@ and each is timed in its own steady state; see fastadapt.apps.benchmark.interlea
 7. compressed optimizer state (issue #13, bench/compressed_state.py): Adam/AdamW with state_dtype
    None / "bfloat16" / "int8" on one ``--compressed-size`` parameter vs torch fused, the slow 8-bit
    anchors (bitsandbytes, torchao when importable) in ``--anchor-rounds`` rounds, and the state
-   bytes per parameter (``--no-compressed`` skips it).
+   bytes per parameter (``--no-compressed`` skips it);
+8. embedding tables against FBGEMM's CPU table-batched embeddings (bench/tables.py): a
+   ``--tables-rows`` x 64 float32 table at 0.1 / 1 / 10 % of the rows, ``RowwiseAdagrad`` (RowGrad
+   and BagGrad) vs FBGEMM ``EXACT_ROWWISE_ADAGRAD``'s backward with the fused update, ``Adagrad``
+   vs ``EXACT_ADAGRAD``, BagGrad vs a numpy-built RowGrad on Zipf bags, and the rowwise step vs a
+   same-bytes numba loop (``--no-tables`` skips it; FBGEMM's rows are skipped, with a note, where
+   fbgemm_gpu is not installed, and fastadapt's where it lacks RowwiseAdagrad / BagGrad).
 
 and a last table of the targets, each MET or MISSED.  Exit status 0 either way (this is a
 measurement, not a test); ``--strict`` exits 1 when a target is missed.  Takes ~2 minutes.
@@ -44,6 +50,7 @@ from fastadapt.apps import benchmark as B  # noqa: E402
 from fastadapt.apps.cli import HelpFormatter  # noqa: E402
 import small_steps  # noqa: E402
 import compressed_state  # noqa: E402
+import tables  # noqa: E402
 from seed_numpy import seed_case, seed_many_case  # noqa: E402
 
 NAMES = ["adagrad", "rmsprop", "adam", "adamw"]
@@ -203,9 +210,13 @@ def main(argv=None):
                         help="interleaved rounds (1 timed call each) of the slow 8-bit anchors in 7.")
     parser.add_argument("--no-compressed", action="store_true", help="skip the compressed-state section (7.)")
     parser.add_argument("--no-anchors", action="store_true", help="7. without bitsandbytes and torchao")
+    parser.add_argument("--tables-rows", type=float, default="1e6",
+                        help="rows of the embedding-tables section's table (8.), 64 wide")
+    parser.add_argument("--no-tables", action="store_true", help="skip the embedding-tables section (8.)")
     args = parser.parse_args(argv)
     n, rounds = (10**6, 5) if args.quick else (int(args.size), args.rounds)
     cn = 10**6 if args.quick else int(args.compressed_size)
+    tn = 10**5 if args.quick else int(args.tables_rows)
     sizes = B.log_uniform_sizes(200, 100, 200_000, seed=0)
 
     load_start = _load()
@@ -222,6 +233,9 @@ def main(argv=None):
         comp = compressed_state.dense_rows(cn, rounds)
         if not args.no_anchors:
             anchors, anchor_notes = compressed_state.anchor_rows(cn, args.anchor_rounds)
+    tab = None
+    if not args.no_tables:
+        tab = tables.measure(tn, 64, (0.001, 0.01, 0.1), rounds)
     info = B.threads_info()
     elapsed = time.perf_counter() - t_start
 
@@ -268,6 +282,12 @@ def main(argv=None):
         compressed_state.print_dense(comp, anchors, anchor_notes, rounds, args.anchor_rounds)
         print()
 
+    if tab is not None:
+        print("8. Embedding tables against FBGEMM's CPU TBE (bench/tables.py; "
+              f"{tables.fbgemm_version() or 'FBGEMM not installed'})")
+        tables.print_report(tab)
+        print()
+
     by = {r["name"]: r for r in dense}
     targets = []
     for name in ("adam", "adamw", "adagrad"):
@@ -310,19 +330,25 @@ def main(argv=None):
                                 r["x_fa_int8_vs_anchor"], bars[r["anchor"]]))
         for missing in sorted(set(bars) - {r["anchor"] for r in anchors}):
             print(f"(target int8 >= {bars[missing]:g}x {missing}: not measured, the anchor is not available here)")
+    if tab is not None:
+        measured, not_measured = tables.targets(tab)
+        targets += measured
+        for label in not_measured:
+            print(f"({label}: not measured, see the notes of 8.)")
     missed = 0
-    print(f"{'target':<50}{'measured':>10}  result")
+    width = max([50] + [len(label) + 2 for label, _, _ in targets])
+    print(f"{'target':<{width}}{'measured':>10}  result")
     for label, value, threshold in targets:
         ok = (value < 1.0 if threshold == -1.0 else value <= 1.0 if threshold == -2.0
               else value >= threshold)
         missed += not ok
-        print(f"{label:<50}{value:>10.2f}  {'MET' if ok else 'MISSED'}")
+        print(f"{label:<{width}}{value:>10.2f}  {'MET' if ok else 'MISSED'}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(n=n, rounds=rounds, info=info, dense=dense, many=many, overhead_us=overhead,
                            alloc_peak_bytes=alloc, cold_start_s=cold_inside, cold_process_s=cold_wall,
                            threads_identical=same, small_steps=small, compressed_n=cn, compressed=comp,
-                           compressed_anchors=anchors, compressed_anchor_notes=anchor_notes), f, indent=2)
+                           compressed_anchors=anchors, compressed_anchor_notes=anchor_notes, tables=tab), f, indent=2)
     return 1 if (args.strict and missed) else 0
 
 
