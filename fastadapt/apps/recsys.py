@@ -15,6 +15,13 @@ they are given to the optimizer as :class:`fastadapt.RowGrad` (or, with ``--grad
 as scipy CSR matrices), and only those rows are updated (``--mode lazy``) or the result is the
 dense step's (``--mode exact``).
 
+``--model bag`` adds a context table ``C``: the user vector is ``P[u] + mean(C[bag(u)])`` over
+``--history`` of the user's training items (:func:`fastadapt.embedding_bag` forward; the gradient of
+``C`` is a :class:`fastadapt.BagGrad`).  Both models' gradients are numba kernels
+(:mod:`fastadapt.apps.recsys_kernels`) that give the optimizer unique ascending rows;
+:func:`bpr_gradients` is the numpy reference.  ``--compare`` trains implicit's BPR, the bag model in
+torch and fastadapt's two models on the same data (:mod:`fastadapt.apps.recsys_compare`).
+
 Per epoch it reports the held-out recall@k (the held-out item among the top k unseen items, on
 ``--eval-users`` sampled users) and the training time; then it trains again from the same start
 with the same batches and negatives, but with dense gradients (the tables' shape, zero outside
