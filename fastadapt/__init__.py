@@ -15,6 +15,7 @@ See the README and the docs for the options, the sparse-gradient semantics and t
 from typing import Any
 
 from . import config, functional
+from .grads.bag import BagGrad, embedding_bag
 from .grads.sparse import RowGrad
 from .optim import CLASSES, Optimizer
 
@@ -32,4 +33,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [*CLASSES, "Optimizer", "RowGrad", "functional", "config", "__version__"]
+__all__ = [*CLASSES, "Optimizer", "RowGrad", "BagGrad", "embedding_bag", "functional", "config", "__version__"]

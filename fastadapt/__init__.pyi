@@ -8,6 +8,8 @@ from . import config as config
 from . import functional as functional
 from . import grads as grads
 from . import optim as optim
+from .grads.bag import BagGrad as BagGrad
+from .grads.bag import embedding_bag as embedding_bag
 from .grads.device import DeviceCSR as DeviceCSR
 from .grads.sparse import RowGrad as RowGrad
 from .optim.base import Optimizer as Optimizer
@@ -196,6 +198,8 @@ __all__ = [
     'RAdam',
     'Optimizer',
     'RowGrad',
+    'BagGrad',
+    'embedding_bag',
     'functional',
     'config',
     '__version__',

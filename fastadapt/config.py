@@ -31,6 +31,11 @@ MPI_CHUNK_ELEMENTS = 1 << 22
 PARALLEL_CHUNK = 1 << 16
 PARALLEL_MIN_CHUNK = 1 << 11
 
+#: Coalescing a fastadapt.BagGrad groups its lookups by row with a counting sort (O(rows of the
+#: table + lookups)) when the table has at most this many rows per lookup, and with a sort
+#: (O(lookups log lookups)) otherwise, so that a step's cost never grows with the table.
+BAG_COUNTING_SORT_RATIO = 4
+
 #: Parameters with fewer elements keep their state in float32 whatever ``state_dtype`` says
 #: (as bitsandbytes does): their state is small, and the many-tensor loops batch them.
 STATE_COMPRESS_MIN = 4096

@@ -8,7 +8,7 @@ them.  This script writes what it would see:
 * ``fastadapt/__init__.pyi`` -- the package's public names: :class:`Optimizer` (whose typed
   interface is the hand-written ``fastadapt/optim/base.pyi``), one class per algorithm with
   torch's signature (positional / keyword-only split, the real defaults), ``RowGrad``,
-  ``DeviceCSR``, ``functional``, ``config``, ``__version__``;
+  ``BagGrad``, ``embedding_bag``, ``DeviceCSR``, ``functional``, ``config``, ``__version__``;
 * ``fastadapt/functional.pyi`` -- one typed function per algorithm that has one.
 
 Run it after adding or changing an algorithm (``tests/test_stubs.py`` fails until you do)::
@@ -95,7 +95,7 @@ def class_stub(alg: Algorithm) -> str:
 def init_stub() -> str:
     """The text of ``fastadapt/__init__.pyi``."""
     names = [a.name for a in REGISTRY]
-    all_names = [*names, "Optimizer", "RowGrad", "functional", "config", "__version__"]
+    all_names = [*names, "Optimizer", "RowGrad", "BagGrad", "embedding_bag", "functional", "config", "__version__"]
     parts = [
         HEADER,
         '"""fastadapt: torch.optim\'s adaptive optimizers as Numba kernels (type stub of the generated API)."""\n',
@@ -105,6 +105,8 @@ def init_stub() -> str:
         "from . import functional as functional",
         "from . import grads as grads",
         "from . import optim as optim",
+        "from .grads.bag import BagGrad as BagGrad",
+        "from .grads.bag import embedding_bag as embedding_bag",
         "from .grads.device import DeviceCSR as DeviceCSR",
         "from .grads.sparse import RowGrad as RowGrad",
         "from .optim.base import Optimizer as Optimizer",

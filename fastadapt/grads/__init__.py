@@ -2,7 +2,8 @@
 
 :func:`prepare_grad` turns one user gradient into a prepared step with two methods,
 ``all_finite()`` and ``apply(optimizer, group, param, state)``: dense arrays
-(:mod:`.dense`), scipy CSR and :class:`fastadapt.RowGrad` (:mod:`.sparse`), and the device
+(:mod:`.dense`), scipy CSR and :class:`fastadapt.RowGrad` (:mod:`.sparse`),
+:class:`fastadapt.BagGrad` (:mod:`.bag`, coalesced into a RowGrad's form), and the device
 formats of CUDA parameters (:mod:`.device`, imported only for them).  Preparing never writes
 to a parameter or to state.
 """
@@ -14,13 +15,14 @@ import numpy as np
 from ..backends import is_device_array
 from ..backends.protocols import Backend
 from .dense import DenseGrad, dense_host_grad
+from .bag import BagGrad
 from .sparse import RowGrad, prepare_sparse_grad
 
-__all__ = ["prepare_grad", "dense_host_grad", "DenseGrad", "RowGrad"]
+__all__ = ["prepare_grad", "dense_host_grad", "DenseGrad", "RowGrad", "BagGrad"]
 
 
 def _is_sparse(g: Any) -> bool:
-    if type(g).__name__ in ("RowGrad", "DeviceCSR"):      # DeviceCSR: fastadapt.cuda_sparse
+    if type(g).__name__ in ("RowGrad", "BagGrad", "DeviceCSR"):      # DeviceCSR: fastadapt.cuda_sparse
         return True
     module = type(g).__module__ or ""
     return module.startswith(("scipy.sparse", "cupyx.scipy.sparse"))
@@ -32,7 +34,7 @@ def prepare_grad(g: Any, p: Any, backend: Backend, where: str, *, accepts_dense:
 
     Parameters
     ----------
-    g : array, scipy sparse matrix or RowGrad
+    g : array, scipy sparse matrix, RowGrad or BagGrad
     p : array
         The parameter.
     backend : Backend
@@ -54,6 +56,10 @@ def prepare_grad(g: Any, p: Any, backend: Backend, where: str, *, accepts_dense:
             return prepared
     if _is_sparse(g):
         if is_device_array(p):               # CUDA parameters take the device formats
+            if type(g).__name__ == "BagGrad":
+                raise TypeError(f"{where} is a fastadapt.BagGrad but its parameter lives on the GPU; BagGrad is "
+                                "host only for now: coalesce the bags yourself and pass a fastadapt.RowGrad "
+                                "of device arrays")
             from .device import prepare_device_sparse_grad
             return prepare_device_sparse_grad(g, p, backend, where)
         return prepare_sparse_grad(g, p, backend, where)
@@ -82,7 +88,7 @@ def prepare_grad(g: Any, p: Any, backend: Backend, where: str, *, accepts_dense:
                         f"but its parameter lives on the {backend.name} backend; keep parameters "
                         "and gradients on the same device")
     raise TypeError(f"{where} has unsupported type {type(g).__name__}; pass an array of the parameter's "
-                    "shape and dtype, a scipy CSR matrix, a fastadapt.RowGrad, or None")
+                    "shape and dtype, a scipy CSR matrix, a fastadapt.RowGrad or BagGrad, or None")
 
 
 def _c_contiguous(a: Any) -> bool:

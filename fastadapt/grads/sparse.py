@@ -5,7 +5,10 @@ Formats :meth:`fastadapt.Optimizer.step` accepts (the spec, "Sparse gradients")
 * a scipy ``csr_matrix`` or ``csr_array`` of the parameter's 2-D shape, or ``(1, n)`` for a
   1-D parameter of ``n`` elements;
 * :class:`RowGrad` ``(rows, values)``: ``values[t]`` is the gradient of row ``rows[t]`` of the
-  parameter (``values`` has shape ``(k,) + p.shape[1:]``) -- the fast path for embedding tables.
+  parameter (``values`` has shape ``(k,) + p.shape[1:]``) -- the fast path for embedding tables;
+* :class:`fastadapt.BagGrad` ``(indices, offsets, grad_out, per_sample_weights, mode)`` of a 2-D
+  parameter: an embedding-bag backward, coalesced into the rows form below by
+  :func:`fastadapt.grads.bag.canonical_bag` (:mod:`fastadapt.grads.bag`).
 
 Duplicates are summed (in their order of appearance), explicit stored zeros count as touched,
 floating data of another dtype is cast to the parameter's dtype; integer, boolean and complex
@@ -70,6 +73,7 @@ from ..algorithms import LAZY, Decay
 from ..algorithms._spec import ExactPlan
 from ..backends import backend_for, is_device_array, unused_slot
 from ..backends.protocols import Backend
+from .bag import canonical_bag
 
 __all__ = ["RowGrad", "row_view", "canonical_csr", "canonical_rows", "prepare_sparse_grad",
            "CSRGrad", "RowsGrad", "PendingDecay", "settle", "settle_unless_continued"]
@@ -551,9 +555,9 @@ def prepare_sparse_grad(g: Any, p: Any, backend: Backend, where: str) -> "_Prepa
 
     Parameters
     ----------
-    g : scipy CSR matrix/array or RowGrad
+    g : scipy CSR matrix/array, RowGrad or BagGrad
     p : array
-        The parameter (1-D or 2-D for CSR; any ``ndim >= 1`` for RowGrad).
+        The parameter (1-D or 2-D for CSR; any ``ndim >= 1`` for RowGrad; 2-D for BagGrad).
     backend : Backend
         ``p``'s backend.
     where : str
@@ -565,6 +569,12 @@ def prepare_sparse_grad(g: Any, p: Any, backend: Backend, where: str) -> "_Prepa
         With ``all_finite()`` and ``apply(optimizer, group, p, state)``.
     """
     nrows, ncols = row_view(p.shape)
+    if type(g).__name__ == "BagGrad":
+        if p.ndim != 2:
+            raise ValueError(f"{where}: a BagGrad needs a 2-D table (nrows, dim) as its parameter, this one has "
+                             f"shape {tuple(p.shape)}; reshape the table to 2-D, or pass a fastadapt.RowGrad")
+        rows, values = canonical_bag(g, nrows, ncols, p.dtype, where)      # new arrays: no overlap with p
+        return RowsGrad(rows, values, nrows, ncols, backend)
     if type(g).__name__ == "RowGrad":
         values = g.values
         if is_device_array(values) or is_device_array(g.rows):
