@@ -343,7 +343,9 @@ def test_cli_bag_model_quick(capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "bag model (user + mean of 6 history items)" in out and "600 users x 200 items" in out
-    assert "recall@10" in out and "dense steps" in out and "max |difference| 0.00e+00" in out
+    assert "recall@10" in out and "dense steps" in out
+    # the BagGrad's rows are summed by the optimizer, the dense gradient's by np.add.at: rounding apart
+    assert float(re.search(r"max \|difference\| (\S+)", out).group(1)) < 1e-5
 
 
 def _compare_argv():
