@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+import fastadapt as fa
 from fastadapt.apps import cli, recsys
 from fastadapt.apps.progress import Progress
 
@@ -68,6 +69,95 @@ def test_bpr_gradients_match_finite_differences():
             down = objective(U, V)
             A[idx] = old
             assert abs((up - down) / (2 * eps) - D[idx]) < 1e-6
+
+
+def test_numba_bpr_gradients_match_the_numpy_reference():
+    rng = np.random.default_rng(4)
+    U = rng.standard_normal((30, 5)).astype(np.float32)
+    V = rng.standard_normal((20, 5)).astype(np.float32)
+    users, pos, neg = rng.integers(0, 30, 200), rng.integers(0, 20, 200), rng.integers(0, 20, 200)
+    loss, gU, item_rows, gV = recsys.bpr_gradients(U, V, users, pos, neg, 0.1)
+    loss2, urows, gU2, irows, gV2 = recsys.bpr_sparse_gradients(U, V, users, pos, neg, 0.1)
+    assert np.all(np.diff(urows) > 0) and np.all(np.diff(irows) > 0)      # unique, ascending
+    assert set(urows) == set(users) and set(irows) == set(item_rows)
+    assert gU2.dtype == U.dtype and gU2.flags.c_contiguous and gV2.flags.c_contiguous
+    assert loss2 == pytest.approx(loss, rel=1e-6)
+    np.testing.assert_allclose(recsys._as_dense(urows, gU2, U.shape), recsys._as_dense(users, gU, U.shape),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(recsys._as_dense(irows, gV2, V.shape), recsys._as_dense(item_rows, gV, V.shape),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_grouper_counting_sort():
+    from fastadapt.apps.recsys_kernels import Grouper
+
+    g = Grouper(10)
+    rows = np.array([7, 2, 7, 0, 2, 7], np.int64)
+    for _ in range(2):                                     # the counter is left clean for the next call
+        urows, starts, order, slot = g(rows)
+        assert urows.tolist() == [0, 2, 7] and starts.tolist() == [0, 1, 3, 6]
+        assert order.tolist() == [3, 1, 4, 0, 2, 5] and slot.tolist() == [2, 1, 2, 0, 1, 2]
+        assert not g.count.any()
+
+
+def test_user_histories():
+    R, train, _, _ = small_problem()
+    ptr, idx = recsys.user_histories(train, history=4, seed=1)
+    counts = np.diff(train.indptr)
+    assert np.array_equal(np.diff(ptr), np.minimum(counts, 4))
+    for u in range(train.shape[0]):
+        bag = idx[ptr[u]:ptr[u + 1]]
+        assert set(bag) <= set(train.indices[train.indptr[u]:train.indptr[u + 1]]) and len(set(bag)) == bag.size
+    assert np.array_equal(recsys.user_histories(train, 4, 1)[1], idx)
+
+
+def test_bag_model_gradients_match_finite_differences():
+    rng = np.random.default_rng(5)
+    n_users, n_items, dim, reg = 4, 7, 3, 0.1
+    P, C, Q = (rng.standard_normal((n, dim)) for n in (n_users, n_items, n_items))
+    hist_ptr = np.array([0, 3, 4, 4 + 2, 6 + 3])
+    hist_idx = np.array([0, 2, 5, 1, 6, 6, 3, 4, 0])      # user 2's bag repeats item 6
+    users, pos, neg = np.array([0, 3, 0, 2, 1]), np.array([1, 2, 4, 0, 3]), np.array([6, 5, 1, 1, 3])
+
+    def objective(P, C, Q):
+        total = 0.0
+        for u, p, n in zip(users, pos, neg):
+            m = C[hist_idx[hist_ptr[u]:hist_ptr[u + 1]]].mean(axis=0)
+            x = (P[u] + m) @ (Q[p] - Q[n])
+            total += np.logaddexp(0, -x) + 0.5 * reg * (P[u] @ P[u] + m @ m + Q[p] @ Q[p] + Q[n] @ Q[n])
+        return total
+
+    loss, (gP, gC, gQ) = recsys.bag_gradients(P, C, Q, hist_ptr, hist_idx, users, pos, neg, reg)
+    assert isinstance(gP, fa.RowGrad) and isinstance(gC, fa.BagGrad) and isinstance(gQ, fa.RowGrad)
+    assert gC.mode == "mean" and np.all(np.diff(gP.rows) > 0) and np.all(np.diff(gQ.rows) > 0)
+    dP = recsys._as_dense(gP.rows, gP.values, P.shape)
+    dC = recsys._as_dense(*recsys.bag_rows(gC), C.shape)
+    dQ = recsys._as_dense(gQ.rows, gQ.values, Q.shape)
+    eps = 1e-6
+    for A, D in ((P, dP), (C, dC), (Q, dQ)):
+        for idx in np.ndindex(A.shape):
+            old = A[idx]
+            A[idx] = old + eps
+            up = objective(P, C, Q)
+            A[idx] = old - eps
+            down = objective(P, C, Q)
+            A[idx] = old
+            assert abs((up - down) / (2 * eps) - D[idx]) < 1e-6, (idx, D[idx])
+    # the forward: user vectors through fastadapt.embedding_bag
+    X = recsys.all_user_vectors(P, C, hist_ptr, hist_idx)
+    np.testing.assert_allclose(X[3], P[3] + C[[3, 4, 0]].mean(axis=0), rtol=1e-12)
+
+
+def test_bag_model_learns_and_exact_equals_dense():
+    R, train, users, items = small_problem()
+    kw = dict(model="bag", dim=8, epochs=3, batch_size=512, optimizer="adam", mode="exact", lr=0.05,
+              history=5, k=10, log=None, progress=False)
+    sparse_run = recsys.train(train, users, items, grad_format="rows", **kw)
+    dense_run = recsys.train(train, users, items, grad_format="dense", **kw)
+    assert sparse_run["epochs"][-1]["recall"] > 3 * 10 / R.shape[1]
+    assert sparse_run["epochs"][-1]["loss"] < sparse_run["epochs"][0]["loss"]
+    for t in ("P", "C", "Q"):
+        np.testing.assert_allclose(sparse_run[t], dense_run[t], rtol=1e-4, atol=1e-5)
 
 
 def test_recall_at_k():
@@ -245,3 +335,46 @@ def test_data_file_without_a_rating_kept(tmp_path, capsys):
     path.write_text("1,10,2\n2,11,3\n")
     assert cli.main(["recsys", "--data", str(path), "--min-rating", "4"]) == 2
     assert capsys.readouterr().err == f"fastadapt recsys: error: --data: {path}: no rating is >= 4 (--min-rating)\n"
+
+
+def test_cli_bag_model_quick(capsys):
+    rc = cli.main(["recsys", "--quick", "--model", "bag", "--users", "600", "--items", "200", "--interactions",
+                   "8000", "--dim", "8", "--history", "6", "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "bag model (user + mean of 6 history items)" in out and "600 users x 200 items" in out
+    assert "recall@10" in out and "dense steps" in out
+    # the BagGrad's rows are summed by the optimizer, the dense gradient's by np.add.at: rounding apart
+    assert float(re.search(r"max \|difference\| (\S+)", out).group(1)) < 1e-5
+
+
+def _compare_argv():
+    return ["recsys", "--quick", "--compare", "--users", "500", "--items", "150", "--interactions", "6000",
+            "--dim", "8", "--epochs", "2", "--batch-size", "1024", "--no-progress"]
+
+
+def test_compare_skips_absent_packages(monkeypatch, capsys):
+    import importlib.util
+
+    from fastadapt.apps import recsys_compare
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(recsys_compare.importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("implicit", "torch") else real(name, *a))
+    assert cli.main(_compare_argv()) == 0
+    out = capsys.readouterr().out
+    assert "implicit: not installed, skipped" in out and "torch: not installed, skipped" in out
+    assert "fastadapt BPR, Adagrad" in out and "fastadapt bag model, Adagrad" in out
+
+
+def test_compare_quick_with_implicit_and_torch(capsys):
+    pytest.importorskip("implicit")
+    pytest.importorskip("torch")
+    assert cli.main(_compare_argv()) == 0
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if "s/epoch" in ln]
+    assert len(lines) == 5, out
+    for name in ("implicit BPR", "torch bag model, SparseAdam", "torch bag model, Adagrad", "fastadapt BPR",
+                 "fastadapt bag model"):
+        assert any(name in ln for ln in lines), name
+    assert all(0 <= float(ln.rsplit(" ", 1)[1]) <= 1 for ln in lines)

@@ -23,8 +23,8 @@ EPILOG = "Run 'fastadapt COMMAND --help' for the options of a command, with thei
 #: subcommand -> (module, one-line help)
 SUBCOMMANDS = {
     "demo": ("fastadapt.apps.demo", "the seed comparison: AdaGrad, RMSprop and Adam on linear regression"),
-    "recsys": ("fastadapt.apps.recsys", "train matrix factorisation (BPR) on a sparse interaction matrix, "
-                                        "sparse steps against dense ones"),
+    "recsys": ("fastadapt.apps.recsys", "train matrix factorisation (BPR, or a bag model) on a sparse "
+                                        "interaction matrix, sparse steps against dense ones"),
     "bench": ("fastadapt.apps.benchmark", "quick GB/s table against the streaming ceiling (and torch.optim)"),
 }
 

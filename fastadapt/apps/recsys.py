@@ -15,6 +15,13 @@ they are given to the optimizer as :class:`fastadapt.RowGrad` (or, with ``--grad
 as scipy CSR matrices), and only those rows are updated (``--mode lazy``) or the result is the
 dense step's (``--mode exact``).
 
+``--model bag`` adds a context table ``C``: the user vector is ``P[u] + mean(C[bag(u)])`` over
+``--history`` of the user's training items (:func:`fastadapt.embedding_bag` forward; the gradient of
+``C`` is a :class:`fastadapt.BagGrad`).  Both models' gradients are numba kernels
+(:mod:`fastadapt.apps.recsys_kernels`) that give the optimizer unique ascending rows;
+:func:`bpr_gradients` is the numpy reference.  ``--compare`` trains implicit's BPR, the bag model in
+torch and fastadapt's two models on the same data (:mod:`fastadapt.apps.recsys_compare`).
+
 Per epoch it reports the held-out recall@k (the held-out item among the top k unseen items, on
 ``--eval-users`` sampled users) and the training time; then it trains again from the same start
 with the same batches and negatives, but with dense gradients (the tables' shape, zero outside
@@ -35,7 +42,8 @@ import fastadapt as fa
 from .progress import Progress
 
 __all__ = ["DEFAULT_LR", "OPTIMIZERS", "generate_interactions", "load_interactions", "split_leave_one_out",
-           "bpr_gradients", "recall_at_k", "train", "add_arguments", "run"]
+           "bpr_gradients", "bpr_sparse_gradients",
+           "user_histories", "bag_gradients", "bag_rows", "all_user_vectors", "recall_at_k", "train", "add_arguments", "run"]
 
 #: the optimizers offered, by their fastadapt class name, with the learning rate used when
 #: ``--lr`` is not given (tuned on the generated data)
@@ -249,6 +257,114 @@ def recall_at_k(U: Any, V: Any, train: Any, users: Any, items: Any, k: int = 10,
     return hits / max(1, users.size)
 
 
+def bpr_sparse_gradients(U: Any, V: Any, users: Any, pos: Any, neg: Any, reg: Any,
+                         groupers: Optional[Tuple[Any, Any]] = None) -> Any:
+    """:func:`bpr_gradients` in numba, summed per row (:mod:`fastadapt.apps.recsys_kernels`).
+
+    Parameters
+    ----------
+    U, V, users, pos, neg, reg
+        As :func:`bpr_gradients` (``users``, ``pos``, ``neg`` int64).
+    groupers : (Grouper, Grouper), optional
+        Of ``U``'s and ``V``'s rows; kept between batches (each holds a counter per row).
+
+    Returns
+    -------
+    loss : float
+    urows, gU : ndarray
+        Unique ascending user rows and their summed gradients (C-contiguous, ``U``'s dtype).
+    irows, gV : ndarray
+        The same for the items.
+    """
+    from . import recsys_kernels as K
+
+    gu, gi = groupers if groupers is not None else (K.Grouper(U.shape[0]), K.Grouper(V.shape[0]))
+    s = np.empty(users.size, np.float64)
+    losses = np.empty(users.size, np.float64)
+    K.pair_scores(U, users, V, pos, neg, s, losses)
+    urows, starts, order, _ = gu(users)
+    gU = np.empty((urows.size, U.shape[1]), U.dtype)
+    K.user_grads(V, pos, neg, s, order, starts, U, urows, reg, gU)
+    irows, starts, order, _ = gi(np.concatenate([pos, neg]))
+    gV = np.empty((irows.size, V.shape[1]), V.dtype)
+    K.item_grads(U, users, s, order, starts, V, irows, reg, gV)
+    return float(losses.mean()) if losses.size else 0.0, urows, gU, irows, gV
+
+
+def user_histories(R_train: Any, history: int = 20, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """Every user's bag for the bag model: ``history`` of their training items.
+
+    The generated matrix and the files read carry no time order, so a seeded sample of the
+    user's training items stands in for the most recent ones (all of them for a user with at
+    most ``history``).
+
+    Returns
+    -------
+    ptr, idx : ndarray of int64
+        CSR-style: user ``u``'s bag is ``idx[ptr[u]:ptr[u+1]]`` (ascending item ids).
+    """
+    counts = np.diff(R_train.indptr)
+    rows = np.repeat(np.arange(R_train.shape[0], dtype=np.int64), counts)
+    shuffle = np.lexsort((np.random.default_rng([seed, 7]).random(rows.size), rows))
+    rank = np.arange(rows.size) - R_train.indptr[rows]         # position in the user's shuffled list
+    keep = np.zeros(rows.size, bool)
+    keep[shuffle[rank < history]] = True
+    ptr = np.zeros(R_train.shape[0] + 1, np.int64)
+    np.cumsum(np.minimum(counts, history), out=ptr[1:])
+    return ptr, R_train.indices[keep].astype(np.int64)
+
+
+def bag_gradients(P: Any, C: Any, Q: Any, hist_ptr: Any, hist_idx: Any, users: Any, pos: Any, neg: Any,
+                  reg: Any, groupers: Optional[Tuple[Any, Any]] = None) -> Any:
+    """The bag model's loss and gradients for one mini-batch (numba, :mod:`~fastadapt.apps.recsys_kernels`).
+
+    The user vector is ``P[u] + mean(C[bag(u)])`` (the bag: :func:`user_histories`, its mean
+    by :func:`fastadapt.embedding_bag`), the score ``user vector . Q[i]``, the loss
+    ``-log sigmoid(score(pos) - score(neg))`` plus ``reg / 2`` times the squared norms of
+    ``P[u]``, the bag's mean, ``Q[pos]`` and ``Q[neg]`` (once per use).
+
+    Returns
+    -------
+    loss : float
+        Mean of ``-log sigmoid(x)``.
+    grads : list
+        ``[RowGrad for P, BagGrad for C, RowGrad for Q]``; the row gradients have unique
+        ascending rows, the bags are those of the batch's unique users.
+    """
+    from . import recsys_kernels as K
+
+    gu, gi = groupers if groupers is not None else (K.Grouper(P.shape[0]), K.Grouper(Q.shape[0]))
+    dim = P.shape[1]
+    urows, starts, order, slot = gu(users)
+    indices, offsets = K.gather_bags(hist_ptr, hist_idx, urows)
+    M = np.ascontiguousarray(fa.embedding_bag(C, indices, offsets, mode="mean"), dtype=P.dtype)
+    X = np.empty((urows.size, dim), P.dtype)
+    K.user_vectors(P, urows, M, X)
+    s = np.empty(users.size, np.float64)
+    losses = np.empty(users.size, np.float64)
+    K.pair_scores(X, slot, Q, pos, neg, s, losses)
+    gP = np.empty_like(X)
+    gM = np.empty_like(X)
+    K.bag_user_grads(Q, pos, neg, s, order, starts, P, urows, M, reg, gP, gM)
+    irows, istarts, iorder, _ = gi(np.concatenate([pos, neg]))
+    gQ = np.empty((irows.size, dim), Q.dtype)
+    K.item_grads(X, slot, s, iorder, istarts, Q, irows, reg, gQ)
+    loss = float(losses.mean()) if losses.size else 0.0
+    return loss, [fa.RowGrad(urows, gP), fa.BagGrad(indices, offsets, gM, mode="mean"), fa.RowGrad(irows, gQ)]
+
+
+def bag_rows(g: Any) -> Tuple[np.ndarray, np.ndarray]:
+    """A mean-mode ``BagGrad``'s ``(rows, values)``: one row per lookup, ``grad_out[bag] / size``."""
+    sizes = np.diff(g.offsets)
+    per = (g.grad_out / np.maximum(sizes, 1)[:, None]).astype(g.grad_out.dtype)
+    return np.asarray(g.indices), np.repeat(per, sizes, axis=0)
+
+
+def all_user_vectors(P: Any, C: Any, hist_ptr: Any, hist_idx: Any) -> Any:
+    """The bag model's user vectors of every user (for the evaluation)."""
+    return P + np.asarray(fa.embedding_bag(C, hist_idx, hist_ptr, mode="mean"), P.dtype)
+
+
 def _as_csr(rows: Any, values: Any, shape: Any) -> Any:
     """A gradient as a scipy CSR (duplicate rows summed by scipy's COO -> CSR)."""
     import scipy.sparse as sp
@@ -264,11 +380,30 @@ def _as_dense(rows: Any, values: Any, shape: Any) -> Any:
     return g
 
 
+def _convert(grads: Any, tables: Any, grad_format: str) -> Any:
+    """The step's gradients in ``grad_format`` (``rows`` leaves them as they are)."""
+    if grad_format == "rows":
+        return grads
+    out = []
+    for g, T in zip(grads, tables):
+        rows, values = (g.rows, g.values) if isinstance(g, fa.RowGrad) else bag_rows(g)
+        if grad_format == "csr":
+            out.append(_as_csr(rows, values, T.shape))
+        elif isinstance(g, fa.RowGrad):             # unique rows: a plain assignment
+            d = np.zeros(T.shape, values.dtype)
+            d[rows] = values
+            out.append(d)
+        else:
+            out.append(_as_dense(rows, values, T.shape))
+    return out
+
+
 def train(
         R_train: Any,
         test_users: Any,
         test_items: Any,
         *,
+        model: str = "bpr",
         dim: int = 32,
         epochs: int = 5,
         batch_size: int = 8192,
@@ -277,13 +412,15 @@ def train(
         mode: str = "lazy",
         grad_format: str = "rows",
         reg: float = 1e-4,
+        history: int = 20,
         k: int = 10,
         seed: int = 0,
         dtype: Any = np.float32,
         log: Any = print,
         progress: bool = True,
+        profile: Optional[Dict[str, float]] = None,
 ) -> Any:
-    """Train BPR on ``R_train``; return per-epoch results and the final tables.
+    """Train BPR or the bag model on ``R_train``; return per-epoch results and the final tables.
 
     Parameters
     ----------
@@ -291,6 +428,11 @@ def train(
         Training interactions (users x items).
     test_users, test_items : ndarray
         Held-out pairs for recall@k.
+    model : {"bpr", "bag"}
+        ``bpr``: user and item tables ``U``, ``V``, score ``U[u] . V[i]``.  ``bag``: user, context
+        and item tables ``P``, ``C``, ``Q``, score ``(P[u] + mean(C[bag(u)])) . Q[i]`` with the bags
+        of :func:`user_histories` (``history`` items each); the gradient of ``C`` is a
+        :class:`fastadapt.BagGrad`.
     dim, epochs, batch_size : int
     optimizer : {"adagrad", "rmsprop", "adam"}
     lr : float, optional
@@ -298,10 +440,12 @@ def train(
     mode : {"lazy", "exact"}
         ``sparse_mode`` of the optimizer.
     grad_format : {"rows", "csr", "dense"}
-        How the gradients are given: :class:`fastadapt.RowGrad`, scipy CSR, or dense arrays
-        of the tables' shape (dense steps).
+        How the gradients are given: :class:`fastadapt.RowGrad` (and ``BagGrad``), scipy CSR, or
+        dense arrays of the tables' shape (dense steps).
     reg : float
         L2 weight.
+    history : int
+        Bag size of the bag model.
     k : int
         recall@k.
     seed : int
@@ -311,54 +455,84 @@ def train(
         Called with one line per epoch.
     progress : bool
         Show a progress bar.
+    profile : dict, optional
+        Seconds spent in ``sample`` (batch indices, negatives), ``grad`` (the model's forward and
+        gradients) and ``step`` (format conversion and the optimizer) are added to it.
 
     Returns
     -------
     dict
         ``epochs``: list of ``{"epoch", "loss", "recall", "seconds"}`` (seconds: training only,
-        evaluation excluded), ``U``, ``V``.
+        evaluation excluded), the tables (``U``, ``V``; for the bag model ``P``, ``C``, ``Q``) and
+        ``users``: the user vectors evaluated.
     """
+    from . import recsys_kernels as K
+
+    if model not in ("bpr", "bag"):
+        raise ValueError(f"model must be 'bpr' or 'bag', got {model!r}")
     cls, default_lr = OPTIMIZERS[optimizer]
     lr = default_lr if lr is None else lr
     n_users, n_items = R_train.shape
     init = np.random.default_rng(seed)
     U = (init.standard_normal((n_users, dim)) * 0.1).astype(dtype)
     V = (init.standard_normal((n_items, dim)) * 0.1).astype(dtype)
-    opt = cls([U, V], lr=lr, sparse_mode=mode)
+    if model == "bag":
+        C = (init.standard_normal((n_items, dim)) * 0.1).astype(dtype)
+        hist_ptr, hist_idx = user_histories(R_train, history, seed)
+        tables = [U, C, V]
+    else:
+        tables = [U, V]
+    opt = cls(tables, lr=lr, sparse_mode=mode)
+    groupers = (K.Grouper(n_users), K.Grouper(n_items))
     users_all = np.repeat(np.arange(n_users, dtype=np.int64), np.diff(R_train.indptr))
     items_all = R_train.indices.astype(np.int64)
     n = users_all.size
     nbatches = (n + batch_size - 1) // batch_size
-    history = []
+    history_out = []
     label = {"rows": "RowGrad", "csr": "CSR", "dense": "dense"}[grad_format]
+    prof = profile if profile is not None else {}
+    for key in ("sample", "grad", "step"):
+        prof.setdefault(key, 0.0)
+    clock = time.perf_counter
     for epoch in range(1, epochs + 1):
+        bar = Progress(nbatches, f"{label} epoch {epoch}/{epochs}", "batches", enabled=progress, leave=False)
+        total_loss = 0.0
+        start = clock()
         rng = np.random.default_rng([seed, epoch])
         order = rng.permutation(n)
         negatives = rng.integers(0, n_items, n)
-        bar = Progress(nbatches, f"{label} epoch {epoch}/{epochs}", "batches", enabled=progress, leave=False)
-        total_loss = 0.0
-        start = time.perf_counter()
+        users_ep, pos_ep, neg_ep = users_all[order], items_all[order], negatives[order]
+        prof["sample"] += clock() - start
         for b in range(nbatches):
-            idx = order[b * batch_size:(b + 1) * batch_size]
-            users, pos, neg = users_all[idx], items_all[idx], negatives[idx]
-            loss, gU, item_rows, gV = bpr_gradients(U, V, users, pos, neg, reg)
-            total_loss += loss * idx.size
-            if grad_format == "rows":
-                grads = [fa.RowGrad(users, gU), fa.RowGrad(item_rows, gV)]
-            elif grad_format == "csr":
-                grads = [_as_csr(users, gU, U.shape), _as_csr(item_rows, gV, V.shape)]
+            t0 = clock()
+            sl = slice(b * batch_size, (b + 1) * batch_size)
+            users, pos, neg = users_ep[sl], pos_ep[sl], neg_ep[sl]
+            t1 = clock()
+            if model == "bag":
+                loss, grads = bag_gradients(U, C, V, hist_ptr, hist_idx, users, pos, neg, reg, groupers)
             else:
-                grads = [_as_dense(users, gU, U.shape), _as_dense(item_rows, gV, V.shape)]
-            opt.step(grads)
+                loss, urows, gU, irows, gV = bpr_sparse_gradients(U, V, users, pos, neg, reg, groupers)
+                grads = [fa.RowGrad(urows, gU), fa.RowGrad(irows, gV)]
+            t2 = clock()
+            total_loss += loss * users.size
+            opt.step(_convert(grads, tables, grad_format))
+            t3 = clock()
+            prof["sample"] += t1 - t0
+            prof["grad"] += t2 - t1
+            prof["step"] += t3 - t2
             bar.update(postfix=f"batch loss {loss:.4f}")
-        seconds = time.perf_counter() - start
+        seconds = clock() - start
         bar.close()
-        recall = recall_at_k(U, V, R_train, test_users, test_items, k)
-        history.append({"epoch": epoch, "loss": total_loss / n, "recall": recall, "seconds": seconds})
+        X = all_user_vectors(U, C, hist_ptr, hist_idx) if model == "bag" else U
+        recall = recall_at_k(X, V, R_train, test_users, test_items, k)
+        history_out.append({"epoch": epoch, "loss": total_loss / n, "recall": recall, "seconds": seconds})
         if log is not None:
             log(f"  {label:>7} epoch {epoch}: loss {total_loss / n:.4f}  recall@{k} {recall:.4f}  "
                 f"{seconds:.2f} s")
-    return {"epochs": history, "U": U, "V": V}
+    out = {"epochs": history_out, "U": U, "V": V, "users": X if epochs else U}
+    if model == "bag":
+        out.update(P=U, C=C, Q=V)
+    return out
 
 
 # =========================================================================== CLI
@@ -395,6 +569,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--topics", metavar="N", type=positive_int, default=50,
                    help="item groups (tastes) of the generated matrix; a user draws most items from one")
     g = parser.add_argument_group("training")
+    g.add_argument("--model", choices=["bpr", "bag"], default="bpr",
+                   help="bpr: user and item embeddings; bag: the user vector adds the mean of a context "
+                        "embedding over the user's --history training items (fastadapt.embedding_bag forward, "
+                        "fastadapt.BagGrad gradient)")
+    g.add_argument("--history", metavar="H", type=positive_int, default=20,
+                   help="with --model bag: items in a user's bag")
     g.add_argument("--optimizer", type=str.lower, choices=list(OPTIMIZERS), default="adagrad",
                    help="the optimizer of both tables")
     g.add_argument("--mode", choices=["lazy", "exact"], default="lazy",
@@ -416,6 +596,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", metavar="SEED", type=int, default=0,
                    help="seed of the generated data, the split, the initial tables, batches and negatives")
     g.add_argument("--no-dense", action="store_true", help="skip the dense-step comparison")
+    g.add_argument("--compare", action="store_true",
+                   help="instead: the same data, dimension and epochs in implicit's BPR, a torch bag model "
+                        "(SparseAdam, Adagrad) and fastadapt's BPR and bag model; epoch time and recall "
+                        "(absent packages are skipped)")
     g.add_argument("--no-progress", action="store_true",
                    help="no progress line on stderr (shown live on a terminal, one final line per epoch "
                         "otherwise)")
@@ -458,11 +642,19 @@ def run(args: argparse.Namespace) -> int:
     print(f"interactions: {R.shape[0]:,} users x {R.shape[1]:,} items, {R.nnz:,} stored "
           f"({R.nnz / (R.shape[0] * R.shape[1]) * 100:.3f} % dense), scipy CSR; {source}; "
           f"ready in {time.perf_counter() - t0:.1f} s")
-    print(f"BPR, dim {args.dim}, {args.optimizer} (sparse_mode={args.mode!r}), batch {args.batch_size}, "
+    kw = dict(dim=args.dim, epochs=args.epochs, batch_size=args.batch_size, reg=args.reg, history=args.history,
+              k=args.k, seed=args.seed)
+    if args.compare:
+        from .recsys_compare import compare
+
+        compare(train_R, test_users, test_items, optimizer=args.optimizer, lr=args.lr,
+                progress=not args.no_progress, **kw)
+        return 0
+    what = "BPR" if args.model == "bpr" else f"bag model (user + mean of {args.history} history items)"
+    print(f"{what}, dim {args.dim}, {args.optimizer} (sparse_mode={args.mode!r}), batch {args.batch_size}, "
           f"{args.epochs} epochs; held out: 1 item for {test_users.size:,} users, recall@{args.k} "
           f"(random ranking: {args.k / R.shape[1]:.4f})")
-    kw = dict(dim=args.dim, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
-              lr=args.lr, mode=args.mode, reg=args.reg, k=args.k, seed=args.seed,
+    kw.update(model=args.model, optimizer=args.optimizer, lr=args.lr, mode=args.mode,
               progress=not args.no_progress)
     sparse_run = train(train_R, test_users, test_items, grad_format=args.grad_format, **kw)
     sparse_t = [e["seconds"] for e in sparse_run["epochs"]]
@@ -477,8 +669,8 @@ def run(args: argparse.Namespace) -> int:
         result.append(f"dense steps:          {np.mean(dense_t[steady]):.3f} s per epoch, final recall@{args.k} "
                       f"{dense_run['epochs'][-1]['recall']:.4f}  ->  sparse steps {ratio:.1f}x faster")
         if args.mode == "exact" or args.optimizer == "adagrad":
-            d = max(float(np.max(np.abs(sparse_run["U"] - dense_run["U"]))),
-                    float(np.max(np.abs(sparse_run["V"] - dense_run["V"]))))
+            names = ("P", "C", "Q") if args.model == "bag" else ("U", "V")
+            d = max(float(np.max(np.abs(sparse_run[t] - dense_run[t]))) for t in names)
             why = "exact mode" if args.mode == "exact" else "Adagrad without weight decay: lazy is exact"
             result.append(f"sparse vs dense tables ({why}): max |difference| {d:.2e}")
     print("\n".join(result))
