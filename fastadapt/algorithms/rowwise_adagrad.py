@@ -25,15 +25,59 @@ class Scalars(NamedTuple):
 def rule(p: Any, s1: Any, s2: Any, s3: Any, r: int, g: Any, width: Any, k: Scalars) -> None:
     """Row-wise Adagrad on row ``r`` (``p``, gradient ``g``): ``s1[r]`` = sum."""
     n = p.size
-    ss = width - width                                  # 0 in the parameter's dtype
-    if k.l2:
-        for j in range(n):
-            gj = fma(k.weight_decay, p[j], g[j])        # FBGEMM: grad += weight_decay * w
-            ss += gj * gj
-    else:
-        for j in range(n):
-            gj = g[j]
-            ss += gj * gj
+    wd = k.weight_decay
+    # the sum of squares in 8 lanes (element j goes to lane j % 8), combined pairwise: a fixed order
+    # that the CPU compiles to one vector accumulator (a single running sum is a chain of dependent adds)
+    z = width - width                                   # 0 in the parameter's dtype
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = z
+    m8 = n - n % 8
+    for j in range(0, m8, 8):
+        if k.l2:                                        # FBGEMM: grad += weight_decay * w
+            h0 = fma(wd, p[j], g[j])
+            h1 = fma(wd, p[j + 1], g[j + 1])
+            h2 = fma(wd, p[j + 2], g[j + 2])
+            h3 = fma(wd, p[j + 3], g[j + 3])
+            h4 = fma(wd, p[j + 4], g[j + 4])
+            h5 = fma(wd, p[j + 5], g[j + 5])
+            h6 = fma(wd, p[j + 6], g[j + 6])
+            h7 = fma(wd, p[j + 7], g[j + 7])
+        else:
+            h0 = g[j]
+            h1 = g[j + 1]
+            h2 = g[j + 2]
+            h3 = g[j + 3]
+            h4 = g[j + 4]
+            h5 = g[j + 5]
+            h6 = g[j + 6]
+            h7 = g[j + 7]
+        a0 += h0 * h0
+        a1 += h1 * h1
+        a2 += h2 * h2
+        a3 += h3 * h3
+        a4 += h4 * h4
+        a5 += h5 * h5
+        a6 += h6 * h6
+        a7 += h7 * h7
+    for j in range(m8, n):                              # the tail: lanes 0 .. n % 8 - 1
+        h = g[j]
+        if k.l2:
+            h = fma(wd, p[j], g[j])
+        lane = j - m8
+        if lane == 0:
+            a0 += h * h
+        elif lane == 1:
+            a1 += h * h
+        elif lane == 2:
+            a2 += h * h
+        elif lane == 3:
+            a3 += h * h
+        elif lane == 4:
+            a4 += h * h
+        elif lane == 5:
+            a5 += h * h
+        else:
+            a6 += h * h
+    ss = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
     acc = s1[r] + ss / width                            # the row's mean square, added once
     s1[r] = acc
     m = k.lr / (math.sqrt(acc) + k.eps)
