@@ -19,7 +19,7 @@ import fastadapt as fa
 from fastadapt import config
 from fastadapt.backends import codec
 from fastadapt.backends.compressed import CompressedBuffer, int8_block
-from optimizers import DENSE, config_id, rich_and_plain
+from optimizers import ELEMENTWISE, ROWWISE, config_id, rich_and_plain
 
 CODECS = [("bfloat16", "nearest"), ("bfloat16", "stochastic"), ("int8", "stochastic")]
 CODEC_IDS = ["bf16-nearest", "bf16-sr", "int8"]
@@ -55,7 +55,7 @@ def _reference_step(case, options, p, g, opt):
 
 
 @pytest.mark.parametrize("kind,rounding", CODECS, ids=CODEC_IDS)
-@pytest.mark.parametrize("item", rich_and_plain(DENSE), ids=config_id)
+@pytest.mark.parametrize("item", rich_and_plain(ELEMENTWISE), ids=config_id)
 def test_step_is_decode_rule_encode(item, kind, rounding):
     case, _, options = item
     for shape in SHAPES:
@@ -276,3 +276,21 @@ def test_state_dict_refuses_bad_compressed_entries():
         with pytest.raises(ValueError, match=match):
             opt.load_state_dict(broken)
     assert np.array_equal(opt.state[0]["exp_avg"].codes, sd["state"][0]["exp_avg"]["codes"])
+
+
+@pytest.mark.parametrize("case", ROWWISE, ids=str)
+@pytest.mark.parametrize("kind", ["bfloat16", "int8"])
+def test_row_rules_refuse_compressed_state(case, kind):
+    """A row rule's state is one value per row (already 1/ncols of the table): compressing it is
+    refused, at construction and when set between steps, naming the fix; nothing changes."""
+    p = np.ones((64, 128), np.float32)
+    with pytest.raises(ValueError, match="state_dtype=None"):
+        case.cls([p], state_dtype=kind)
+    opt = case.cls([p], **case.rich)
+    opt.step([np.full_like(p, 0.5)])
+    before, state = p.copy(), {k: np.copy(v) for k, v in opt.state[0].items()}
+    opt.param_groups[0]["state_dtype"] = kind
+    with pytest.raises(ValueError, match="state_dtype=None"):
+        opt.step([np.full_like(p, 0.5)])
+    assert np.array_equal(p, before)
+    assert all(np.array_equal(opt.state[0][k], v) for k, v in state.items())

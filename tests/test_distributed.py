@@ -97,7 +97,7 @@ def test_mpiexec_command():
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_sharded_optimizer(n):
     _, out, _, _ = launch(n, "dense.py")
-    assert len(_passes(out)) == 10, out
+    assert len(_passes(out)) == 11, out
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])

@@ -19,7 +19,7 @@ from common import COMM, RANK, SIZE, expect_raise, passed, same_everywhere  # no
 import fastadapt as fa  # noqa: E402
 from fastadapt import config  # noqa: E402
 from fastadapt.distributed import ShardedOptimizer  # noqa: E402
-from optimizers import DENSE, rich_and_plain  # noqa: E402
+from optimizers import ELEMENTWISE, rich_and_plain  # noqa: E402
 
 config.MPI_CHUNK_ELEMENTS = 8           # many reduce-scatter rounds even on these small parameters
 
@@ -84,7 +84,7 @@ def combined(t, reduce, dyadic=True, nones=True):
 #: the rich and the plain config of every dense case of tests/optimizers.py, under the three
 #: non-finite policies in turn
 CONFIGS = [(c.cls, dict(o, nonfinite=("propagate", "skip", "raise")[n % 3]))
-           for n, (c, _, o) in enumerate(rich_and_plain(DENSE))]
+           for n, (c, _, o) in enumerate(rich_and_plain(ELEMENTWISE))]
 
 
 def assert_same_state(full, ref_sd):
@@ -293,3 +293,7 @@ for kind in ("bfloat16", "int8"):
     plain.load_state_dict(full)
     config.STATE_COMPRESS_MIN = 4096
 passed("compressed state (bfloat16, int8) on the shards: compact shard state_dicts, float32 consolidation")
+
+# a row rule (one state value per row) cannot be cut into flat element ranges: refused, naming ShardedTable
+expect_raise(TypeError, ShardedOptimizer, fa.RowwiseAdagrad, [np.ones((8, 3))], comm=COMM, match="ShardedTable")
+passed("a row rule (RowwiseAdagrad) is refused, pointing to ShardedTable")
