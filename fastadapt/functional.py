@@ -147,9 +147,11 @@ def _check_arrays(param, grad, buffers, alg=None):
         backend.check_param(buf, name)
         buf_dtype = backend.dtype_of(buf)
         if tuple(buf.shape) != want or buf_dtype != dtype:
-            what = f"{want} (one value per row of param {tuple(param.shape)})" if rows else f"param's {want}"
-            raise ValueError(f"{name} has shape {tuple(buf.shape)} and dtype {buf_dtype}; it must have shape "
-                             f"{what} and dtype {dtype}")
+            if rows:
+                raise ValueError(f"{name} has shape {tuple(buf.shape)} and dtype {buf_dtype}; it must have shape "
+                                 f"{want} (one value per row of param {tuple(param.shape)}) and dtype {dtype}")
+            raise ValueError(f"{name} has shape {tuple(buf.shape)} and dtype {buf_dtype}; it must match "
+                             f"param ({tuple(param.shape)}, {dtype})")
         backend.check_same_device(buf, param, name)
         flats.append(backend.flat(buf))
     spans = [("param", backend.memory_span(param)), ("grad", backend.memory_span(grad))] + [
