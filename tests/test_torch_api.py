@@ -392,3 +392,25 @@ def test_import_fastadapt_does_not_import_torch():
             "assert 'torch' in sys.modules\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# =========================================================================== the benchmark
+
+def test_torch_dlrm_bench_quick(capsys):
+    """bench/torch_dlrm.py --quick runs and prints both sections and the four targets (its output, not
+    its speed)."""
+    import os
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+    try:
+        import torch_dlrm
+    finally:
+        sys.path.pop(0)
+    assert torch_dlrm.main(["--quick"]) == 0
+    text = capsys.readouterr().out
+    assert "optimizer part" in text and "whole step" in text and "RMSprop (torch foreach=True)" in text
+    assert sum(line.endswith(("MET", "MISSED")) for line in text.splitlines()) == len(torch_dlrm.TARGETS) == 4
+    r = torch_dlrm.measure(rows=500, batch=8, bag_size=3, width=16, depth=1, rounds=1)
+    assert set(r["dlrm_ms"]) == {"torch_opt", "fastadapt_opt", "torch_step", "fastadapt_step"}
+    assert all(v > 0 for v in r["dlrm_ms"].values()) and r["x_dlrm_step"] > 0 and r["mlp_params"] == 272
+    assert [t[0] for t in torch_dlrm.targets(r)] == [t[0] for t in torch_dlrm.TARGETS]
