@@ -50,6 +50,7 @@ EXTRAS = ("sparse_mode", "state_dtype", "state_rounding")
 
 _MISSING = object()
 _FLOATS = {torch.float32: np.float32, torch.float64: np.float64}
+_STRIDED = torch.strided
 
 
 def _torch_group_defaults(alg: Algorithm) -> Dict[str, Any]:
@@ -235,6 +236,9 @@ class Optimizer(torch.optim.Optimizer):
         g = p.grad
         if g is None:
             return None
+        if (g.layout is _STRIDED and g.dtype is p.dtype and g.is_cpu and p.is_cpu and g.shape == p.shape
+                and g.is_contiguous()):                          # the usual case, checked cheaply
+            return g.detach().numpy() if g.requires_grad else g.numpy()
         where = f"the gradient of parameter {j} (shape {tuple(p.shape)})"
         if g.dtype != p.dtype:
             raise TypeError(f"{where} is {g.dtype}, the parameter {p.dtype}; they must match")
