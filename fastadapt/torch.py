@@ -153,7 +153,7 @@ class Optimizer(torch.optim.Optimizer):
             raise TypeError(f"fastadapt.torch.{self.algorithm.name} optimises torch tensors (model.parameters()); "
                             f"for numpy arrays use fastadapt.{self.algorithm.name}")
         super().__init__(params, defaults)
-        self.state = _State(self)            # type: ignore[assignment]
+        self.state = _State(self)
 
     # ------------------------------------------------------------------ groups
 
@@ -224,7 +224,7 @@ class Optimizer(torch.optim.Optimizer):
         for tg, ig, memo in zip(self.param_groups, self._inner.param_groups, self._memo):
             for k, old in memo.items():
                 v = tg.get(k, _MISSING)
-                if v is not old:
+                if v is not old or type(v) is torch.Tensor:     # (a tensor lr may change in place)
                     if v is _MISSING:
                         raise KeyError(f"param group has no {k!r} any more (it was deleted by hand)")
                     memo[k] = v
@@ -292,7 +292,7 @@ class Optimizer(torch.optim.Optimizer):
                 j += 1
         return grads
 
-    def step(self, closure: Any = None) -> Any:      # type: ignore[override]
+    def step(self, closure: Any = None) -> Any:
         """One step over every parameter with a ``.grad`` (those whose ``.grad`` is None are skipped).
 
         Parameters
@@ -327,13 +327,15 @@ class Optimizer(torch.optim.Optimizer):
             return int(step)                       # torch's SparseAdam keeps an int
         return torch.tensor(float(step), dtype=_scalar_dtype(group.get("fused")))
 
-    def state_dict(self) -> Dict[str, Any]:      # type: ignore[override]
+    def state_dict(self) -> Dict[str, Any]:
         """The state in torch.optim's layout: ``{"state": {index: {"step": 0-d tensor (as torch keeps
         it), buffer: tensor}}, "param_groups": [torch's keys..., "params": [index, ...]]}``.
 
         ``torch.optim.<Name>.load_state_dict`` accepts it.  Compressed state (``state_dtype``) is
         decoded to float32; fastadapt's options (``sparse_mode``, ``state_dtype``, ``state_rounding``)
         appear in the groups only when they are not at their defaults.  Tensors are copies."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         inner_sd = self._inner.state_dict(dtype="float32")
         carried = {n for n, _ in self.algorithm.carry}
         group_of = []
@@ -365,14 +367,23 @@ class Optimizer(torch.optim.Optimizer):
             g["params"] = list(range(j, j + len(group["params"])))
             j += len(group["params"])
             groups.append(g)
-        return {"state": state, "param_groups": groups}
+        out = {"state": state, "param_groups": groups}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, out)
+            if result is not None:
+                out = result
+        return out
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:     # type: ignore[override]
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load a state_dict of this class or of ``torch.optim.<Name>`` (or a numpy ``fastadapt.<Name>``).
 
         Everything is checked (by the inner optimizer) before anything changes.  Tensors are copied
         (cast to the parameter's dtype, as torch does); torch's implementation options
         (``foreach``, ``fused``, ...) keep this optimizer's values."""
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         try:
             saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
         except (TypeError, KeyError):
@@ -432,6 +443,8 @@ class Optimizer(torch.optim.Optimizer):
         for memo, tg in zip(self._memo, self.param_groups):
             for k in memo:
                 memo[k] = tg.get(k, _MISSING)       # the inner groups hold these values already
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     @property
     def inner(self) -> Any:

@@ -414,3 +414,20 @@ def test_torch_dlrm_bench_quick(capsys):
     assert set(r["dlrm_ms"]) == {"torch_opt", "fastadapt_opt", "torch_step", "fastadapt_step"}
     assert all(v > 0 for v in r["dlrm_ms"].values()) and r["x_dlrm_step"] > 0 and r["mlp_params"] == 272
     assert [t[0] for t in torch_dlrm.targets(r)] == [t[0] for t in torch_dlrm.TARGETS]
+
+
+def test_tensor_lr_changed_in_place_and_state_dict_hooks():
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    lr = torch.tensor(0.1, dtype=torch.float64)
+    opt = fat.SGD([p], lr=lr)
+    p.grad = torch.ones(3, dtype=torch.float64)
+    opt.step()
+    lr.fill_(0.5)                                   # the same tensor object, a new value
+    opt.step()
+    np.testing.assert_allclose(p.detach().numpy(), -0.6)
+    seen = []
+    opt.register_state_dict_pre_hook(lambda o: seen.append("pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: seen.append("post"))
+    opt.register_load_state_dict_post_hook(lambda o: seen.append("load"))
+    opt.load_state_dict(opt.state_dict())
+    assert seen == ["pre", "post", "load"]
