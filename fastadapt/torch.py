@@ -75,8 +75,8 @@ def _hyper(key: str, value: Any) -> Any:
     """A torch group's value as the inner (numpy) group holds it."""
     if isinstance(value, torch.Tensor):
         value = value.item() if value.numel() == 1 else value.tolist()
-    if key == "betas" and isinstance(value, list):
-        value = tuple(value)
+    if key == "betas" and isinstance(value, (list, tuple)):
+        value = tuple(v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v for v in value)
     return value
 
 
