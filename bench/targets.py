@@ -22,7 +22,12 @@ and each is timed in its own steady state; see fastadapt.apps.benchmark.interlea
    and BagGrad) vs FBGEMM ``EXACT_ROWWISE_ADAGRAD``'s backward with the fused update, ``Adagrad``
    vs ``EXACT_ADAGRAD``, BagGrad vs a numpy-built RowGrad on Zipf bags, and the rowwise step vs a
    same-bytes numba loop (``--no-tables`` skips it; FBGEMM's rows are skipped, with a note, where
-   fbgemm_gpu is not installed, and fastadapt's where it lacks RowwiseAdagrad / BagGrad).
+   fbgemm_gpu is not installed, and fastadapt's where it lacks RowwiseAdagrad / BagGrad);
+9. fastadapt.torch in a torch training loop (bench/torch_dlrm.py): a DLRM-like step (EmbeddingBag of
+   ``--dlrm-rows`` x 64, sparse, + MLP 64-256-256-1, 4096 bags of 20 ids) with torch.optim.SparseAdam +
+   Adam(fused=True) vs fastadapt.torch.SparseAdam + Adam (optimizer part and whole step), and a dense
+   MLP's optimizer step (Adam vs torch fused, RMSprop vs torch foreach) (``--no-torch`` skips it; it is
+   skipped, with a note, where torch is not installed).
 
 and a last table of the targets, each MET or MISSED.  Exit status 0 either way (this is a
 measurement, not a test); ``--strict`` exits 1 when a target is missed.  Takes ~2 minutes.
@@ -51,6 +56,7 @@ from fastadapt.apps.cli import HelpFormatter  # noqa: E402
 import small_steps  # noqa: E402
 import compressed_state  # noqa: E402
 import tables  # noqa: E402
+import torch_dlrm  # noqa: E402
 from seed_numpy import seed_case, seed_many_case  # noqa: E402
 
 NAMES = ["adagrad", "rmsprop", "adam", "adamw"]
@@ -213,6 +219,10 @@ def main(argv=None):
     parser.add_argument("--tables-rows", type=float, default="1e6",
                         help="rows of the embedding-tables section's table (8.), 64 wide")
     parser.add_argument("--no-tables", action="store_true", help="skip the embedding-tables section (8.)")
+    parser.add_argument("--dlrm-rows", type=float, default="1e6",
+                        help="rows of the torch training-loop section's embedding table (9.)")
+    parser.add_argument("--no-torch", action="store_true",
+                        help="skip the torch training-loop section (9., fastadapt.torch vs torch.optim)")
     args = parser.parse_args(argv)
     n, rounds = (10**6, 5) if args.quick else (int(args.size), args.rounds)
     cn = 10**6 if args.quick else int(args.compressed_size)
@@ -236,6 +246,15 @@ def main(argv=None):
     tab = None
     if not args.no_tables:
         tab = tables.measure(tn, 64, (0.001, 0.01, 0.1), rounds)
+    dlrm, dlrm_note = None, None
+    if not args.no_torch:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            dlrm_note = "torch is not installed"
+        else:
+            dlrm = (torch_dlrm.measure(rows=10_000, batch=64, bag_size=5, width=64, depth=2, rounds=2)
+                    if args.quick else torch_dlrm.measure(rows=int(args.dlrm_rows), rounds=rounds))
     info = B.threads_info()
     elapsed = time.perf_counter() - t_start
 
@@ -288,6 +307,14 @@ def main(argv=None):
         tables.print_report(tab)
         print()
 
+    if dlrm is not None or dlrm_note:
+        print("9. fastadapt.torch in a torch training loop (bench/torch_dlrm.py)")
+        if dlrm is not None:
+            torch_dlrm.print_report(dlrm)
+        else:
+            print(f"   skipped: {dlrm_note}")
+        print()
+
     by = {r["name"]: r for r in dense}
     targets = []
     for name in ("adam", "adamw", "adagrad"):
@@ -335,6 +362,8 @@ def main(argv=None):
         targets += measured
         for label in not_measured:
             print(f"({label}: not measured, see the notes of 8.)")
+    if dlrm is not None:
+        targets += torch_dlrm.targets(dlrm)
     missed = 0
     width = max([50] + [len(label) + 2 for label, _, _ in targets])
     print(f"{'target':<{width}}{'measured':>10}  result")
@@ -348,7 +377,8 @@ def main(argv=None):
             json.dump(dict(n=n, rounds=rounds, info=info, dense=dense, many=many, overhead_us=overhead,
                            alloc_peak_bytes=alloc, cold_start_s=cold_inside, cold_process_s=cold_wall,
                            threads_identical=same, small_steps=small, compressed_n=cn, compressed=comp,
-                           compressed_anchors=anchors, compressed_anchor_notes=anchor_notes, tables=tab), f, indent=2)
+                           compressed_anchors=anchors, compressed_anchor_notes=anchor_notes, tables=tab,
+                           torch_loop=dlrm), f, indent=2)
     return 1 if (args.strict and missed) else 0
 
 

@@ -28,6 +28,7 @@ import urllib.parse
 EXPECTED_PAGES = [
     "index.html",
     "getting-started.html",
+    "torch.html",
     "optimizers.html",
     "sparse.html",
     "gpu.html",

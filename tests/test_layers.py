@@ -1,7 +1,7 @@
 """The package's layers hold: import-linter's contracts (pyproject.toml) and no import cycles.
 
 The layers, bottom to top: ``algorithms`` (declarations) <- ``backends`` (loops) <- ``grads``
-(gradient formats) <- ``optim`` / ``functional`` (the API) <- ``distributed`` <- ``apps``.
+(gradient formats) <- ``optim`` / ``functional`` (the API) <- ``distributed`` <- ``torch`` (torch.optim classes) <- ``apps``.
 """
 
 from __future__ import annotations

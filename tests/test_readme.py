@@ -38,6 +38,8 @@ def test_readme_has_python_snippets():
 def test_readme_snippet_runs(line, code):
     if code.lstrip().startswith("# readme: skip"):
         pytest.skip("marked '# readme: skip'")
+    if "fastadapt.torch" in code:
+        pytest.importorskip("torch")
     namespace = {"__name__": "__readme__"}
     exec(compile(code, f"README.md:{line}", "exec"), namespace)
 
@@ -45,12 +47,12 @@ def test_readme_snippet_runs(line, code):
 def test_readme_snippets_use_the_public_api_only():
     # fastadapt.<name> and `from fastadapt... import` name only public objects
     public = {"Adam", "AdamW", "Adagrad", "RMSprop", "SparseAdam", "Optimizer", "RowGrad", "functional",
-              "distributed", "DeviceCSR", "__version__"}
+              "distributed", "DeviceCSR", "__version__", "RowwiseAdagrad", "Ftrl", "BagGrad", "embedding_bag"}
     for line, code in PYTHON_BLOCKS:
         for name in re.findall(r"\bfa\.(\w+)", code):
             assert name in public, f"README.md:{line}: fa.{name} is not a public name"
         for module in re.findall(r"^\s*(?:from|import)\s+(fastadapt[\w.]*)", code, re.M):
-            assert module in ("fastadapt", "fastadapt.functional", "fastadapt.distributed"), (
+            assert module in ("fastadapt", "fastadapt.functional", "fastadapt.distributed", "fastadapt.torch"), (
                 f"README.md:{line}: imports {module}, not a public module")
 
 
