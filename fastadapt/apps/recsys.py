@@ -32,6 +32,7 @@ problem for a smoke test.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
@@ -647,7 +648,7 @@ def run(args: argparse.Namespace) -> int:
     if args.compare:
         from .recsys_compare import compare
 
-        compare(train_R, test_users, test_items, optimizer=args.optimizer, lr=args.lr,
+        compare(sys.modules[__name__], train_R, test_users, test_items, optimizer=args.optimizer, lr=args.lr,
                 progress=not args.no_progress, **kw)
         return 0
     what = "BPR" if args.model == "bpr" else f"bag model (user + mean of {args.history} history items)"

@@ -10,7 +10,9 @@ Every system trains on the same training matrix and is scored by the same
   negatives, with ``torch.optim.SparseAdam`` and with ``torch.optim.Adagrad``;
 * fastadapt: BPR and the bag model (:func:`fastadapt.apps.recsys.train`).
 
-A package that is not installed is skipped with a message.  Times are seconds per epoch,
+``app`` is :mod:`fastadapt.apps.recsys`, which calls :func:`compare` with itself (its data,
+training and recall functions): this module imports nothing of the application, so the two do
+not import each other.  A package that is not installed is skipped with a message.  Times are seconds per epoch,
 training only (evaluation excluded), the first epoch excluded where there are several (it
 compiles).
 """
@@ -23,7 +25,6 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
-from . import recsys
 
 __all__ = ["compare", "implicit_bpr", "torch_bag"]
 
@@ -32,7 +33,7 @@ def _steady(seconds: List[float]) -> float:
     return float(np.mean(seconds[1:] if len(seconds) > 1 else seconds))
 
 
-def implicit_bpr(R_train: Any, test_users: Any, test_items: Any, *, dim: int, epochs: int, lr: float,
+def implicit_bpr(app: Any, R_train: Any, test_users: Any, test_items: Any, *, dim: int, epochs: int, lr: float,
                  reg: float, k: int, seed: int, threads: int = 2) -> Dict[str, Any]:
     """Train ``implicit``'s CPU BPR; ``{"seconds": per epoch, "recall": final}``.
 
@@ -53,12 +54,12 @@ def implicit_bpr(R_train: Any, test_users: Any, test_items: Any, *, dim: int, ep
                                         iterations=epochs, num_threads=threads, random_state=seed)
     last[0] = time.perf_counter()
     model.fit(R_train.tocsr(), show_progress=False, callback=callback)
-    recall = recsys.recall_at_k(np.asarray(model.user_factors), np.asarray(model.item_factors), R_train,
+    recall = app.recall_at_k(np.asarray(model.user_factors), np.asarray(model.item_factors), R_train,
                                 test_users, test_items, k)
     return {"seconds": times, "recall": recall}
 
 
-def torch_bag(R_train: Any, test_users: Any, test_items: Any, *, optimizer: str, dim: int, epochs: int,
+def torch_bag(app: Any, R_train: Any, test_users: Any, test_items: Any, *, optimizer: str, dim: int, epochs: int,
               batch_size: int, lr: float, reg: float, history: int, k: int, seed: int) -> Dict[str, Any]:
     """The bag model in torch (sparse embeddings), on the batches and negatives of
     :func:`fastadapt.apps.recsys.train` (same seed), with its loss: the sum over the batch of
@@ -82,7 +83,7 @@ def torch_bag(R_train: Any, test_users: Any, test_items: Any, *, optimizer: str,
     params = list(P.parameters()) + list(C.parameters()) + list(Q.parameters())
     opt = (torch.optim.SparseAdam(params, lr=lr) if optimizer == "sparseadam"
            else torch.optim.Adagrad(params, lr=lr))
-    hist_ptr, hist_idx = recsys.user_histories(R_train, history, seed)
+    hist_ptr, hist_idx = app.user_histories(R_train, history, seed)
     users_all = np.repeat(np.arange(n_users, dtype=np.int64), np.diff(R_train.indptr))
     items_all = R_train.indices.astype(np.int64)
     n = users_all.size
@@ -115,7 +116,7 @@ def torch_bag(R_train: Any, test_users: Any, test_items: Any, *, optimizer: str,
     with torch.no_grad():
         Pw, Cw, Qw = P.weight.numpy(), C.weight.numpy(), Q.weight.numpy()
         X = Pw + recsys_mean_bags(Cw, hist_ptr, hist_idx)
-    recall = recsys.recall_at_k(X, Qw, R_train, test_users, test_items, k)
+    recall = app.recall_at_k(X, Qw, R_train, test_users, test_items, k)
     return {"seconds": times, "recall": recall}
 
 
@@ -127,7 +128,7 @@ def recsys_mean_bags(C: Any, ptr: Any, idx: Any) -> Any:
     return out / np.maximum(sizes, 1)[:, None]
 
 
-def compare(R_train: Any, test_users: Any, test_items: Any, *, dim: int, epochs: int, batch_size: int,
+def compare(app: Any, R_train: Any, test_users: Any, test_items: Any, *, dim: int, epochs: int, batch_size: int,
             optimizer: str, lr: Optional[float], reg: float, history: int, k: int, seed: int,
             progress: bool = False, log: Callable[[str], None] = print,
             implicit_lr: float = 0.01, torch_lr: Optional[Dict[str, float]] = None) -> List[Dict[str, Any]]:
@@ -148,19 +149,19 @@ def compare(R_train: Any, test_users: Any, test_items: Any, *, dim: int, epochs:
         log("  implicit: not installed, skipped (pip install implicit)")
     else:
         add(f"implicit BPR (CPU, 2 threads, lr {implicit_lr:g})",
-            implicit_bpr(R_train, test_users, test_items, dim=dim, epochs=epochs, lr=implicit_lr, reg=reg, k=k,
+            implicit_bpr(app, R_train, test_users, test_items, dim=dim, epochs=epochs, lr=implicit_lr, reg=reg, k=k,
                          seed=seed))
     if importlib.util.find_spec("torch") is None:
         log("  torch: not installed, skipped (pip install torch)")
     else:
         for name, label in (("sparseadam", "SparseAdam"), ("adagrad", "Adagrad")):
             add(f"torch bag model, {label} (lr {torch_lr[name]:g})",
-                torch_bag(R_train, test_users, test_items, optimizer=name, dim=dim, epochs=epochs,
+                torch_bag(app, R_train, test_users, test_items, optimizer=name, dim=dim, epochs=epochs,
                           batch_size=batch_size, lr=torch_lr[name], reg=reg, history=history, k=k, seed=seed))
     for model in ("bpr", "bag"):
-        res = recsys.train(R_train, test_users, test_items, model=model, dim=dim, epochs=epochs,
+        res = app.train(R_train, test_users, test_items, model=model, dim=dim, epochs=epochs,
                            batch_size=batch_size, optimizer=optimizer, lr=lr, reg=reg, history=history, k=k,
                            seed=seed, log=None, progress=progress)
-        add(f"fastadapt {'BPR' if model == 'bpr' else 'bag model'}, {recsys.OPTIMIZERS[optimizer][0].__name__}",
+        add(f"fastadapt {'BPR' if model == 'bpr' else 'bag model'}, {app.OPTIMIZERS[optimizer][0].__name__}",
             {"seconds": [e["seconds"] for e in res["epochs"]], "recall": res["epochs"][-1]["recall"]})
     return rows
