@@ -459,7 +459,7 @@ def rowwise_adagrad(p, g, state, *, lr=1e-2, eps=1e-10, weight_decay=0.0, weight
     lanes = [np.zeros(nrows, p.dtype) for _ in range(8)]
     for j in range(P.shape[1]):                                        # 1 sum of squares: lane j % 8,
         gj = fma(dt(weight_decay), P[:, j], G[:, j]) if l2 else G[:, j]  #   j ascending in each lane
-        lanes[j % 8] = lanes[j % 8] + gj * gj
+        lanes[j % 8] = fma(gj, gj, lanes[j % 8])
     a = lanes
     ss = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))   # combined pairwise
     acc = s + ss / dt(P.shape[1])                                      # 2 the row's mean square

@@ -26,8 +26,9 @@ def rule(p: Any, s1: Any, s2: Any, s3: Any, r: int, g: Any, width: Any, k: Scala
     """Row-wise Adagrad on row ``r`` (``p``, gradient ``g``): ``s1[r]`` = sum."""
     n = p.size
     wd = k.weight_decay
-    # the sum of squares in 8 lanes (element j goes to lane j % 8), combined pairwise: a fixed order
-    # that the CPU compiles to one vector accumulator (a single running sum is a chain of dependent adds)
+    # the sum of squares in 8 lanes (element j goes to lane j % 8, a fused multiply-add each, as
+    # FBGEMM's AVX2 kernel), combined pairwise: a fixed order with 8 independent chains (a single
+    # running sum would be one chain of dependent adds)
     z = width - width                                   # 0 in the parameter's dtype
     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = z
     m8 = n - n % 8
@@ -50,33 +51,33 @@ def rule(p: Any, s1: Any, s2: Any, s3: Any, r: int, g: Any, width: Any, k: Scala
             h5 = g[j + 5]
             h6 = g[j + 6]
             h7 = g[j + 7]
-        a0 += h0 * h0
-        a1 += h1 * h1
-        a2 += h2 * h2
-        a3 += h3 * h3
-        a4 += h4 * h4
-        a5 += h5 * h5
-        a6 += h6 * h6
-        a7 += h7 * h7
+        a0 = fma(h0, h0, a0)
+        a1 = fma(h1, h1, a1)
+        a2 = fma(h2, h2, a2)
+        a3 = fma(h3, h3, a3)
+        a4 = fma(h4, h4, a4)
+        a5 = fma(h5, h5, a5)
+        a6 = fma(h6, h6, a6)
+        a7 = fma(h7, h7, a7)
     for j in range(m8, n):                              # the tail: lanes 0 .. n % 8 - 1
         h = g[j]
         if k.l2:
             h = fma(wd, p[j], g[j])
         lane = j - m8
         if lane == 0:
-            a0 += h * h
+            a0 = fma(h, h, a0)
         elif lane == 1:
-            a1 += h * h
+            a1 = fma(h, h, a1)
         elif lane == 2:
-            a2 += h * h
+            a2 = fma(h, h, a2)
         elif lane == 3:
-            a3 += h * h
+            a3 = fma(h, h, a3)
         elif lane == 4:
-            a4 += h * h
+            a4 = fma(h, h, a4)
         elif lane == 5:
-            a5 += h * h
+            a5 = fma(h, h, a5)
         else:
-            a6 += h * h
+            a6 = fma(h, h, a6)
     ss = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
     acc = s1[r] + ss / width                            # the row's mean square, added once
     s1[r] = acc
