@@ -10,7 +10,8 @@ Adagrad's is 244 MiB.
 import math
 from typing import Any, Mapping, NamedTuple
 
-from ._spec import Algorithm, ExactPlan, FUSED, Hyper, LAZY, fma, nonneg, one_of, scalar_type
+from ._spec import Algorithm, Hyper, fma, nonneg, one_of, scalar_type
+from .adagrad import exact as adagrad_exact
 
 
 class Scalars(NamedTuple):
@@ -97,13 +98,6 @@ def scalars(dtype: Any, step: int, h: Mapping[str, Any], carry: Mapping[str, flo
                    dt(1.0 - h["lr"] * wd if decoupled else 1.0))
 
 
-def exact(h: Mapping[str, Any]) -> ExactPlan:
-    # without weight decay a zero gradient row leaves sum and the row unchanged (eps > 0 keeps 0/0 out)
-    if h["weight_decay"] == 0 and h["eps"] > 0 and math.isfinite(h["lr"]):
-        return LAZY
-    return FUSED
-
-
 ROWWISE_ADAGRAD = Algorithm(
     name="RowwiseAdagrad",
     summary="""Row-wise Adagrad: Adagrad with one accumulator per row, as FBGEMM's
@@ -127,7 +121,7 @@ ROWWISE_ADAGRAD = Algorithm(
               '"decoupled": the row is first scaled by 1 - lr * weight_decay (FBGEMM\'s DECOUPLED)',
               kind="str"),
     ),
-    exact=exact,
+    exact=adagrad_exact,            # Adagrad's: without weight decay a zero gradient row changes nothing
     eager_state=True,
     functional="rowwise_adagrad",
     functional_args={"sum": "state_sum"},

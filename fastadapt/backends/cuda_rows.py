@@ -14,8 +14,8 @@ from typing import Any, Dict
 
 import numpy as np
 
-from .cuda_arrays import _context_of, _stream_of, cuda, device_of, launch_dims
-from .cuda_sparse import _fma_cuda, _lower_bound, to_host, upload  # noqa: F401  (_fma_cuda: the rules' fma)
+from .cuda_arrays import _context_of, cuda, device_of
+from .cuda_sparse import _fma_cuda, _launch, _lower_bound, to_host, upload  # noqa: F401  (_fma_cuda: the rules' fma)
 
 __all__ = ["CUDARowKernels", "KERNELS"]
 
@@ -88,14 +88,6 @@ def _kernels(rule: Any) -> _RowRuleKernels:
     if ks is None:
         ks = _KERNELS[rule] = _RowRuleKernels(rule)
     return ks
-
-
-def _launch(kernel: Any, n: int, like: Any, *args: Any) -> None:
-    if n <= 0:
-        return
-    blocks, tpb = launch_dims(n)
-    with _context_of(like):
-        kernel[blocks, tpb, _stream_of(like)](*args)
 
 
 def _zeros(n: int, dtype: Any, like: Any) -> Any:
