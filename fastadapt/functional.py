@@ -137,9 +137,6 @@ def _check_arrays(param, grad, buffers, alg=None):
         raise TypeError("the functional layer takes dense gradients; use an optimizer class for sparse ones")
     flats = []
     want = alg.state_shape(tuple(param.shape)) if rows else tuple(param.shape)
-    if rows and len(want) > 0 and want[0] > 0 and prepared.g.size == 0:
-        raise ValueError(f"param has shape {tuple(param.shape)}; {alg.functional} keeps one value per row, so it "
-                         "needs rows of at least one element")
     for name, buf in buffers:
         if buf is None:
             flats.append(unused_slot(backend, param))

@@ -455,6 +455,8 @@ def rowwise_adagrad(p, g, state, *, lr=1e-2, eps=1e-10, weight_decay=0.0, weight
     P, G = p.reshape(nrows, ncols), g.reshape(nrows, ncols)
     s = state.setdefault("sum", np.zeros(p.shape[:1], p.dtype)).reshape(nrows)
     state["step"] = int(state.get("step", 0)) + 1
+    if ncols == 0:                                                     # rows of no element: nothing moves
+        return
     l2 = weight_decay != 0 and weight_decay_mode == "l2"
     lanes = [np.zeros(nrows, p.dtype) for _ in range(8)]
     for j in range(P.shape[1]):                                        # 1 sum of squares: lane j % 8,

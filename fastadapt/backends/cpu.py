@@ -400,6 +400,10 @@ class CPUBackend:
         return np.full(p.shape, value, dtype=p.dtype)
 
     @staticmethod
+    def full_rows(p: Any, value: float) -> Any:
+        return np.full(p.shape[:1], value, dtype=p.dtype)
+
+    @staticmethod
     def flat(a: Any) -> Any:
         return a.reshape(-1)
 

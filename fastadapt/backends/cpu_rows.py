@@ -81,18 +81,18 @@ class CPURowKernels:
 
     @staticmethod
     def dense(rule: Any, p: Any, g: Any, s1: Any, s2: Any, s3: Any, width: Any, k: Any, nrows: int) -> None:
-        if nrows:
+        if p.size:                          # (no rows, or rows of no element: nothing to update)
             _dense(compiled(rule), p, g, p.size // nrows, s1, s2, s3, width, k, nrows)
 
     @staticmethod
     def lazy(rule: Any, p: Any, rows: Any, vals: Any, s1: Any, s2: Any, s3: Any, width: Any, k: Any) -> None:
-        if rows.size:
+        if rows.size and p.size:
             _lazy(compiled(rule), p, rows, vals, vals.size // rows.size, s1, s2, s3, width, k)
 
     @staticmethod
     def fused(rule: Any, p: Any, nrows: int, rows: Any, vals: Any, s1: Any, s2: Any, s3: Any, width: Any,
               k: Any) -> None:
-        if nrows:
+        if p.size:
             zero = np.zeros(int(width), p.dtype)
             _fused(compiled(rule), p, nrows, rows, vals if vals.size else zero, zero, p.size // nrows, s1, s2, s3,
                    width, k)

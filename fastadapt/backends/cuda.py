@@ -175,6 +175,18 @@ class CUDABackend:
         return out
 
     @staticmethod
+    def full_rows(p: Any, value: float) -> Any:
+        """A new 1-D device array on ``p``'s device, one element of ``p``'s dtype per row, filled with ``value``."""
+        dtype = _dtype(p)
+        view = as_device_array(p)
+        with _context_of(view):
+            out = cuda.device_array(_shape(p)[:1], dtype=dtype)
+            if out.size:
+                blocks, tpb = launch_dims(out.size)
+                _fill[blocks, tpb, _stream_of(view)](out, dtype.type(value))
+        return out
+
+    @staticmethod
     def flat(a: Any) -> Any:
         """A 1-D numba device array viewing ``a`` (zero-copy)."""
         view = as_device_array(a)

@@ -105,16 +105,22 @@ class CUDARowKernels:
 
     @staticmethod
     def dense(rule: Any, p: Any, g: Any, s1: Any, s2: Any, s3: Any, width: Any, k: Any, nrows: int) -> None:
+        if p.size == 0:                     # no rows, or rows of no element: nothing to update
+            return
         _launch(_kernels(rule).dense, nrows, p, p, g, p.size // max(nrows, 1), s1, s2, s3, width, k, nrows)
 
     @staticmethod
     def lazy(rule: Any, p: Any, rows: Any, vals: Any, s1: Any, s2: Any, s3: Any, width: Any, k: Any) -> None:
+        if p.size == 0:
+            return
         _launch(_kernels(rule).lazy, rows.size, p, p, rows, vals, vals.size // max(rows.size, 1), s1, s2, s3,
                 width, k)
 
     @staticmethod
     def fused(rule: Any, p: Any, nrows: int, rows: Any, vals: Any, s1: Any, s2: Any, s3: Any, width: Any,
               k: Any) -> None:
+        if p.size == 0:
+            return
         zero = _zeros(int(width), p.dtype, p)
         _launch(_kernels(rule).fused, nrows, p, p, nrows, rows, vals if vals.size else zero, zero,
                 p.size // max(nrows, 1), s1, s2, s3, width, k)

@@ -111,6 +111,10 @@ class Backend(Protocol):
     def full_like(self, p: Any, value: float) -> Any:
         """A new array of ``p``'s shape and dtype filled with ``value``."""
 
+    def full_rows(self, p: Any, value: float) -> Any:
+        """A new 1-D array of ``p``'s dtype on its device, one element per row (``p.shape[0]``),
+        filled with ``value``: the state of a row rule."""
+
     def flat(self, a: Any) -> Any:
         """``a`` as a flat view (no copy)."""
 

@@ -243,8 +243,6 @@ class Optimizer:
             where = f"parameter {len(self._params) + j}"
             backend = backend_for(p)
             backend.check_param(p, where)
-            if self.algorithm.rows:
-                self._check_row_param(p, where)
             backends.add(device_key(backend, p))
             new_spans.append(backend.memory_span(p) + (backend.name, len(self._params) + j))
         if len(backends) > 1:
@@ -264,20 +262,13 @@ class Optimizer:
         self._span_starts = [s[0] for s in ordered]      # parameters never overlap: ends sorted too
         self._span_order = ordered
 
-    def _check_row_param(self, p, where):
-        """A row rule's parameter: rows of at least one element (a 0-d parameter is one row)."""
-        shape = tuple(p.shape)
-        if len(shape) > 1 and shape[0] > 0 and int(np.prod(shape[1:], dtype=np.int64)) == 0:
-            raise ValueError(f"{where} has shape {shape}; {type(self).__name__} keeps one value per row, so it "
-                             "needs rows of at least one element")
-
-    def _state_proto(self, p):
-        """An array of the shape and dtype of ``p``'s state buffers, on its device: ``p``, or for a
-        row rule the first ``nrows`` elements of its flat view."""
+    def _plain_buffer(self, p, value):
+        """A new state buffer of ``p`` in its dtype, on its device, filled with ``value``: ``p``'s
+        shape, or for a row rule one value per row (``algorithm.state_shape``)."""
+        backend = backend_for(p)
         if self.algorithm.rows and len(p.shape) > 0:
-            backend = backend_for(p)
-            return backend.flat(p)[:p.shape[0]]
-        return p
+            return backend.full_rows(p, value)
+        return backend.full_like(p, value)
 
     def _gradient_overlap(self, start, end):
         """Index of a parameter whose memory meets bytes ``start:end`` (a gradient), or None."""
@@ -324,7 +315,7 @@ class Optimizer:
     def _new_buffer(self, p, kind, name, value):
         backend = backend_for(p)
         if kind is None:
-            return backend.full_like(self._state_proto(p), value)
+            return self._plain_buffer(p, value)
         return backend.compressed_full(p, value, kind, self._signed(name), self._seed(p))
 
     def _convert_buffer(self, p, kind, name, buf):
@@ -779,7 +770,7 @@ class Optimizer:
                 elif kind is not None:                      # float state into compressed state
                     new[name] = backend.compressed_from(p, np.asarray(arr), kind, self._signed(name), j)
                 else:
-                    buf = backend.full_like(self._state_proto(p), 0.0)
+                    buf = self._plain_buffer(p, 0.0)
                     backend.copy_into(buf, np.asarray(arr))
                     new[name] = buf
             self.state[j] = new
