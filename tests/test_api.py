@@ -765,3 +765,12 @@ def test_sgd_nesterov_needs_momentum_and_no_dampening():
         opt.step([np.ones(3)])
     assert np.array_equal(p, snap) and opt.state[0]["step"] == 1
 
+
+
+def test_row_rule_with_a_decay_plan_is_refused_at_validation():
+    """A row rule runs lazily or in a fused pass; declaring a closed-form Decay is an error the
+    group validation reports (before any step writes)."""
+    from fastadapt.algorithms import BY_NAME, Decay
+    alg = BY_NAME["RowwiseAdagrad"].variant(exact=lambda h: Decay(0.9, (True, False, False)))
+    with pytest.raises(TypeError, match="LAZY or FUSED"):
+        alg.check_group(dict(alg.defaults))

@@ -434,6 +434,8 @@ class Algorithm:
             raise ValueError(f"{self.name} keeps one state value per row, already 1/ncols of the table; "
                              f"state_dtype={h.get('state_dtype')!r} is not available for it: use state_dtype=None")
         self.validate(h)
+        if self.rows and isinstance(self.exact(h), Decay):     # (a declaration error, caught before any write)
+            raise TypeError(f"{self.name}: a row rule's exact plan must be LAZY or FUSED, not a Decay")
 
     def variant(self, **changes: Any) -> "Algorithm":
         """A copy with ``changes`` (AdamW is Adam with other defaults and a pinned entry)."""

@@ -466,10 +466,7 @@ class _Prepared:
             plan = _plan(opt, group)
             if plan == LAZY:
                 kernels.lazy(opt.rule, pf, rows, vals, s1, s2, s3, width, k)
-            elif isinstance(plan, Decay):
-                raise TypeError(f"{opt.algorithm.name}: a row rule's exact plan must be LAZY or FUSED, "
-                                f"not {plan!r}")
-            else:
+            else:                           # FUSED (Algorithm.check_group refuses a row rule's Decay)
                 kernels.fused(opt.rule, pf, self.nrows, rows, vals, s1, s2, s3, width, k)
 
     def _apply_compressed(self, opt: Any, group: Mapping[str, Any], p: Any, state: MutableMapping[str, Any],
